@@ -1,0 +1,1 @@
+"""callfabric: programmable SIP for AI voice agents."""

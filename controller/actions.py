@@ -1,0 +1,206 @@
+"""Call actions as data: one schema for policy YAML, webhook answers and the REST API.
+
+An action is a mapping with exactly one key, the verb (like `route_agent: billing`).
+Terminal verbs decide where the call goes; the others add to the decision. Everything that
+can reach a SIP message (header names and values, reject reasons) is checked here, once,
+so no caller-controlled byte can break a SIP message the edge builds.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+TERMINAL_VERBS = ("route_agent", "route_sip", "reject", "ask_webhook")
+MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "continue")
+SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
+
+FORK_DIRECTIONS = ("in", "out", "both")
+MEDIA_TRANSPORTS = ("rtp", "audiosocket", "websocket")
+CODECS = ("ulaw", "alaw", "slin", "slin16", "g722", "opus")
+
+MAX_HEADER_BYTES = 1024
+MAX_HEADERS = 32
+RESERVED_HEADER_PREFIX = "x-callfabric-"
+
+# Informational standard headers a policy may set besides X- ones.
+STANDARD_SETTABLE_HEADERS = {
+    "subject", "priority", "organization", "alert-info", "call-info",
+    "user-to-user", "diversion", "p-asserted-identity",
+}
+# Headers that belong to the SIP stack: routing, dialog identity, auth, body framing.
+FORBIDDEN_HEADERS = {
+    "via", "v", "route", "record-route", "contact", "m", "from", "f", "to", "t",
+    "call-id", "i", "cseq", "max-forwards", "authorization", "proxy-authorization",
+    "www-authenticate", "proxy-authenticate", "authentication-info", "expires",
+    "require", "proxy-require", "supported", "k", "allow", "unsupported", "path",
+    "service-route", "rack", "rseq", "event", "o", "refer-to", "r", "referred-by", "b",
+    "replaces", "session-expires", "x", "min-se", "security-client", "security-server",
+    "security-verify", "l", "c", "e",
+}
+_TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+_BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
+_DURATION = re.compile(DURATION_PATTERN)
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1000}
+
+
+def parse_duration_ms(value: int | str) -> int:
+    """`90`, `90s`, `15m`, `2h`, `250ms` → milliseconds (a bare number means seconds)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"duration must be positive, got {value}")
+        return value * 1000
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (examples: 90, 90s, 15m, 2h, 250ms)")
+    unit = match.group(1)
+    return int(value[: len(value) - len(unit or "")]) * _DURATION_UNITS_MS[unit]
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why `name` may not be set by a policy/webhook/API, or None when it may."""
+    if not isinstance(name, str) or not name:
+        return "header name must be a non-empty string"
+    if len(name) > 64:
+        return f"header name {name[:20]!r}… is longer than 64 characters"
+    if not _TOKEN.match(name):
+        return f"header name {name!r} is not a SIP token (letters, digits and -.!%*_+`'~ only)"
+    lower = name.lower()
+    if lower.startswith(RESERVED_HEADER_PREFIX):
+        return f"header {name!r} uses the reserved X-Callfabric- prefix (set by callfabric itself)"
+    if lower in FORBIDDEN_HEADERS or lower.startswith("content-"):
+        return f"header {name!r} cannot be set: routing, dialog, auth and Content-* headers belong to the SIP stack"
+    if not lower.startswith("x-") and lower not in STANDARD_SETTABLE_HEADERS:
+        allowed = ", ".join(sorted(STANDARD_SETTABLE_HEADERS))
+        return f"custom header {name!r} must start with 'X-' (standard headers allowed: {allowed})"
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why `value` cannot go into a SIP header, or None when it can."""
+    if not isinstance(value, str):
+        return "header value must be a string"
+    if _BAD_VALUE_CHARS.search(value):
+        return "header value contains a control character (CR, LF, NUL …)"
+    if len(value.encode("utf-8")) > MAX_HEADER_BYTES:
+        return f"header value is longer than {MAX_HEADER_BYTES} bytes"
+    return None
+
+
+def sanitize_header_value(value: str) -> str:
+    """Make SIP-derived text safe for a header: control characters become spaces, size capped."""
+    value = _BAD_VALUE_CHARS.sub(" ", value)
+    encoded = value.encode("utf-8")
+    if len(encoded) > MAX_HEADER_BYTES:
+        value = encoded[:MAX_HEADER_BYTES].decode("utf-8", "ignore")
+    return value
+
+
+def reason_problem(reason: str) -> str | None:
+    if _BAD_VALUE_CHARS.search(reason):
+        return "reason contains a control character (CR, LF, NUL …)"
+    if len(reason.encode("utf-8")) > 128:
+        return "reason is longer than 128 bytes"
+    return None
+
+
+_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64}
+_DURATION_SCHEMA = {
+    "oneOf": [
+        {"type": "integer", "minimum": 1, "description": "seconds"},
+        {"type": "string", "pattern": DURATION_PATTERN, "description": "e.g. 90s, 15m, 2h"},
+    ]
+}
+
+
+def action_schema(ref_prefix: str = "#/$defs/") -> dict[str, Any]:
+    """JSON Schema of one call-setup action (a single-key mapping)."""
+    return {
+        "type": "object",
+        "description": "One action: a mapping with exactly one verb as its key.",
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "route_agent": {
+                "description": "Send the call to an AI agent declared under `agents`.",
+                "oneOf": [
+                    _NAME,
+                    {"type": "object", "required": ["agent"], "additionalProperties": False,
+                     "properties": {"agent": _NAME}},
+                ],
+            },
+            "route_sip": {
+                "description": "Send the call to a SIP destination declared under `destinations` (with its failover).",
+                "oneOf": [
+                    _NAME,
+                    {"type": "object", "required": ["destination"], "additionalProperties": False,
+                     "properties": {"destination": _NAME}},
+                ],
+            },
+            "reject": {
+                "description": "Reject the call with a SIP final response.",
+                "oneOf": [
+                    {"type": "integer", "minimum": 400, "maximum": 699},
+                    {"type": "object", "required": ["code"], "additionalProperties": False,
+                     "properties": {
+                         "code": {"type": "integer", "minimum": 400, "maximum": 699},
+                         "reason": {"type": "string", "minLength": 1, "maxLength": 128},
+                     }},
+                ],
+            },
+            "add_headers": {
+                "description": "Headers added to the INVITE the edge forwards (X- names, or a few standard informational ones).",
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": MAX_HEADERS,
+                "additionalProperties": {"type": "string"},
+            },
+            "fork": {
+                "description": "When the call is up, send a live copy of its audio to a fork target.",
+                "oneOf": [
+                    _NAME,
+                    {"type": "object", "required": ["target"], "additionalProperties": False,
+                     "properties": {
+                         "target": _NAME,
+                         "direction": {"enum": list(FORK_DIRECTIONS)},
+                         "transport": {"enum": list(MEDIA_TRANSPORTS)},
+                         "codec": {"enum": list(CODECS)},
+                     }},
+                ],
+            },
+            "max_duration": {"description": "Hang the call up after this long.", **_DURATION_SCHEMA},
+            "ask_webhook": {
+                "description": "Ask a webhook for the actions; fall back when it is slow, down or answers garbage.",
+                "type": "object",
+                "required": ["url", "fallback"],
+                "additionalProperties": False,
+                "properties": {
+                    "url": {"type": "string", "pattern": r"^https?://[^\s]+$", "maxLength": 2048},
+                    "timeout_ms": {"type": "integer", "minimum": 20, "maximum": 10000},
+                    "fallback": {"type": "array", "minItems": 1, "items": {"$ref": ref_prefix + "action"}},
+                },
+            },
+            "continue": {
+                "description": "Apply this rule's other actions and go on to the next rules.",
+                "const": True,
+            },
+        },
+    }
+
+
+def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
+    """(verb, argument) with shorthand forms expanded; `action` must be schema-valid."""
+    ((verb, arg),) = action.items()
+    if verb == "route_agent" and isinstance(arg, str):
+        arg = {"agent": arg}
+    elif verb == "route_sip" and isinstance(arg, str):
+        arg = {"destination": arg}
+    elif verb == "reject" and isinstance(arg, int):
+        arg = {"code": arg}
+    elif verb == "fork" and isinstance(arg, str):
+        arg = {"target": arg}
+    return verb, arg

@@ -1,0 +1,166 @@
+"""`callfabric` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _print_issues(issues) -> None:
+    for issue in issues:
+        print(issue, file=sys.stderr)
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from controller.policy import PolicyInvalid, load_policy
+
+    try:
+        policy = load_policy(args.directory)
+    except PolicyInvalid as exc:
+        _print_issues(exc.issues)
+        errors = sum(1 for i in exc.issues if i.severity == "error")
+        print(f"{args.directory}: {errors} error(s); policy refused", file=sys.stderr)
+        return EXIT_FAIL
+    _print_issues(policy.warnings)
+    source = policy.source
+    print(f"{args.directory}: OK, version {policy.version}: {len(source.files)} file(s), {len(source.rules)} rule(s), "
+          f"{len(source.agents)} agent(s), {len(source.destinations)} destination(s)")
+    return EXIT_OK
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from controller.policy.schema import policy_file_schema
+
+    print(json.dumps(policy_file_schema(), indent=2))
+    return EXIT_OK
+
+
+def _call_from_args(args: argparse.Namespace, default_tz: str):
+    from controller.policy.testing import build_call
+
+    headers: dict[str, list[str]] = {}
+    for item in args.header or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {item!r} must look like 'Name: value'")
+        headers.setdefault(name.strip(), []).append(value.strip())
+    counters: dict[str, int] = {}
+    for item in args.counter or []:
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--counter {item!r} must look like 'window:source:60=12' or 'live:tenant=40'")
+        counters[key.strip()] = int(value)
+    spec = {"from": args.from_, "to": args.to, "src": args.src, "transport": args.transport,
+            "headers": headers, "counters": counters, "call_id": args.call_id}
+    if args.ruri:
+        spec["ruri"] = args.ruri
+    if args.at:
+        spec["at"] = args.at
+    return build_call(spec, default_tz)
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    from controller.policy import PolicyInvalid, load_policy
+
+    try:
+        policy = load_policy(args.directory)
+    except PolicyInvalid as exc:
+        _print_issues(exc.issues)
+        return EXIT_FAIL
+    try:
+        call = _call_from_args(args, policy.source.settings.timezone)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    explanation = policy.explain(call)
+    decision = policy.decide(call)
+    if decision != explanation.decision:  # an engine bug; say it loudly rather than explain the wrong thing
+        print("error: the compiled engine and the reference evaluator disagree on this call", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps({"decision": decision.to_dict(), "rules": [
+            {"rule": t.rule, "at": str(t.position), "matched": t.matched, "applied": t.applied, "why": t.reason}
+            for t in explanation.traces]}, indent=2))
+        return EXIT_OK
+    f = explanation.facts
+    print(f"call: caller={f.caller!r} callee={f.callee!r} ruri={f.ruri!r} source={f.src_ip} "
+          f"transport={f.transport} tenant={f.tenant!r} at={f.at.isoformat()}")
+    print(f"policy {policy.version}\n")
+    width = max(len(t.rule) for t in explanation.traces)
+    for trace in explanation.traces:
+        mark = "→" if trace.applied and trace is explanation.traces[-1] else ("+" if trace.applied else "✗")
+        if trace.matched and not trace.applied:
+            mark = "·"
+        print(f"  {mark} {trace.rule:<{width}}  {trace.position}  {trace.reason}")
+    print("\ndecision:")
+    print(json.dumps(decision.to_dict(), indent=2))
+    return EXIT_OK
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from controller.policy import PolicyInvalid, load_policy
+    from controller.policy.testing import run_policy_tests
+
+    try:
+        policy = load_policy(args.directory)
+    except PolicyInvalid as exc:
+        _print_issues(exc.issues)
+        return EXIT_FAIL
+    results, problems = run_policy_tests(policy, args.directory)
+    _print_issues(problems)
+    for result in results:
+        if result.passed:
+            if args.verbose:
+                print(f"PASS {result.name}  ({result.position})")
+            continue
+        print(f"FAIL {result.name}  ({result.position})")
+        print("  " + result.diff.replace("\n", "\n  "))
+    failed = sum(1 for r in results if not r.passed)
+    print(f"{len(results) - failed} passed, {failed} failed" + (f", {len(problems)} test file problem(s)" if problems else ""))
+    if not results and not problems:
+        print(f"no test cases found in {args.directory}/tests/*.yaml", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_FAIL if failed or problems else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callfabric", description="Programmable SIP for AI voice agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    policy = commands.add_parser("policy", help="routing policies: check, schema, explain, test")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy directory (every error, with file:line:column)")
+    check.add_argument("directory")
+    check.set_defaults(func=cmd_policy_check)
+    schema = policy_commands.add_parser("schema", help="print the JSON Schema of policy files")
+    schema.set_defaults(func=cmd_policy_schema)
+    explain = policy_commands.add_parser("explain", help="decide one call and say why each earlier rule did not match")
+    explain.add_argument("directory")
+    explain.add_argument("--from", dest="from_", default="", help="caller (From user)")
+    explain.add_argument("--to", default="", help="callee (To user)")
+    explain.add_argument("--ruri", default="", help="Request-URI user (default: --to)")
+    explain.add_argument("--src", default="127.0.0.1", help="source IP[:port]")
+    explain.add_argument("--transport", default="udp")
+    explain.add_argument("--header", action="append", help="'Name: value' (repeatable)")
+    explain.add_argument("--at", help="ISO time, e.g. 2026-11-25T10:00:00-05:00 (no offset: the policy's time zone)")
+    explain.add_argument("--call-id", default="explain-call", help="Call-ID (decides percentage splits)")
+    explain.add_argument("--counter", action="append", help="counter value, e.g. 'window:source:60=12' (repeatable)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_policy_explain)
+    test = policy_commands.add_parser("test", help="run the test cases in DIR/tests/*.yaml")
+    test.add_argument("directory")
+    test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    test.set_defaults(func=cmd_policy_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

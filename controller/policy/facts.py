@@ -1,0 +1,96 @@
+"""Per-call facts, derived once from a Call (numbers normalised, address parsed, tenant
+resolved) so that no rule re-derives them. Garbage in the call never raises: a field that
+cannot be understood simply matches nothing."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from controller.policy.conditions import parse_ip, split_bucket, zone
+from controller.policy.model import Call, Settings, Tenant
+
+MAX_HEADER_VALUES = 16
+
+
+def _text(value: Any, limit: int = 512) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _headers(raw: Any) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    if not isinstance(raw, Mapping):
+        return out
+    for name, value in raw.items():
+        if not isinstance(name, str) or not name:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        kept = tuple(v.strip() for v in values[:MAX_HEADER_VALUES] if isinstance(v, str))
+        if kept:
+            key = name.lower()
+            out[key] = out.get(key, ()) + kept
+    return out
+
+
+class Facts:
+    __slots__ = ("call_id", "caller", "callee", "ruri", "src_ip", "transport", "headers", "at",
+                 "counters", "tenant", "_local", "_buckets")
+
+    def __init__(self, call: Call, settings: Settings, tenants: tuple[Tenant, ...]):
+        numbering = settings.numbering
+        self.call_id = _text(call.call_id, 256)
+        self.caller = numbering.normalise(_text(call.from_user))
+        self.callee = numbering.normalise(_text(call.to_user))
+        ruri = _text(call.ruri_user)
+        self.ruri = numbering.normalise(ruri) if ruri else self.callee
+        self.src_ip = parse_ip(call.src_ip)
+        self.transport = _text(call.transport, 8).lower()
+        self.headers = _headers(call.headers)
+        at = call.at if isinstance(call.at, datetime) else datetime.now(timezone.utc)
+        self.at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+        counters = call.counters if isinstance(call.counters, Mapping) else {}
+        self.counters = counters
+        self.tenant = self._resolve_tenant(tenants)
+        self._local: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
+        self._buckets: dict[str, int] = {}
+
+    def _resolve_tenant(self, tenants: tuple[Tenant, ...]) -> str | None:
+        """Trunk addresses first (they cannot be forged), then a header a trusted upstream sets."""
+        if self.src_ip is not None:
+            for tenant in tenants:
+                if any(self.src_ip in net for net in tenant.trunks):
+                    return tenant.name
+        for tenant in tenants:
+            if tenant.header_name and tenant.header_value in self.headers.get(tenant.header_name, ()):
+                return tenant.name
+        return None
+
+    def local(self, tz: str) -> tuple[int, int, tuple[int, int, int]]:
+        """(weekday, minute of day, (year, month, day)) of the call in `tz`."""
+        cached = self._local.get(tz)
+        if cached is None:
+            t = self.at.astimezone(zone(tz))
+            cached = (t.weekday(), t.hour * 60 + t.minute, (t.year, t.month, t.day))
+            self._local[tz] = cached
+        return cached
+
+    def bucket(self, seed: str) -> int:
+        cached = self._buckets.get(seed)
+        if cached is None:
+            cached = self._buckets[seed] = split_bucket(seed, self.call_id)
+        return cached
+
+    def counter(self, key: str) -> int:
+        value = self.counters.get(key, 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    def scope_value(self, scope: str) -> str:
+        """The value a counter scope keys on for this call (what the edge counts by)."""
+        if scope == "source":
+            return str(self.src_ip) if self.src_ip is not None else ""
+        if scope == "tenant":
+            return self.tenant or ""
+        if scope == "caller":
+            return self.caller
+        if scope == "callee":
+            return self.ruri
+        return "*"

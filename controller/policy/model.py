@@ -1,0 +1,222 @@
+"""What a policy is made of once validated, what it is asked (a Call) and what it answers
+(a Decision). Pure data, standard library only."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Mapping
+
+from controller.policy.numbers import Numbering
+
+if TYPE_CHECKING:
+    from controller.policy.actionset import ActionSet
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    position: Position
+    path: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f" {self.path}:" if self.path else ""
+        return f"{self.position}: {self.severity}:{where} {self.message}"
+
+
+class PolicyInvalid(Exception):
+    """A policy that must not be used; `issues` holds every error found (and warnings)."""
+
+    def __init__(self, issues: list[PolicyIssue]):
+        self.issues = issues
+        errors = [i for i in issues if i.severity == "error"]
+        super().__init__(f"{len(errors)} error(s) in policy:\n" + "\n".join(str(i) for i in errors))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSet:
+    name: str
+    dispatcher_set: int
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    name: str
+    node_set: NodeSet
+    endpoint: str
+    transport: str
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    uris: tuple[str, ...]  # primary first, then failover in order
+    attempt_timeout_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ForkTarget:
+    name: str
+    endpoint: str
+    transport: str
+    codec: str
+    direction: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    target: str
+    endpoint: str
+    transport: str
+    codec: str
+    direction: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    trunks: tuple[IPNetwork, ...]
+    header_name: str | None  # lower-case
+    header_value: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    numbering: Numbering
+    timezone: str
+
+
+@dataclass(slots=True)
+class Call:
+    """The facts of a new call as the edge saw them (SIP-derived: may be anything)."""
+
+    call_id: str = ""
+    from_user: str = ""
+    to_user: str = ""
+    ruri_user: str = ""
+    src_ip: str = ""
+    src_port: int = 0
+    transport: str = "udp"
+    headers: Mapping[str, Any] = field(default_factory=dict)  # name -> value or list of values
+    at: datetime | None = None  # aware; None means now
+    counters: Mapping[str, int] = field(default_factory=dict)  # see CounterSpec.key
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    """A counter a policy reads: calls seen in a window, or live calls, per scope."""
+
+    kind: str  # "window" | "live"
+    scope: str  # source | tenant | caller | callee | global
+    window_s: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"window:{self.scope}:{self.window_s}" if self.kind == "window" else f"live:{self.scope}"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAsk:
+    url: str
+    timeout_ms: int
+    fallback: "Decision"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one call: where it goes, plus what travels with it."""
+
+    outcome: str  # "agent" | "sip" | "reject" | "webhook"
+    rule: str  # the rule whose terminal action decided ("default" for the default)
+    applied_rules: tuple[str, ...]  # every rule whose actions were applied, in order
+    policy_version: str
+    agent: Agent | None = None
+    destination: Destination | None = None
+    reject_code: int | None = None
+    reject_reason: str | None = None
+    webhook: WebhookAsk | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    forks: tuple[Fork, ...] = ()
+    max_duration_s: int | None = None
+    tenant: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (what the decision record, explain and tests show)."""
+        out: dict[str, Any] = {"outcome": self.outcome, "rule": self.rule}
+        if len(self.applied_rules) > 1:
+            out["applied_rules"] = list(self.applied_rules)
+        if self.agent:
+            a = self.agent
+            out["agent"] = {"name": a.name, "node_set": a.node_set.name, "dispatcher_set": a.node_set.dispatcher_set,
+                            "endpoint": a.endpoint, "transport": a.transport, "codec": a.codec}
+        if self.destination:
+            out["destination"] = {"name": self.destination.name, "uris": list(self.destination.uris)}
+            if self.destination.attempt_timeout_ms:
+                out["destination"]["attempt_timeout_ms"] = self.destination.attempt_timeout_ms
+        if self.reject_code is not None:
+            out["reject"] = {"code": self.reject_code, "reason": self.reject_reason}
+        if self.webhook:
+            out["webhook"] = {"url": self.webhook.url, "timeout_ms": self.webhook.timeout_ms,
+                              "fallback": self.webhook.fallback.to_dict()}
+        if self.headers:
+            out["headers"] = dict(self.headers)
+        if self.forks:
+            out["forks"] = [{"target": f.target, "endpoint": f.endpoint, "transport": f.transport,
+                             "codec": f.codec, "direction": f.direction} for f in self.forks]
+        if self.max_duration_s is not None:
+            out["max_duration_s"] = self.max_duration_s
+        if self.tenant is not None:
+            out["tenant"] = self.tenant
+        out["policy_version"] = self.policy_version
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSource:
+    """A validated rule as written (conditions stay as data; evaluators compile or interpret them)."""
+
+    name: str
+    index: int
+    position: Position
+    match: Mapping[str, Any] | None
+    actions: "ActionSet"
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class PolicySource:
+    """A validated policy, before compilation: plain data (picklable), so a validated policy
+    can be handed to an evaluator that has nothing but the standard library."""
+
+    version: str
+    files: tuple[str, ...]
+    settings: Settings
+    node_sets: dict[str, NodeSet]
+    agents: dict[str, Agent]
+    destinations: dict[str, Destination]
+    fork_targets: dict[str, ForkTarget]
+    number_lists: dict[str, frozenset[str]]
+    risk_lists: dict[str, tuple[str, ...]]
+    tenants: tuple[Tenant, ...]
+    rules: tuple[RuleSource, ...]
+    default: "ActionSet"
+    default_position: Position
+    warnings: tuple[PolicyIssue, ...] = field(default=())
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

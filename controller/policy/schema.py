@@ -1,0 +1,241 @@
+"""JSON Schema of a policy file (structure only; names, regexes, CIDRs, time zones and
+header rules are checked semantically in validate.py, which knows the whole policy)."""
+from __future__ import annotations
+
+from typing import Any
+
+from controller.actions import CODECS, DURATION_PATTERN, FORK_DIRECTIONS, MEDIA_TRANSPORTS, action_schema
+
+SIP_TRANSPORTS = ("udp", "tcp", "tls", "sctp", "ws", "wss")
+COUNTER_SCOPES = ("source", "tenant", "caller", "callee", "global")
+NUMBER_FIELDS = ("caller", "callee", "ruri")
+
+_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64}
+_TEXT = {"type": "string", "maxLength": 512}
+_NUMBER = {"type": ["string", "integer"], "description": "a number (normalised to E.164) or a SIP user"}
+
+
+def _one_or_many(item: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [item, {"type": "array", "minItems": 1, "items": item}]}
+
+
+def _named(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "propertyNames": _NAME, "additionalProperties": item}
+
+
+_NUMBER_MATCH = {
+    "description": "How a number field matches: exact value(s), prefix(es), a regex (searched), or a number list.",
+    "anyOf": [
+        _NUMBER,
+        {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "exact": _one_or_many(_NUMBER),
+                "prefix": _one_or_many({"type": "string", "minLength": 1}),
+                "regex": {"type": "string", "minLength": 1},
+                "in_list": _one_or_many(_NAME),
+            },
+        },
+    ],
+}
+
+_CONDITION_PROPERTIES: dict[str, Any] = {
+    "all": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/condition"},
+            "description": "Every condition holds."},
+    "any": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/condition"},
+            "description": "At least one condition holds."},
+    "not": {"$ref": "#/$defs/condition", "description": "The condition does not hold."},
+    "caller": {**_NUMBER_MATCH, "description": "The From user."},
+    "callee": {**_NUMBER_MATCH, "description": "The To user."},
+    "ruri": {**_NUMBER_MATCH, "description": "The Request-URI user (the dialled destination)."},
+    "source_ip": {**_one_or_many({"type": "string"}), "description": "Source address in any of these IPs / CIDRs."},
+    "transport": _one_or_many({"enum": list(SIP_TRANSPORTS)}),
+    "header": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "description": "A SIP header the caller sent: present (or absent), equal to a value, or matching a regex.",
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "present": {"type": "boolean"},
+            "equals": _one_or_many({"type": "string"}),
+            "regex": {"type": "string", "minLength": 1},
+            "ignore_case": {"type": "boolean"},
+        },
+    },
+    "tenant": _one_or_many(_NAME),
+    "time": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "description": "Local time of the call in a named time zone.",
+        "properties": {
+            "tz": {"type": "string"},
+            "days": _one_or_many({"type": "string"}),
+            "hours": _one_or_many({"type": "string"}),
+            "dates": _one_or_many({"type": "string"}),
+        },
+    },
+    "split": {
+        "type": "object",
+        "required": ["percent"],
+        "additionalProperties": False,
+        "description": "A deterministic share of calls by Call-ID hash (A/B tests).",
+        "properties": {
+            "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+            "offset": {"type": "number", "minimum": 0, "maximum": 100},
+            "seed": {"type": "string", "maxLength": 128},
+        },
+    },
+    "destination_risk": {**_one_or_many(_NAME), "description": "The R-URI number is in one of these risk lists."},
+    "calls_in_window": {
+        "type": "object",
+        "required": ["scope", "window", "at_least"],
+        "additionalProperties": False,
+        "description": "Holds when at least N calls were already seen in the window for this call's scope.",
+        "properties": {
+            "scope": {"enum": list(COUNTER_SCOPES)},
+            "window": {"oneOf": [{"type": "integer", "minimum": 1},
+                                 {"type": "string", "pattern": DURATION_PATTERN}]},
+            "at_least": {"type": "integer", "minimum": 1},
+        },
+    },
+    "concurrent_calls": {
+        "type": "object",
+        "required": ["scope", "at_least"],
+        "additionalProperties": False,
+        "description": "Holds when at least N calls are already live for this call's scope.",
+        "properties": {
+            "scope": {"enum": list(COUNTER_SCOPES)},
+            "at_least": {"type": "integer", "minimum": 1},
+        },
+    },
+}
+
+CONDITION_KINDS = tuple(k for k in _CONDITION_PROPERTIES if k not in ("all", "any", "not"))
+
+_NUMBER_LIST = {
+    "anyOf": [
+        {"type": "array", "items": _NUMBER},
+        {"type": "object", "required": ["file"], "additionalProperties": False,
+         "properties": {"file": {"type": "string", "minLength": 1}, "description": _TEXT}},
+    ]
+}
+_RISK_LIST = {
+    "anyOf": [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": False,
+         "properties": {"prefixes": {"type": "array", "items": {"type": "string"}},
+                        "file": {"type": "string", "minLength": 1},
+                        "category": _TEXT, "description": _TEXT}},
+    ]
+}
+
+
+def policy_file_schema() -> dict[str, Any]:
+    """Schema of one policy file; a policy is the union of the files in a directory."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:callfabric:policy-file",
+        "title": "callfabric routing policy file",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "settings": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "numbering": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "country_code": {"type": "string", "pattern": r"^[1-9][0-9]{0,2}$"},
+                            "international_prefix": _one_or_many({"type": "string", "pattern": r"^[0-9]{1,4}$"}),
+                            "national_prefix": {"type": "string", "pattern": r"^[0-9]{1,3}$"},
+                            "min_national_length": {"type": "integer", "minimum": 1, "maximum": 15},
+                        },
+                    },
+                    "timezone": {"type": "string", "description": "Default time zone of `time` conditions."},
+                },
+            },
+            "node_sets": _named({
+                "type": "object", "required": ["dispatcher_set"], "additionalProperties": False,
+                "properties": {"dispatcher_set": {"type": "integer", "minimum": 1, "maximum": 65535},
+                               "description": _TEXT},
+            }),
+            "agents": _named({
+                "type": "object", "required": ["node_set", "endpoint"], "additionalProperties": False,
+                "properties": {
+                    "node_set": _NAME,
+                    "endpoint": {"type": "string", "minLength": 1,
+                                 "description": "host:port of the agent's media endpoint (rtp, audiosocket) "
+                                                "or an Asterisk websocket_client connection id (websocket)"},
+                    "transport": {"enum": list(MEDIA_TRANSPORTS)},
+                    "codec": {"enum": list(CODECS)},
+                    "description": _TEXT,
+                },
+            }),
+            "destinations": _named({
+                "type": "object", "required": ["uri"], "additionalProperties": False,
+                "properties": {
+                    "uri": {"type": "string"},
+                    "failover": {"type": "array", "items": {"type": "string"}},
+                    "attempt_timeout_ms": {"type": "integer", "minimum": 100, "maximum": 120000},
+                    "description": _TEXT,
+                },
+            }),
+            "fork_targets": _named({
+                "type": "object", "required": ["endpoint"], "additionalProperties": False,
+                "properties": {
+                    "endpoint": {"type": "string", "minLength": 1},
+                    "transport": {"enum": list(MEDIA_TRANSPORTS)},
+                    "codec": {"enum": list(CODECS)},
+                    "direction": {"enum": list(FORK_DIRECTIONS)},
+                    "description": _TEXT,
+                },
+            }),
+            "number_lists": _named(_NUMBER_LIST),
+            "risk_lists": _named(_RISK_LIST),
+            "tenants": _named({
+                "type": "object", "minProperties": 1, "additionalProperties": False,
+                "description": "A tenant is recognised by its trunks' source addresses or by a header a trusted upstream sets.",
+                "properties": {
+                    "trunks": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                    "header": {"type": "object", "required": ["name", "equals"], "additionalProperties": False,
+                               "properties": {"name": {"type": "string", "minLength": 1},
+                                              "equals": {"type": "string"}}},
+                    "description": _TEXT,
+                },
+            }),
+            "rules": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
+            "default": {
+                "type": "object", "required": ["actions"], "additionalProperties": False,
+                "properties": {"actions": {"$ref": "#/$defs/actions"}, "description": _TEXT},
+            },
+        },
+        "$defs": {
+            "rule": {
+                "type": "object",
+                "required": ["name", "actions"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": _NAME,
+                    "description": _TEXT,
+                    "enabled": {"type": "boolean"},
+                    "match": {"$ref": "#/$defs/condition"},
+                    "actions": {"$ref": "#/$defs/actions"},
+                },
+            },
+            "actions": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/action"}},
+            "action": action_schema(),
+            "condition": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": False,
+                "description": "Several keys in one mapping must all hold.",
+                "properties": _CONDITION_PROPERTIES,
+            },
+        },
+    }

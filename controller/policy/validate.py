@@ -1,0 +1,711 @@
+"""Policy loading and validation: every problem, at once, with file:line:column and the path
+of the offending key. Structure is checked against the JSON Schema; meaning (references,
+regexes, addresses, time zones, header safety, one terminal action per rule …) here."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections import defaultdict
+from pathlib import Path as FsPath
+from typing import Any, Callable, Iterable
+
+from jsonschema import Draft202012Validator
+
+from controller.actions import (
+    CODECS, MEDIA_TRANSPORTS, TERMINAL_VERBS, DURATION_PATTERN, canonical_action, header_name_problem,
+    header_value_problem, parse_duration_ms, reason_problem,
+)
+from controller.policy import conditions as cond
+from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, ActionSet, build_action_set
+from controller.policy.model import (
+    Agent, Destination, ForkTarget, NodeSet, PolicyInvalid, PolicyIssue, PolicySource, Position, RuleSource, Settings,
+    Tenant,
+)
+from controller.policy.numbers import Numbering
+from controller.policy.schema import policy_file_schema
+from controller.policy.yamlpos import Path, PositionedDocument, YamlSyntaxError, load_yaml
+
+POLICY_SUFFIXES = (".yaml", ".yml")
+MAX_POLICY_FILE_BYTES = 8 * 1024 * 1024
+DECLARATION_SECTIONS = {
+    "node_sets": "node set", "agents": "agent", "destinations": "destination", "fork_targets": "fork target",
+    "number_lists": "number list", "risk_lists": "risk list", "tenants": "tenant",
+}
+_SIP_URI = re.compile(r"^sips?:(?:[^@\s<>\"]+@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::[0-9]{1,5})?(?:;[^\s<>\"]*)?$")
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
+_CONNECTION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def read_policy_dir(directory: str | os.PathLike[str]) -> "PolicySource":
+    """Read and validate every *.yaml / *.yml file of `directory` (not its sub-folders)."""
+    root = FsPath(directory)
+    if not root.is_dir():
+        raise PolicyInvalid([PolicyIssue(Position(str(directory), 1, 1), "", "policy directory does not exist")])
+    names = sorted(p.name for p in root.iterdir()
+                   if p.is_file() and p.suffix in POLICY_SUFFIXES and not p.name.startswith("."))
+    texts: dict[str, str] = {}
+    issues: list[PolicyIssue] = []
+    for name in names:
+        text = _read_text(root / name, name, issues)
+        if text is not None:
+            texts[name] = text
+
+    def read_extra(relative: str) -> str:
+        path = _inside(root, relative)
+        try:
+            if path.stat().st_size > MAX_POLICY_FILE_BYTES:
+                raise ValueError(f"{relative!r} is larger than {MAX_POLICY_FILE_BYTES} bytes")
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{relative!r} is not UTF-8 (byte {exc.start})") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read file {relative!r}: {exc.strerror or exc}") from None
+
+    return build_policy_source(texts, read_extra, early_issues=issues, label=str(root))
+
+
+def _read_text(path: FsPath, name: str, issues: list[PolicyIssue]) -> str | None:
+    try:
+        if path.stat().st_size > MAX_POLICY_FILE_BYTES:
+            issues.append(PolicyIssue(Position(name, 1, 1), "", f"file is larger than {MAX_POLICY_FILE_BYTES} bytes"))
+            return None
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issues.append(PolicyIssue(Position(name, 1, 1), "", f"file is not UTF-8 (byte {exc.start})"))
+    except OSError as exc:
+        issues.append(PolicyIssue(Position(name, 1, 1), "", f"cannot read file: {exc.strerror or exc}"))
+    return None
+
+
+def _inside(root: FsPath, relative: str) -> FsPath:
+    if not isinstance(relative, str) or os.path.isabs(relative):
+        raise ValueError(f"{relative!r} must be a path relative to the policy directory")
+    path = (root / relative).resolve()
+    if root.resolve() not in path.parents:
+        raise ValueError(f"{relative!r} points outside the policy directory")
+    return path
+
+
+def build_policy_source(texts: dict[str, str], read_extra: Callable[[str], str] | None = None, *,
+                        early_issues: list[PolicyIssue] | None = None, label: str = "<memory>") -> PolicySource:
+    """Validate policy files given as {file name: text}; raise PolicyInvalid with every issue."""
+    builder = _Builder(texts, read_extra or _no_extra_files, list(early_issues or []))
+    return builder.build()
+
+
+def _no_extra_files(relative: str) -> str:
+    raise ValueError(f"cannot read {relative!r}: no policy directory")
+
+
+_SCHEMA = policy_file_schema()
+_VALIDATOR = Draft202012Validator(_SCHEMA)
+_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+               "number": "a number", "boolean": "true or false", "null": "nothing"}
+_PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "a name (letters, digits, '_', '.', '-', starting with a letter or digit)",
+    DURATION_PATTERN: "a duration such as 90, 90s, 15m, 2h or 250ms",
+    r"^https?://[^\s]+$": "an http:// or https:// URL",
+    r"^[1-9][0-9]{0,2}$": "a country calling code such as '44' or '1'",
+    r"^[0-9]{1,4}$": "digits", r"^[0-9]{1,3}$": "digits",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _quote_hint(types: Iterable[str], instance: Any) -> str:
+    if "string" in types and isinstance(instance, (int, float)) and not isinstance(instance, bool):
+        return f" (quote it: '{instance}')"
+    return ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
+
+
+class _Builder:
+    def __init__(self, texts: dict[str, str], read_extra: Callable[[str], str], issues: list[PolicyIssue]):
+        self.texts = texts
+        self.read_extra = read_extra
+        self.issues = issues
+        self.extra_texts: dict[str, str] = {}
+        self.docs: list[PositionedDocument] = []
+        self.broken: set[tuple[int, Path]] = set()  # (doc id, item path) with structural errors
+
+    # -- reporting ---------------------------------------------------------------------------
+    def error(self, doc: PositionedDocument, path: Path, message: str, *, key: bool = False,
+              severity: str = "error") -> None:
+        self.issues.append(PolicyIssue(doc.position(path, key=key), dotted(path), message, severity))
+
+    # -- pipeline ----------------------------------------------------------------------------
+    def build(self) -> PolicySource:
+        for name, text in self.texts.items():
+            try:
+                doc = load_yaml(text, name)
+            except YamlSyntaxError as exc:
+                self.issues.append(PolicyIssue(exc.position, "", exc.message))
+                continue
+            if doc.data is None:
+                doc.data = {}
+            self.docs.append(doc)
+            self._check_schema(doc)
+        decls = self._merge()
+        source = self._semantics(decls)
+        errors = [i for i in self.issues if i.severity == "error"]
+        if errors or source is None:
+            raise PolicyInvalid(sorted(self.issues, key=_issue_order))
+        source.warnings = tuple(sorted(self.issues, key=_issue_order))
+        return source
+
+    # -- structure ---------------------------------------------------------------------------
+    def _check_schema(self, doc: PositionedDocument) -> None:
+        if not isinstance(doc.data, dict):
+            self.error(doc, (), f"a policy file must be a mapping of sections, got {_TYPE_WORDS[_json_type(doc.data)]}")
+            return
+        for error in _VALIDATOR.iter_errors(doc.data):
+            self.broken.add((id(doc), _item_path(tuple(error.absolute_path))))
+            for path, message, key in self._describe(error):
+                self.error(doc, path, message, key=key)
+
+    def valid(self, doc: PositionedDocument, path: Path) -> bool:
+        """Whether the item at `path` (a declaration, a rule, settings, default) passed the schema."""
+        return isinstance(doc.data, dict) and not any((id(doc), path[:k]) in self.broken for k in range(len(path) + 1))
+
+    def _describe(self, error: Any) -> list[tuple[Path, str, bool]]:
+        path: Path = tuple(error.absolute_path)
+        validator, value, instance = error.validator, error.validator_value, error.instance
+        if "propertyNames" in error.absolute_schema_path:
+            return [(path + (instance,), f"{instance!r} is not a valid name: use {_PATTERN_WORDS[value]}", True)]
+        if validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            out = []
+            for extra in sorted(set(instance) - set(allowed)):
+                what = "action" if _is_action_path(path) else ("condition" if _is_condition(error) else "key")
+                hint = difflib.get_close_matches(extra, allowed, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(allowed)})"
+                out.append((path + (extra,), f"unknown {what} {extra!r}{suggestion}", True))
+            return out
+        if validator in ("oneOf", "anyOf"):
+            branch = _matching_branch(error)
+            if branch:
+                return [d for sub in branch for d in self._describe(sub)]
+            types = _branch_types(value)
+            expected = " or ".join(sorted({_TYPE_WORDS.get(t, t) for t in types}))
+            return [(path, f"expected {expected}, got {_TYPE_WORDS[_json_type(instance)]} {_show(instance)}"
+                           f"{_quote_hint(types, instance)}", False)]
+        if validator == "type":
+            types = value if isinstance(value, list) else [value]
+            expected = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+            return [(path, f"expected {expected}, got {_TYPE_WORDS[_json_type(instance)]} {_show(instance)}"
+                           f"{_quote_hint(types, instance)}", False)]
+        if validator == "required":
+            missing = [name for name in value if isinstance(instance, dict) and name not in instance]
+            return [(path, f"missing required key {name!r}", False) for name in missing]
+        if validator == "enum":
+            hint = difflib.get_close_matches(str(instance), [str(v) for v in value], n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            return [(path, f"{_show(instance)} is not one of: {', '.join(map(str, value))}{suggestion}", False)]
+        if validator == "const":
+            return [(path, f"expected {value!r}, got {_show(instance)}", False)]
+        if validator == "pattern":
+            words = _PATTERN_WORDS.get(value, f"text matching {value}")
+            return [(path, f"{_show(instance)} is not {words}", False)]
+        if validator in ("maxProperties", "minProperties") and _is_action_path(path):
+            verbs = ", ".join(instance) if instance else "none"
+            return [(path, f"an action has exactly one verb as its key, found: {verbs}", False)]
+        if validator == "minProperties":
+            return [(path, "must not be empty", False)]
+        if validator == "maxProperties":
+            return [(path, f"has more than {value} entries", False)]
+        if validator == "minItems":
+            return [(path, "must not be empty" if value == 1 else f"needs at least {value} items", False)]
+        if validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            words = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than",
+                     "exclusiveMaximum": "less than"}[validator]
+            return [(path, f"{_show(instance)} must be {words} {value}", False)]
+        if validator in ("minLength", "maxLength"):
+            words = "at least" if validator == "minLength" else "at most"
+            return [(path, f"must be {words} {value} characters long", False)]
+        return [(path, error.message, False)]
+
+    # -- merge -------------------------------------------------------------------------------
+    def _merge(self) -> dict[str, dict[str, tuple[PositionedDocument, Path, Any]]]:
+        decls: dict[str, dict[str, tuple[PositionedDocument, Path, Any]]] = {s: {} for s in DECLARATION_SECTIONS}
+        for doc in self.docs:
+            if not isinstance(doc.data, dict):
+                continue
+            for section, noun in DECLARATION_SECTIONS.items():
+                entries = doc.data.get(section)
+                if not isinstance(entries, dict):
+                    continue
+                for name, body in entries.items():
+                    path = (section, name)
+                    if name in decls[section]:
+                        first_doc, first_path, _ = decls[section][name]
+                        self.error(doc, path, f"{noun} {name!r} is already declared at {first_doc.position(first_path, key=True)}",
+                                   key=True)
+                        continue
+                    decls[section][name] = (doc, path, body)
+        return decls
+
+    # -- meaning -----------------------------------------------------------------------------
+    def _semantics(self, decls: dict[str, dict[str, tuple[PositionedDocument, Path, Any]]]) -> PolicySource | None:
+        settings = self._settings()
+        numbering = settings.numbering if settings else Numbering()
+        self.decl_names = {section: set(entries) for section, entries in decls.items()}
+
+        node_sets = {name: NodeSet(name, body["dispatcher_set"])
+                     for name, (doc, path, body) in decls["node_sets"].items() if self.valid(doc, path)}
+        agents: dict[str, Agent] = {}
+        for name, (doc, path, body) in decls["agents"].items():
+            if not self.valid(doc, path):
+                continue
+            transport = body.get("transport", "rtp")
+            self._check_endpoint(doc, path + ("endpoint",), body["endpoint"], transport)
+            if body["node_set"] not in self.decl_names["node_sets"]:
+                self._unknown(doc, path + ("node_set",), "node set", body["node_set"])
+            elif body["node_set"] in node_sets:
+                agents[name] = Agent(name, node_sets[body["node_set"]], body["endpoint"], transport,
+                                     body.get("codec", "ulaw" if transport == "rtp" else "slin16"))
+        destinations: dict[str, Destination] = {}
+        for name, (doc, path, body) in decls["destinations"].items():
+            if not self.valid(doc, path):
+                continue
+            uris = [body["uri"]] + list(body.get("failover", []))
+            for i, uri in enumerate(uris):
+                sub = path + (("uri",) if i == 0 else ("failover", i - 1))
+                if not isinstance(uri, str) or not _SIP_URI.match(uri):
+                    self.error(doc, sub, f"{_show(uri)} is not a SIP URI (e.g. 'sip:desk@pbx.example.com:5060')")
+            destinations[name] = Destination(name, tuple(uris), body.get("attempt_timeout_ms"))
+        fork_targets: dict[str, ForkTarget] = {}
+        for name, (doc, path, body) in decls["fork_targets"].items():
+            if not self.valid(doc, path):
+                continue
+            transport = body.get("transport", "rtp")
+            self._check_endpoint(doc, path + ("endpoint",), body["endpoint"], transport)
+            fork_targets[name] = ForkTarget(name, body["endpoint"], transport,
+                                            body.get("codec", "slin16"), body.get("direction", "in"))
+        number_lists = {name: self._number_list(doc, path, body, numbering)
+                        for name, (doc, path, body) in decls["number_lists"].items() if self.valid(doc, path)}
+        risk_lists = {name: self._risk_list(doc, path, body)
+                      for name, (doc, path, body) in decls["risk_lists"].items() if self.valid(doc, path)}
+        tenants = tuple(self._tenant(name, doc, path, body)
+                        for name, (doc, path, body) in decls["tenants"].items() if self.valid(doc, path))
+
+        self.context = dict(agents=agents, destinations=destinations, fork_targets=fork_targets)
+        rules: list[RuleSource] = []
+        seen_rules: dict[str, Position] = {}
+        default: tuple[PositionedDocument, Path, Any] | None = None
+        for doc in self.docs:
+            if not isinstance(doc.data, dict):
+                continue
+            if "default" in doc.data:
+                if default is not None:
+                    self.error(doc, ("default",), f"the default is already given at {default[0].position(('default',), key=True)}",
+                               key=True)
+                else:
+                    default = (doc, ("default",), doc.data["default"])
+            raw_rules = doc.data.get("rules")
+            if not isinstance(raw_rules, list):
+                continue
+            for i, raw in enumerate(raw_rules):
+                path = ("rules", i)
+                if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                    continue
+                name = raw["name"]
+                if name in seen_rules:
+                    self.error(doc, path + ("name",), f"rule {name!r} is already defined at {seen_rules[name]}")
+                    continue
+                seen_rules[name] = doc.position(path)
+                if not self.valid(doc, path):
+                    continue
+                if name == "default":
+                    self.error(doc, path + ("name",), "'default' is reserved for the policy's default")
+                if raw.get("match") is not None and self.valid(doc, path + ("match",)):
+                    self._condition(doc, path + ("match",), raw["match"], settings, numbering, number_lists,
+                                    risk_lists, tenants)
+                actions = self._actions(doc, path + ("actions",), raw["actions"], "rule")
+                rules.append(RuleSource(name, len(rules), doc.position(path), raw.get("match"), actions,
+                                        raw.get("enabled", True)))
+        if default is None:
+            first = self.docs[0] if self.docs else None
+            position = first.position(()) if first else Position("<policy>", 1, 1)
+            self.issues.append(PolicyIssue(position, "default",
+                                           "the policy has no default: add a `default:` section with actions to one file"))
+            return None
+        doc, path, body = default
+        if not self.valid(doc, path):
+            return None
+        default_actions = self._actions(doc, path + ("actions",), body["actions"], "default")
+        self._reachability(rules)
+        if any(i.severity == "error" for i in self.issues) or settings is None:
+            return None
+        return PolicySource(
+            version=self._version(), files=tuple(sorted(self.texts)), settings=settings, node_sets=node_sets,
+            agents=agents, destinations=destinations, fork_targets=fork_targets, number_lists=number_lists,
+            risk_lists=risk_lists, tenants=tenants, rules=tuple(rules), default=default_actions,
+            default_position=doc.position(path),
+        )
+
+    def _version(self) -> str:
+        digest = hashlib.sha256()
+        for name, text in sorted({**self.texts, **self.extra_texts}.items()):
+            digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        return digest.hexdigest()[:12]
+
+    def _unknown(self, doc: PositionedDocument, path: Path, noun: str, name: Any) -> None:
+        section = next(s for s, n in DECLARATION_SECTIONS.items() if n == noun)
+        known = sorted(self.decl_names.get(section, ())) if hasattr(self, "decl_names") else []
+        hint = difflib.get_close_matches(str(name), known, n=1)
+        tail = f" (did you mean {hint[0]!r}?)" if hint else (f" (declared: {', '.join(known)})" if known else
+                                                          f" (none declared under `{section}`)")
+        self.error(doc, path, f"unknown {noun} {name!r}{tail}")
+
+    def _settings(self) -> Settings | None:
+        found: tuple[PositionedDocument, dict[str, Any]] | None = None
+        for doc in self.docs:
+            if isinstance(doc.data, dict) and "settings" in doc.data:
+                if found is not None:
+                    self.error(doc, ("settings",), f"settings are already given at {found[0].position(('settings',), key=True)}",
+                               key=True)
+                    continue
+                found = (doc, doc.data["settings"])
+        if found is None:
+            return Settings(Numbering(), "UTC")
+        doc, body = found
+        if not self.valid(doc, ("settings",)) or not isinstance(body, dict):
+            return None
+        tz = body.get("timezone", "UTC")
+        try:
+            cond.zone(tz)
+        except ValueError as exc:
+            self.error(doc, ("settings", "timezone"), str(exc))
+            return None
+        numbering = body.get("numbering", {})
+        intl = cond.as_list(numbering.get("international_prefix", ["00"]))
+        return Settings(
+            Numbering(country_code=numbering.get("country_code"),
+                      international_prefixes=tuple(sorted(intl, key=len, reverse=True)),
+                      national_prefix=numbering.get("national_prefix"),
+                      min_national_length=numbering.get("min_national_length", 7)),
+            tz,
+        )
+
+    def _check_endpoint(self, doc: PositionedDocument, path: Path, endpoint: str, transport: str) -> None:
+        if transport == "websocket":
+            if not _CONNECTION_ID.match(endpoint):
+                self.error(doc, path, f"{_show(endpoint)}: a websocket endpoint is the id of a connection in "
+                                      "Asterisk's websocket_client.conf (letters, digits, '_', '.', '-')")
+            return
+        match = _HOST_PORT.match(endpoint)
+        if not match or not 0 < int(match.group(1)) < 65536:
+            self.error(doc, path, f"{_show(endpoint)} is not host:port (e.g. '10.0.0.5:4000' or '[2001:db8::5]:4000')")
+
+    def _number_list(self, doc: PositionedDocument, path: Path, body: Any, numbering: Numbering) -> frozenset[str]:
+        numbers: set[str] = set()
+        if isinstance(body, list):
+            for i, entry in enumerate(body):
+                try:
+                    numbers.add(cond.number_pattern(entry, numbering))
+                except ValueError as exc:
+                    self.error(doc, path + (i,), str(exc))
+            return frozenset(numbers)
+        for line_no, entry in self._list_file(doc, path + ("file",), body["file"]):
+            try:
+                numbers.add(cond.number_pattern(entry, numbering))
+            except ValueError as exc:
+                self.issues.append(PolicyIssue(Position(body["file"], line_no, 1), "", str(exc)))
+        return frozenset(numbers)
+
+    def _risk_list(self, doc: PositionedDocument, path: Path, body: Any) -> tuple[str, ...]:
+        prefixes: set[str] = set()
+        entries: list[tuple[Path | Position, Any]] = []
+        if isinstance(body, list):
+            entries = [(path + (i,), e) for i, e in enumerate(body)]
+        else:
+            entries = [(path + ("prefixes", i), e) for i, e in enumerate(body.get("prefixes", []))]
+            if "file" in body:
+                entries += [(Position(body["file"], n, 1), e) for n, e in self._list_file(doc, path + ("file",), body["file"])]
+            if not entries and "file" not in body:
+                self.error(doc, path, "a risk list needs `prefixes` or a `file`")
+        for where, entry in entries:
+            try:
+                prefixes.add(cond.risk_prefix(entry))
+            except ValueError as exc:
+                if isinstance(where, Position):
+                    self.issues.append(PolicyIssue(where, "", str(exc)))
+                else:
+                    self.error(doc, where, str(exc))
+        return tuple(sorted(prefixes))
+
+    def _list_file(self, doc: PositionedDocument, path: Path, relative: str) -> list[tuple[int, str]]:
+        try:
+            text = self.read_extra(relative)
+        except ValueError as exc:
+            self.error(doc, path, str(exc))
+            return []
+        self.extra_texts[relative] = text
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            entry = line.split("#", 1)[0].strip()
+            if entry:
+                out.append((n, entry))
+        return out
+
+    def _tenant(self, name: str, doc: PositionedDocument, path: Path, body: dict[str, Any]) -> Tenant:
+        trunks = []
+        for i, text in enumerate(body.get("trunks", [])):
+            try:
+                trunks.append(cond.parse_network(text))
+            except ValueError as exc:
+                self.error(doc, path + ("trunks", i), str(exc))
+        header = body.get("header")
+        if header:
+            problem = header_name_problem(header["name"]) if not header["name"].lower().startswith("x-callfabric-") else None
+            if problem and "token" in problem:
+                self.error(doc, path + ("header", "name"), problem)
+        return Tenant(name, tuple(trunks), header["name"].lower() if header else None, header["equals"] if header else None)
+
+    # -- conditions ----------------------------------------------------------------------------
+    def _condition(self, doc, path, node, settings, numbering, number_lists, risk_lists, tenants) -> None:
+        recurse = lambda p, n: self._condition(doc, p, n, settings, numbering, number_lists, risk_lists, tenants)  # noqa: E731
+        for kind, value in node.items():
+            sub = path + (kind,)
+            try:
+                if kind in ("all", "any"):
+                    for i, item in enumerate(value):
+                        recurse(sub + (i,), item)
+                elif kind == "not":
+                    recurse(sub, value)
+                elif kind in ("caller", "callee", "ruri"):
+                    self._number_match(doc, sub, value, numbering)
+                elif kind == "source_ip":
+                    for i, text in enumerate(cond.as_list(value)):
+                        try:
+                            cond.parse_network(text)
+                        except ValueError as exc:
+                            self.error(doc, sub + (i,) if isinstance(value, list) else sub, str(exc))
+                elif kind == "header":
+                    modes = [m for m in ("present", "equals", "regex") if m in value]
+                    if len(modes) != 1:
+                        self.error(doc, sub, "a header condition takes exactly one of `present`, `equals`, `regex`"
+                                             + (f" (found {', '.join(modes)})" if modes else ""))
+                    if not re.match(r"^[A-Za-z0-9\-.!%*_+`'~]+$", value["name"]):
+                        self.error(doc, sub + ("name",), f"{value['name']!r} is not a SIP header name")
+                    if "regex" in value:
+                        self._regex(doc, sub + ("regex",), value["regex"])
+                elif kind == "tenant":
+                    for i, name in enumerate(cond.as_list(value)):
+                        if name not in self.decl_names["tenants"]:
+                            self._unknown(doc, sub + (i,) if isinstance(value, list) else sub, "tenant", name)
+                elif kind == "time":
+                    self._time(doc, sub, value)
+                elif kind == "split":
+                    try:
+                        cond.split_bounds(value["percent"], value.get("offset", 0))
+                    except ValueError as exc:
+                        self.error(doc, sub, str(exc))
+                elif kind == "destination_risk":
+                    for i, name in enumerate(cond.as_list(value)):
+                        if name not in self.decl_names["risk_lists"]:
+                            self._unknown(doc, sub + (i,) if isinstance(value, list) else sub, "risk list", name)
+                elif kind == "calls_in_window":
+                    try:
+                        cond.window_seconds(value["window"])
+                    except ValueError as exc:
+                        self.error(doc, sub + ("window",), str(exc))
+            except (KeyError, TypeError, AttributeError):
+                continue  # structure already reported by the schema
+
+    def _number_match(self, doc, path, value, numbering) -> None:
+        if not isinstance(value, dict):
+            value = {"exact": value}
+            path_of = lambda key, i=None: path  # noqa: E731
+        else:
+            path_of = lambda key, i=None: path + ((key, i) if i is not None else (key,))  # noqa: E731
+        for key, items in value.items():
+            many = isinstance(items, list)
+            for i, item in enumerate(cond.as_list(items)):
+                where = path_of(key, i if many else None)
+                try:
+                    if key == "exact":
+                        cond.number_pattern(item, numbering)
+                    elif key == "prefix":
+                        cond.number_prefix(item)
+                    elif key == "regex":
+                        self._regex(doc, where, item)
+                    elif key == "in_list" and item not in self.decl_names["number_lists"]:
+                        self._unknown(doc, where, "number list", item)
+                except ValueError as exc:
+                    self.error(doc, where, str(exc))
+
+    def _regex(self, doc, path, pattern) -> None:
+        try:
+            cond.compile_regex(pattern)
+        except ValueError as exc:
+            self.error(doc, path, str(exc))
+
+    def _time(self, doc, path, value) -> None:
+        checks = {"tz": cond.zone, "days": cond.parse_days, "hours": cond.parse_hours, "dates": cond.parse_dates}
+        for key, parse in checks.items():
+            if key in value:
+                try:
+                    parse(value[key])
+                except ValueError as exc:
+                    self.error(doc, path + (key,), str(exc))
+
+    # -- actions ---------------------------------------------------------------------------------
+    def _actions(self, doc: PositionedDocument, path: Path, actions: list[dict[str, Any]], context: str) -> ActionSet:
+        terminals, continues, durations, header_names = [], [], [], {}
+        complete = True
+        for i, action in enumerate(actions):
+            if not self.valid(doc, path + (i,)):
+                complete = False
+                continue
+            verb, arg = canonical_action(action)
+            sub = path + (i, verb)
+            if verb in TERMINAL_VERBS:
+                terminals.append((i, verb))
+            elif verb == "continue":
+                continues.append(i)
+            elif verb == "max_duration":
+                durations.append(i)
+            if verb == "route_agent" and arg["agent"] not in self.decl_names["agents"]:
+                self._unknown(doc, sub, "agent", arg["agent"])
+            elif verb == "route_sip" and arg["destination"] not in self.decl_names["destinations"]:
+                self._unknown(doc, sub, "destination", arg["destination"])
+            elif verb == "fork" and arg["target"] not in self.decl_names["fork_targets"]:
+                self._unknown(doc, sub, "fork target", arg["target"])
+            elif verb == "reject" and "reason" in arg and (problem := reason_problem(arg["reason"])):
+                self.error(doc, sub + ("reason",), problem)
+            elif verb == "add_headers":
+                for name, value in arg.items():
+                    problem = header_name_problem(name)
+                    if problem:
+                        self.error(doc, sub + (name,), problem, key=True)
+                    elif name.lower() in header_names:
+                        self.error(doc, sub + (name,), f"header {name!r} is set twice in this rule", key=True)
+                    header_names[name.lower()] = name
+                    problem = header_value_problem(value)
+                    unknown = [p for p in PLACEHOLDER.findall(value) if p not in PLACEHOLDERS]
+                    if problem:
+                        self.error(doc, sub + (name,), problem)
+                    elif unknown:
+                        self.error(doc, sub + (name,), f"unknown placeholder ${{{unknown[0]}}} "
+                                                       f"(available: {', '.join('${%s}' % p for p in PLACEHOLDERS)})")
+            elif verb == "max_duration":
+                try:
+                    if parse_duration_ms(arg) < 1000:
+                        self.error(doc, sub, "max_duration must be at least 1 second")
+                except ValueError as exc:
+                    self.error(doc, sub, str(exc))
+            elif verb == "ask_webhook":
+                if context == "fallback":
+                    self.error(doc, sub, "a webhook's fallback cannot ask another webhook")
+                else:
+                    self._actions(doc, sub + ("fallback",), arg["fallback"], "fallback")
+        where = {"rule": "a rule", "default": "the default", "fallback": "a webhook fallback"}[context]
+        if not complete:
+            return ActionSet(terminal=None)  # counting verbs among broken actions would only add noise
+        if len(terminals) > 1:
+            names = ", ".join(v for _, v in terminals)
+            self.error(doc, path + (terminals[1][0],), f"{where} has one terminal action, found {len(terminals)}: {names}")
+        if continues and (terminals or context != "rule"):
+            reason = "`continue` cannot be combined with a terminal action" if terminals else \
+                f"`continue` is not allowed in {where}"
+            self.error(doc, path + (continues[0],), reason)
+        if not terminals and not (continues and context == "rule"):
+            options = "route_agent, route_sip, reject" + (", ask_webhook" if context != "fallback" else "")
+            extra = " or `continue: true`" if context == "rule" else ""
+            self.error(doc, path, f"{where} needs a terminal action ({options}){extra}")
+        if len(durations) > 1:
+            self.error(doc, path + (durations[1],), "max_duration is given twice")
+        try:
+            return build_action_set(actions, **self.context)
+        except (KeyError, ValueError, TypeError):
+            return ActionSet(terminal=None)  # only reached when errors were reported above
+
+    def _reachability(self, rules: list[RuleSource]) -> None:
+        for rule in rules:
+            if rule.enabled and rule.match is None and rule.actions.terminal is not None:
+                later = [r.name for r in rules[rule.index + 1:] if r.enabled]
+                if later:
+                    doc_position = rule.position
+                    self.issues.append(PolicyIssue(
+                        doc_position, f"rules[{rule.name}]",
+                        f"rule {rule.name!r} matches every call, so these rules are never reached: {', '.join(later)}",
+                        "warning"))
+                break
+
+
+def _item_path(path: Path) -> Path:
+    """The item an error belongs to: ('agents', 'x'), ('rules', 3), ('settings',) or ('default',)."""
+    if not path:
+        return ()
+    if path[0] == "settings":
+        return path[:1]
+    if path[0] == "default":
+        return path[:3]  # ('default', 'actions', i)
+    if path[0] == "rules" and len(path) > 2:
+        return path[:4] if path[2] == "actions" else path[:3]  # one action, or the whole match
+    return path[:2]
+
+
+def _issue_order(issue: PolicyIssue) -> tuple[str, int, int]:
+    return issue.position.file, issue.position.line, issue.position.column
+
+
+def _is_action_path(path: Path) -> bool:
+    return len(path) >= 2 and isinstance(path[-1], int) and path[-2] in ("actions", "fallback")
+
+
+def _is_condition(error: Any) -> bool:
+    return "caller" in error.schema.get("properties", {})
+
+
+def _branch_types(branches: list[dict[str, Any]]) -> set[str]:
+    types: set[str] = set()
+    for branch in branches:
+        t = branch.get("type")
+        if t:
+            types.update(t if isinstance(t, list) else [t])
+        elif "enum" in branch or "const" in branch:
+            types.add("string")
+        elif "anyOf" in branch or "oneOf" in branch:
+            types |= _branch_types(branch.get("anyOf") or branch.get("oneOf"))
+    return types
+
+
+def _matching_branch(error: Any) -> list[Any] | None:
+    """The sub-errors of the oneOf/anyOf branch whose type fits the instance, if exactly one does."""
+    kind = _json_type(error.instance)
+    fitting = [i for i, branch in enumerate(error.validator_value)
+               if kind in _branch_types([branch]) or (kind == "integer" and "number" in _branch_types([branch]))]
+    if len(fitting) != 1:
+        return None
+    subs = [e for e in error.context if e.relative_schema_path and e.relative_schema_path[0] == fitting[0]]
+    return subs or None

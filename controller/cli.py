@@ -126,6 +126,135 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed or problems else EXIT_OK
 
 
+def _settings(args: argparse.Namespace):
+    from controller.config import load_settings
+
+    return load_settings(getattr(args, "config", None))
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from controller.app import serve
+    from controller.config import ConfigError
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(settings.log_level)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
+    return EXIT_OK
+
+
+def _loop_factory():
+    """uvloop when installed (a faster event loop for the decision path), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _with_store(args: argparse.Namespace, work) -> int:
+    """Run `work(store)` against the configured Redis; clear message when it is unreachable."""
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from controller.config import ConfigError
+    from controller.state.calls import CallStore
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
+        store = CallStore(settings.redis_url, timeout_s=5.0)
+        try:
+            return await work(store)
+        except (RedisError, OSError) as exc:
+            print(f"error: Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        finally:
+            await store.aclose()
+    return asyncio.run(main())
+
+
+def _age(ms: object) -> str:
+    import time
+
+    if not isinstance(ms, int):
+        return "?"
+    seconds = max(0, int(time.time() - ms / 1000))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def cmd_calls_list(args: argparse.Namespace) -> int:
+    async def work(store) -> int:
+        ids = await (store.recent_calls(args.limit) if args.recent else store.live_calls(args.limit))
+        records = await store.get_many(ids) if ids else []
+        if args.json:
+            print(json.dumps([r for r in records if r], indent=2))
+            return EXIT_OK
+        print(f"{'CALL-ID':<40} {'STATE':<9} {'AGE':>7} {'OUTCOME':<7} {'TARGET':<16} {'RULE':<24} FROM -> TO")
+        for call_id, r in zip(ids, records):
+            if not r:
+                continue
+            print(f"{call_id[:40]:<40} {str(r.get('state', '?')):<9} {_age(r.get('created_at_ms')):>7} "
+                  f"{str(r.get('outcome', r.get('fallback', '-'))):<7} {str(r.get('target', '-'))[:16]:<16} "
+                  f"{str(r.get('rule', '-'))[:24]:<24} {r.get('caller', '?')} -> {r.get('dialled', '?')}")
+        print(f"{len(ids)} {'recent' if args.recent else 'live'} call(s)")
+        return EXIT_OK
+    return _with_store(args, work)
+
+
+def cmd_calls_show(args: argparse.Namespace) -> int:
+    async def work(store) -> int:
+        record = await store.get(args.call_id)
+        if record is None:
+            print(f"no call {args.call_id!r} in the call store", file=sys.stderr)
+            return EXIT_FAIL
+        timeline = await store.timeline(args.call_id)
+        if args.json:
+            print(json.dumps({"call": record, "timeline": timeline}, indent=2))
+            return EXIT_OK
+        for key in sorted(record):
+            value = record[key]
+            print(f"{key:>16}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+        print("timeline:")
+        for event in timeline:
+            rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id") and v is not None}
+            print(f"  {event.get('ts')}  {event.get('event'):<10} {json.dumps(rest)}")
+        return EXIT_OK
+    return _with_store(args, work)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from controller.localstack.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def cmd_config_describe(args: argparse.Namespace) -> int:
+    from controller.config import describe
+
+    for name, env, default, doc in describe():
+        print(f"{name}  ({env}, default {default!r})\n    {doc}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callfabric", description="Programmable SIP for AI voice agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +283,33 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("directory")
     test.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
     test.set_defaults(func=cmd_policy_test)
+
+    run = commands.add_parser("run", help="run the controller")
+    run.add_argument("--config", help="settings file (YAML); CALLFABRIC_* environment variables override it")
+    run.set_defaults(func=cmd_run)
+
+    calls = commands.add_parser("calls", help="calls in the call store")
+    calls_commands = calls.add_subparsers(dest="calls_command", required=True)
+    listing = calls_commands.add_parser("list", help="live calls (or --recent ones)")
+    listing.add_argument("--config")
+    listing.add_argument("--recent", action="store_true", help="the latest calls, ended ones included")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_calls_list)
+    show = calls_commands.add_parser("show", help="one call's record and timeline")
+    show.add_argument("call_id")
+    show.add_argument("--config")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_calls_show)
+
+    demo = commands.add_parser("demo", help="start Redis, Kamailio and the controller locally, place calls, report")
+    demo.add_argument("--keep", action="store_true", help="keep the working directory (logs, SIPp traces)")
+    demo.set_defaults(func=cmd_demo)
+
+    config = commands.add_parser("config", help="controller settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser("describe", help="every setting, its environment variable and default").set_defaults(
+        func=cmd_config_describe)
     return parser
 
 

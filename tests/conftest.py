@@ -29,7 +29,8 @@ class BlockingGuard:
             return
         if event == "open":
             path = str(args[0]) if args else ""
-            if path.endswith(_ALLOWED_SUFFIXES) or "/zoneinfo/" in path or path.startswith("/proc/"):
+            if path.endswith(_ALLOWED_SUFFIXES) or path.endswith(".zip") or ".dist-info/" in path \
+                    or "/zoneinfo/" in path or path.startswith("/proc/"):  # import machinery, package metadata
                 return
         if event == "socket.getaddrinfo" and args and _is_numeric_host(args[0]):
             return
@@ -73,3 +74,24 @@ def no_blocking_on_loop(request):
         _GUARD.armed = False
     if _GUARD.violations:
         pytest.fail("blocking call(s) on the event loop: " + "; ".join(_GUARD.violations[:5]))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the session, on a free loopback port."""
+    from controller.localstack.redis import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis, emptied for this test."""
+    import socket as _socket
+
+    with _socket.create_connection(("127.0.0.1", redis_server.port), timeout=2) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        assert s.recv(16).startswith(b"+OK")
+    return redis_server.url

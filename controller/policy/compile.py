@@ -281,7 +281,11 @@ class CompiledPolicy:
         return merged
 
     def decide(self, call: Call) -> Decision:
-        f = self.facts(call)
+        return self.decide_facts(self.facts(call))
+
+    def decide_facts(self, f: Facts) -> Decision:
+        """Decide from facts already derived (the edge derives them once to know which
+        counters to fetch, then sets `f.counters`)."""
         rules = self.rules
         applied: list[tuple[str, ActionSet]] = []
         for position in self._candidates(f):

@@ -182,7 +182,8 @@ def policy_file_schema() -> dict[str, Any]:
                 "properties": {
                     "uri": {"type": "string"},
                     "failover": {"type": "array", "items": {"type": "string"}},
-                    "attempt_timeout_ms": {"type": "integer", "minimum": 100, "maximum": 120000},
+                    "attempt_timeout_ms": {"type": "integer", "minimum": 1000, "maximum": 600000,
+                                           "description": "how long each target may ring before the next is tried"},
                     "description": _TEXT,
                 },
             }),

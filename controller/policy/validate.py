@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import ipaddress
 import os
 import re
-from collections import defaultdict
 from pathlib import Path as FsPath
 from typing import Any, Callable, Iterable
 
 from jsonschema import Draft202012Validator
 
 from controller.actions import (
-    CODECS, MEDIA_TRANSPORTS, TERMINAL_VERBS, DURATION_PATTERN, canonical_action, header_name_problem,
+    TERMINAL_VERBS, DURATION_PATTERN, canonical_action, header_name_problem,
     header_value_problem, parse_duration_ms, reason_problem,
 )
 from controller.policy import conditions as cond

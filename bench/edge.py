@@ -1,0 +1,288 @@
+"""Call setup through the real edge: SIPp → Kamailio (kamailio/kamailio.cfg, tlsf) → SIPp
+media-node stand-ins, in two modes interleaved in one run:
+
+- static: no controller connected; the same config routes every call at once to the media
+  node set (its no-controller path: one counter check, then the dispatcher);
+- controller: the controller in the loop, deciding every call with the example policies in
+  policies/ (real Redis writes, dialog events followed to the end of each call).
+
+For each offered rate (bounded count of calls, every process on 127.0.0.1) it prints success,
+failures, achieved rate and setup latency p50/p95 per mode (INVITE sent → 200 OK received, in
+µs from the message trace of a low-rate probe SIPp placing calls beside the load), then the ratios and the milliseconds the controller adds.
+
+    python bench/edge.py [--rates 600,2000,4000] [--seconds 4] [--rounds 2] [--hold-ms 0]
+
+Last line: RESULT p50_ratio=… p95_ratio=… p50_added_ms=… p95_added_ms=… max_cps_static=…
+max_cps_controller=… cps_ratio=… (ratios and added ms at the reference rate, 2,000 CPS).
+max_cps_* is the highest offered rate at which ≥ 99.5 % of calls succeeded at ≥ 95 % of the
+offered rate.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller.localstack.kamailio import Kamailio, free_port  # noqa: E402
+from controller.localstack.redis import RedisServer  # noqa: E402
+from controller.localstack.sipp import SCENARIOS, SIPP_BIN, SippUAS  # noqa: E402
+
+REFERENCE_RATE = 2000
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def injection_file(path: Path, count: int, rng: random.Random) -> None:
+    """Dialled number;caller per call: general numbers (intake or its A/B variant), the billing
+    and support lines, VIP callers (to the PBX stand-in). No rejected destinations: every call
+    of the mix must be answerable."""
+    rows = ["RANDOM"]
+    for _ in range(count):
+        roll = rng.random()
+        caller = f"+1202555{rng.randrange(10000):04d}"
+        if roll < 0.70:
+            dialled = f"1800555{rng.randrange(1000, 9999):04d}"
+        elif roll < 0.85:
+            dialled = rng.choice(["18005550101", "18005550102"])
+        elif roll < 0.95:
+            dialled = "18005550201"
+        else:
+            dialled, caller = "18005550000", rng.choice(["+14155550100", "+14155550101"])
+        rows.append(f"{dialled};{caller};")
+    path.write_text("\n".join(rows) + "\n")
+
+
+class ControllerProcess:
+    def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, evapi_port: int):
+        self.config = workdir / "controller.yaml"
+        self.http = f"127.0.0.1:{free_port()}"
+        self.config.write_text(json.dumps({
+            "policy_dir": str(policy_dir), "redis_url": redis_url, "edge_evapi": [f"127.0.0.1:{evapi_port}"],
+            "http_listen": self.http, "log_level": "WARNING", "instance_id": "bench"}))
+        self.log = workdir / "controller.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, kamailio: Kamailio) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        wait_clients(kamailio, 1)
+
+    def stop(self, kamailio: Kamailio | None = None) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if kamailio:
+            wait_clients(kamailio, 0)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def wait_clients(kamailio: Kamailio, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(kamailio.http_get("/health")[1]).get("evapi_clients") == n:
+                return
+        except (ValueError, OSError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"kamailio did not reach {n} evapi client(s)")
+
+
+def _sipp(kamailio: Kamailio, run_dir: Path, name: str, rate: int, count: int, hold_ms: int, inf: Path,
+          budget_s: float, trace: bool) -> tuple[list[str], Path]:
+    scenario = run_dir / f"{name}.xml"
+    scenario.write_text((SCENARIOS / "uac_bench.xml").read_text().replace("@@HOLD_MS@@", str(hold_ms)))
+    cmd = [SIPP_BIN, f"127.0.0.1:{kamailio.sip_port}", "-sf", str(scenario), "-inf", str(inf),
+           "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
+           "-r", str(rate), "-rp", "1000", "-m", str(count), "-l", str(max(200, rate)),
+           "-timeout", f"{int(budget_s)}s", "-timeout_error", "-nostdin", "-recv_timeout", "5000",
+           "-trace_stat", "-stf", str(run_dir / f"{name}-stat.csv"), "-fd", "1",
+           "-trace_err", "-error_file", str(run_dir / f"{name}-errors.log")]
+    if trace:
+        cmd += ["-trace_msg", "-message_file", str(run_dir / f"{name}-messages.log")]
+    return cmd, run_dir / f"{name}-stat.csv"
+
+
+def _counts(stat: Path) -> tuple[int, int]:
+    rows = list(csv.reader(stat.read_text().splitlines(), delimiter=";"))
+    col = {name: i for i, name in enumerate(rows[0])}
+    return int(rows[-1][col["SuccessfulCall(C)"]]), int(rows[-1][col["FailedCall(C)"]])
+
+
+_TRACE_HEAD = re.compile(r"^-{10,} (\d{4}-\d\d-\d\d) (\d\d):(\d\d):(\d\d\.\d+)\n(UDP message (sent|received))", re.M)
+
+
+def setup_times_ms(messages: Path) -> list[float]:
+    """INVITE sent → 200 OK (INVITE) received, per call, from SIPp's µs-stamped message trace."""
+    text = messages.read_text(errors="replace")
+    sent: dict[str, float] = {}
+    answered: dict[str, float] = {}
+    heads = list(_TRACE_HEAD.finditer(text))
+    for i, head in enumerate(heads):
+        body = text[head.end(): heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        stamp = int(head.group(2)) * 3600 + int(head.group(3)) * 60 + float(head.group(4))
+        call_id = re.search(r"^Call-ID:\s*(\S+)", body, re.M)
+        if not call_id:
+            continue
+        call_id = call_id.group(1)
+        first = body.split("\n", 1)[-1].lstrip("\r\n").split("\n", 1)[0]
+        if head.group(6) == "sent" and first.startswith("INVITE "):
+            sent.setdefault(call_id, stamp)
+        elif head.group(6) == "received" and first.startswith("SIP/2.0 200") and re.search(r"^CSeq:\s*\d+ INVITE", body, re.M):
+            answered.setdefault(call_id, stamp)
+    return [(answered[c] - sent[c]) * 1000 for c in answered if c in sent and answered[c] >= sent[c]]
+
+
+def run_load(workdir: Path, kamailio: Kamailio, rate: int, count: int, hold_ms: int, inf: Path, probe_inf: Path,
+             probe_rate: int) -> dict:
+    """The load (SIPp at `rate`, counted) plus, at the same time, a low-rate probe SIPp whose
+    µs-stamped message trace gives the setup latency of calls placed under that load."""
+    run_dir = workdir / f"load-{time.monotonic_ns()}"
+    run_dir.mkdir()
+    budget_s = count / rate * 3 + 15
+    load_cmd, load_stat = _sipp(kamailio, run_dir, "load", rate, count, hold_ms, inf, budget_s, trace=False)
+    probe_count = max(20, int(probe_rate * count / rate))
+    probe_cmd, _ = _sipp(kamailio, run_dir, "probe", probe_rate, probe_count, hold_ms, probe_inf, budget_s, trace=True)
+    started = time.monotonic()
+    load = subprocess.Popen(load_cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = subprocess.Popen(probe_cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    load.wait(timeout=budget_s + 30)
+    elapsed = time.monotonic() - started
+    probe.wait(timeout=budget_s + 30)
+    successful, failed = _counts(load_stat)
+    call_time = elapsed - hold_ms / 1000
+    return {"rc": load.returncode, "successful": successful, "failed": failed, "elapsed": elapsed,
+            "achieved_cps": successful / call_time if call_time > 0 else 0.0,
+            "setups": setup_times_ms(run_dir / "probe-messages.log")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rates", default="600,2000,4000")
+    parser.add_argument("--seconds", type=float, default=4.0, help="load duration per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="static/controller alternations per rate")
+    parser.add_argument("--hold-ms", type=int, default=0, help="how long each call stays up before BYE")
+    parser.add_argument("--probe-rate", type=int, default=50, help="CPS of the latency probe running beside the load")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    for name in ("kamailio", "sipp", "redis-server"):
+        if not (shutil.which(name) or Path(f"/usr/sbin/{name}").exists()):
+            sys.exit(f"bench/edge.py needs {name} (bash .ci/install-system-packages)")
+    workdir = Path(tempfile.mkdtemp(prefix="callfabric-bench-edge-"))
+    things: list = []
+    try:
+        redis = RedisServer(workdir).start()
+        things.append(redis)
+        media = [SippUAS(workdir, "uas_answer.xml", f"media{i}").start() for i in (1, 2)]
+        pbx = SippUAS(workdir, "uas_answer.xml", "pbx").start()
+        things += media + [pbx]
+        kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, shm_mb=1024, pkg_mb=16, children=4,
+                            fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1).start()
+        things.append(kamailio)
+        policy_dir = workdir / "policies"
+        shutil.copytree(ROOT / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
+        for path in policy_dir.glob("*.yaml"):
+            text = path.read_text()
+            for port in ("5080", "5081", "5090"):
+                text = text.replace(f"127.0.0.1:{port}", pbx.addr)
+            # every bench call comes from 127.0.0.1: keep the per-source rate cap rule (its
+            # counters are read and written on every call) but out of the way of the load
+            text = text.replace("at_least: 30}", "at_least: 1000000000}")
+            path.write_text(text)
+        controller = ControllerProcess(workdir, policy_dir, redis.url, kamailio.evapi_port)
+        things.append(controller)
+        rng = random.Random(11)
+        results: dict[tuple[int, str], list[dict]] = {}
+        print(f"edge bench: rates {rates} CPS, {args.seconds:g}s per run, {args.rounds} round(s), hold {args.hold_ms} ms; "
+              f"work dir {workdir}", flush=True)
+        for rate in rates:
+            count = int(rate * args.seconds)
+            for round_no in range(args.rounds):
+                order = ("static", "controller") if round_no % 2 == 0 else ("controller", "static")
+                for mode in order:
+                    if mode == "controller" and controller.proc is None:
+                        controller.start(kamailio)
+                    elif mode == "static" and controller.proc is not None:
+                        controller.stop(kamailio)
+                    inf = workdir / f"calls-{rate}-{round_no}-{mode}.csv"
+                    injection_file(inf, min(count, 20000), rng)
+                    probe_inf = workdir / f"probe-{rate}-{round_no}-{mode}.csv"
+                    injection_file(probe_inf, 1000, rng)
+                    run = run_load(workdir, kamailio, rate, count, args.hold_ms, inf, probe_inf, args.probe_rate)
+                    results.setdefault((rate, mode), []).append(run)
+                    print(f"  {rate:>5} CPS {mode:<10} ok {run['successful']:>6} failed {run['failed']:>5} "
+                          f"achieved {run['achieved_cps']:7.0f} CPS  setup p50 {percentile(run['setups'], .5):6.2f} ms "
+                          f"p95 {percentile(run['setups'], .95):6.2f} ms", flush=True)
+        if controller.proc is not None:
+            decisions = sum(float(line.rsplit(" ", 1)[1]) for line in controller.metrics().splitlines()
+                            if line.startswith("callfabric_decisions_total{"))
+            print(f"  controller decisions answered in its last session: {decisions:.0f}")
+        controller.stop()
+
+        print("\nrate    mode        success   failed   p50 ms   p95 ms")
+        summary: dict[tuple[int, str], dict] = {}
+        for (rate, mode), runs in sorted(results.items()):
+            ok = sum(r["successful"] for r in runs)
+            failed = sum(r["failed"] for r in runs)
+            offered = int(rate * args.seconds) * len(runs)
+            setups = [s for r in runs for s in r["setups"]]
+            achieved = min(r["achieved_cps"] for r in runs)
+            summary[(rate, mode)] = {"p50": percentile(setups, .5), "p95": percentile(setups, .95),
+                                     "sustained": ok >= 0.995 * offered and failed <= 0.005 * offered
+                                     and achieved >= 0.95 * rate}
+            print(f"{rate:>5}   {mode:<10} {ok:>8} {failed:>8}   {summary[(rate, mode)]['p50']:6.2f}   "
+                  f"{summary[(rate, mode)]['p95']:6.2f}   {'sustained' if summary[(rate, mode)]['sustained'] else 'NOT sustained'}")
+        reference = REFERENCE_RATE if (REFERENCE_RATE, "static") in summary else rates[len(rates) // 2]
+        s, c = summary[(reference, "static")], summary[(reference, "controller")]
+        max_static = max([r for r in rates if summary[(r, "static")]["sustained"]], default=0)
+        max_controller = max([r for r in rates if summary[(r, "controller")]["sustained"]], default=0)
+        p50_ratio, p95_ratio = c["p50"] / s["p50"], c["p95"] / s["p95"]
+        print(f"\nat {reference} CPS: controller adds {c['p50'] - s['p50']:.2f} ms at p50 (x{p50_ratio:.2f}), "
+              f"{c['p95'] - s['p95']:.2f} ms at p95 (x{p95_ratio:.2f})")
+        print(f"goal p95_added_ms <= 1.0: {'met' if c['p95'] - s['p95'] <= 1.0 else 'NOT met'}; "
+              f"goal cps_ratio >= 0.9: {'met' if max_static and max_controller / max_static >= 0.9 else 'NOT met'}")
+        print(f"RESULT p50_ratio={p50_ratio:.2f} p95_ratio={p95_ratio:.2f} p50_added_ms={c['p50'] - s['p50']:.2f} "
+              f"p95_added_ms={c['p95'] - s['p95']:.2f} max_cps_static={max_static} max_cps_controller={max_controller} "
+              f"cps_ratio={(max_controller / max_static) if max_static else 0:.2f}")
+    finally:
+        for thing in reversed(things):
+            try:
+                thing.stop()
+            except Exception as exc:  # noqa: BLE001
+                print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

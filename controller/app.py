@@ -1,0 +1,153 @@
+"""Wiring: the only module that knows every boundary. An aiohttp application whose
+long-lived parts (Redis, the policy, the edge channels, housekeeping) are started and
+stopped by `cleanup_ctx`, with typed state under AppKeys."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from typing import AsyncIterator
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from controller.config import Settings, split_host_port
+from controller.edge.channel import EdgeChannel
+from controller.edge.decisions import EdgeDecisions
+from controller.metrics import Metrics
+from controller.policy.reload import PolicyHolder, reload_on_sighup
+from controller.state.calls import CallStore, now_ms
+
+log = logging.getLogger("callfabric")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", CallStore)
+POLICIES = web.AppKey("policies", PolicyHolder)
+EDGES = web.AppKey("edges", list)
+
+HOUSEKEEPING_INTERVAL_S = 5.0
+LIVE_RECONCILE_AGE_MS = 60_000
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = CallStore(settings.redis_url, timeline_max_events=settings.timeline_max_events,
+                      call_retention_s=settings.call_retention_s, live_call_ttl_s=settings.live_call_ttl_s)
+    app[STORE] = store
+    try:
+        await store.ping()
+    except (RedisError, OSError) as exc:
+        log.error("Redis at %s is unreachable (%s): calls get the edge fallback until it is back",
+                  settings.redis_url, exc)
+    yield
+    await store.aclose()
+
+
+async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    holder = PolicyHolder(settings.policy_dir, metrics.policy_outcome)
+    app[POLICIES] = holder
+    outcome = await holder.reload("start")
+    if not outcome.accepted:
+        log.error("no valid policy in %s: every call gets the edge fallback until one loads", settings.policy_dir)
+    reload_on_sighup(holder)
+    watcher = asyncio.create_task(holder.watch(settings.policy_poll_s))
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics, holder = app[SETTINGS], app[METRICS], app[POLICIES]
+    decisions = EdgeDecisions(lambda: holder.policy, app[STORE], metrics, settings.instance_id)
+    channels = []
+    for endpoint in settings.edge_evapi:
+        host, port = split_host_port(endpoint, "edge_evapi")
+        channels.append(EdgeChannel(host, port, decisions, metrics, max_in_flight=settings.edge_max_in_flight,
+                                    reconnect_max_s=settings.edge_reconnect_max_s))
+    app[EDGES] = channels
+    tasks = [asyncio.create_task(c.run(), name=f"edge {c.name}") for c in channels]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(c.drain() for c in channels), return_exceptions=True)
+
+
+async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Live-call gauge, and live-index entries whose call is over or gone removed."""
+    store, metrics = app[STORE], app[METRICS]
+
+    async def loop() -> None:
+        while True:
+            try:
+                await store.reconcile_live(now_ms() - LIVE_RECONCILE_AGE_MS)
+                metrics.live_calls.set(await store.live_count())
+            except RedisError as exc:
+                metrics.redis_errors.labels("housekeeping").inc()
+                log.debug("housekeeping: %s", exc)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": metrics.content_type})
+
+
+async def health_view(request: web.Request) -> web.Response:
+    app = request.app
+    policy = app[POLICIES].policy
+    edges = {c.name: c.connected.is_set() for c in app[EDGES]}
+    try:
+        redis_ok = await asyncio.wait_for(app[STORE].ping(), 1.0)
+    except (RedisError, OSError, asyncio.TimeoutError):
+        redis_ok = False
+    healthy = policy is not None and redis_ok and all(edges.values())
+    body = {"status": "ok" if healthy else "degraded", "instance": app[SETTINGS].instance_id,
+            "policy_version": policy.version if policy else None, "redis": redis_ok, "edges": edges}
+    return web.json_response(body, status=200 if healthy else 503, dumps=json.dumps)
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _edge_ctx, _housekeeping_ctx])
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", health_view)
+    return app
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the controller until SIGTERM / SIGINT (or `stop` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, port = split_host_port(settings.http_listen, "http_listen")
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("controller %s up: http %s:%d, edges %s, policy %s", settings.instance_id, host, port,
+             ", ".join(settings.edge_evapi), app[POLICIES].policy.version if app[POLICIES].policy else "none")
+    try:
+        await stop.wait()
+    finally:
+        log.info("controller %s stopping", settings.instance_id)
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,105 @@
+"""One settings object for the controller: defaults, then a YAML file, then environment
+variables (`CALLFABRIC_<NAME>`), later ones winning. Every setting is documented here and
+listed in the README by `callfabric config describe`."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _setting(default: Any, doc: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(slots=True)
+class Settings:
+    policy_dir: str = _setting("policies", "Directory of routing policy YAML files (hot-reloaded).")
+    policy_poll_s: float = _setting(1.0, "How often the policy directory is checked for changes (seconds).")
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis holding call state (redis:// or unix://).")
+    edge_evapi: list = _setting(["127.0.0.1:8448"], "Kamailio evapi endpoints (host:port) the controller connects to.")
+    edge_max_in_flight: int = _setting(2000, "Decisions in progress at once per Kamailio; beyond, requests are "
+                                             "shed and Kamailio applies its fallback.")
+    edge_reconnect_max_s: float = _setting(5.0, "Longest wait between reconnection attempts to Kamailio (backoff).")
+    http_listen: str = _setting("127.0.0.1:9090", "host:port of the controller's HTTP server (/metrics, /healthz).")
+    call_retention_s: int = _setting(7 * 86400, "How long a finished call's record and timeline stay in Redis.")
+    live_call_ttl_s: int = _setting(6 * 3600, "Safety expiry of a live call's record if its end is never seen.")
+    timeline_max_events: int = _setting(500, "Per-call timeline cap (oldest events trimmed).")
+    instance_id: str = _setting("", "Name of this controller instance (default: hostname:pid).")
+    log_level: str = _setting("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
+            self.instance_id = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(name, environment variable, default, doc) for every setting."""
+    defaults = Settings(instance_id="-")
+    return [(f.name, f"CALLFABRIC_{f.name.upper()}", getattr(defaults, f.name) if f.name != "instance_id" else "",
+             f.metadata["doc"]) for f in fields(Settings)]
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    kind = {"str": str, "int": int, "float": float, "list": list}.get(kind, kind) if isinstance(kind, str) else kind
+    try:
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise ValueError("expected a list of strings")
+        if kind is int and isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if kind in (int, float) and isinstance(value, str):
+            return kind(value.strip())
+        if kind is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, kind):
+            raise ValueError(f"expected {kind.__name__}")
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"setting {name}: {value!r}: {exc}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(Settings)}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of settings")
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(known)})")
+            values[key] = _coerce(key, known[key].type, value)
+    for name, f in known.items():
+        env = environ.get(f"CALLFABRIC_{name.upper()}")
+        if env is not None:
+            values[name] = _coerce(name, f.type, env)
+    settings = Settings(**values)
+    if path and not os.path.isabs(settings.policy_dir) and "policy_dir" in values and \
+            "CALLFABRIC_POLICY_DIR" not in environ:
+        settings.policy_dir = str((Path(path).parent / settings.policy_dir).resolve())
+    return settings
+
+
+def split_host_port(text: str, setting: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"setting {setting}: {text!r} is not host:port")
+    return host.strip("[]") or "127.0.0.1", int(port)

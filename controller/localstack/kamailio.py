@@ -1,0 +1,274 @@
+"""Run a real Kamailio with callfabric's kamailio/kamailio.cfg on free loopback ports
+(tests, `callfabric demo`, benchmarks).
+
+Usage::
+
+    with Kamailio(tmp_path, ds_sets={1: ["127.0.0.1:5070"]}) as k:
+        k.sip_port, k.http_port, k.evapi_port
+        k.jsonrpc("dispatcher.list")
+
+Everything runs in a temp dir (dispatcher list, ctl socket, runtime dir, log file); the
+process group is killed at stop() even if the test failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CFG = Path(os.environ.get("CALLFABRIC_KAMAILIO_CFG", REPO / "kamailio" / "kamailio.cfg"))
+KAMAILIO_BIN = shutil.which("kamailio") or "/usr/sbin/kamailio"
+KAMCMD_BIN = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
+
+
+def free_port(kind: int = socket.SOCK_STREAM, also: int | None = None) -> int:
+    """A loopback port free for `kind` (and for `also`, if given) right now."""
+    for _ in range(50):
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        finally:
+            s.close()
+        if also is None:
+            return port
+        t = socket.socket(socket.AF_INET, also)
+        try:
+            t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+    raise RuntimeError("no free port")
+
+
+def options_ping(port: int, timeout: float = 0.5) -> str | None:
+    """Send one SIP OPTIONS to 127.0.0.1:port over UDP; return the status line or None."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(timeout)
+    lport = s.getsockname()[1]
+    branch = "z9hG4bK" + uuid.uuid4().hex[:16]
+    msg = (
+        f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch={branch};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:probe@127.0.0.1:{lport}>;tag={uuid.uuid4().hex[:8]}\r\n"
+        f"To: <sip:127.0.0.1:{port}>\r\n"
+        f"Call-ID: {uuid.uuid4().hex}@probe\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    try:
+        s.sendto(msg.encode(), ("127.0.0.1", port))
+        data, _ = s.recvfrom(65535)
+        return data.split(b"\r\n", 1)[0].decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+class Kamailio:
+    def __init__(
+        self,
+        workdir: Path | str,
+        ds_sets: dict[int, list[str]] | None = None,
+        *,
+        fallback: str = "open",
+        fallback_set: int = 1,
+        decision_timeout_ms: int = 200,
+        fr_timeout_ms: int = 1000,
+        fr_inv_timeout_ms: int = 10000,
+        cb_threshold: int | None = None,
+        children: int = 4,
+        shm_mb: int = 64,
+        pkg_mb: int = 8,
+        log_level: int = 2,
+        extra_defines: dict[str, str] | None = None,
+        name: str = "kamailio",
+    ) -> None:
+        self.workdir = Path(workdir) / name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ds_sets = ds_sets or {}
+        self.fallback = fallback
+        self.fallback_set = fallback_set
+        self.decision_timeout_ms = decision_timeout_ms
+        self.fr_timeout_ms = fr_timeout_ms
+        self.fr_inv_timeout_ms = fr_inv_timeout_ms
+        self.cb_threshold = cb_threshold
+        self.children = children
+        self.shm_mb = shm_mb
+        self.pkg_mb = pkg_mb
+        self.log_level = log_level
+        self.extra_defines = extra_defines or {}
+        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.http_port = free_port(socket.SOCK_STREAM)
+        self.evapi_port = free_port(socket.SOCK_STREAM)
+        self.ds_file = self.workdir / "dispatcher.list"
+        self.ctl_socket = self.workdir / "kamailio_ctl"
+        self.rundir = self.workdir / "run"
+        self.log_path = self.workdir / "kamailio.log"
+        self.proc: subprocess.Popen | None = None
+        self._log_fh = None
+
+    # ---------------------------------------------------------------- config
+    def write_dispatcher_list(self, ds_sets: dict[int, list[str]] | None = None) -> None:
+        if ds_sets is not None:
+            self.ds_sets = ds_sets
+        lines = ["# setid destination flags priority attrs"]
+        for setid, dsts in sorted(self.ds_sets.items()):
+            for prio, dst in enumerate(dsts):
+                uri = dst if dst.startswith("sip:") else f"sip:{dst}"
+                # higher priority first: keep list order for failover
+                lines.append(f"{setid} {uri} 0 {len(dsts) - prio}")
+        self.ds_file.write_text("\n".join(lines) + "\n")
+
+    def command(self) -> list[str]:
+        defines = {
+            "SIP_LISTEN": f"udp:127.0.0.1:{self.sip_port}",
+            "HTTP_ADDR": "127.0.0.1",
+            "HTTP_PORT": str(self.http_port),
+            "EVAPI_BIND": f'"127.0.0.1:{self.evapi_port}"',
+            "DS_LIST": f'"{self.ds_file}"',
+            "CTL_SOCKET": f'"unix:{self.ctl_socket}"',
+            "FALLBACK": self.fallback,
+            "FALLBACK_SET": str(self.fallback_set),
+            "DECISION_TIMEOUT_MS": str(self.decision_timeout_ms),
+            "FR_TIMEOUT_MS": str(self.fr_timeout_ms),
+            "FR_INV_TIMEOUT_MS": str(self.fr_inv_timeout_ms),
+            "CHILDREN": str(self.children),
+            "LOG_LEVEL": str(self.log_level),
+        }
+        if self.cb_threshold is not None:
+            defines["CB_THRESHOLD"] = str(self.cb_threshold)
+        defines.update(self.extra_defines)
+        cmd = [
+            KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
+            "-DD", "-E", "-Y", str(self.rundir), "-f", str(CFG),
+        ]
+        for k, v in defines.items():
+            cmd += ["-A", f"{k}={v}"]
+        return cmd
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 15.0) -> "Kamailio":
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        if not self.ds_file.exists():
+            self.write_dispatcher_list()
+        self._log_fh = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"kamailio exited with {self.proc.returncode}\n{self.log_tail(60)}")
+            if self._http_ready() and options_ping(self.sip_port, 0.3):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"kamailio not ready after {timeout}s\n{self.log_tail(60)}")
+
+    def _http_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=0.5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # whatever is left of the process group (children, stopped ones)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log_fh:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def __enter__(self) -> "Kamailio":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ management
+    def jsonrpc(self, method: str, params: list | dict | None = None, timeout: float = 5.0):
+        body = {"jsonrpc": "2.0", "method": method, "id": 1}
+        if params is not None:
+            body["params"] = params
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/RPC", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            reply = json.loads(r.read().decode())
+        if "error" in reply:
+            raise RuntimeError(f"jsonrpc {method}: {reply['error']}")
+        return reply.get("result")
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=timeout) as r:
+                return r.status, r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:  # type: ignore[attr-defined]
+            return e.code, e.read().decode(errors="replace")
+
+    def metrics(self) -> str:
+        return self.http_get("/metrics")[1]
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """Value of one sample line `name{labels} value [ts]` (0 if absent)."""
+        prefix = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            head, _, rest = line.partition(" ")
+            if head.replace(" ", "") == prefix.replace(" ", ""):
+                return float(rest.split()[0])
+        return 0.0
+
+    def kamcmd(self, *args: str, timeout: float = 5.0) -> str:
+        out = subprocess.run([KAMCMD_BIN, "-s", f"unix:{self.ctl_socket}", *args],
+                             capture_output=True, text=True, timeout=timeout)
+        return out.stdout + out.stderr
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 80) -> str:
+        lines = self.log_text().splitlines()
+        return "\n".join(lines[-n:])

@@ -1,0 +1,242 @@
+"""Real SIPp processes: UAS stand-ins for media nodes and agents, UAC callers (tests,
+`callfabric demo`, benchmarks).
+
+Scenarios live in scenarios/ next to this file.  A UAS records every SIP message it receives with
+-trace_msg into its own message file; `invites()` parses the INVITEs back so tests can
+look at the headers the media node saw.  Every process is bounded (-timeout for UACs)
+and killed at stop()/teardown.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.localstack.kamailio import free_port
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+SIPP_BIN = shutil.which("sipp") or "/usr/bin/sipp"
+
+
+def _render(template: str, workdir: Path, values: dict[str, str]) -> Path:
+    text = (SCENARIOS / template).read_text()
+    for key, val in values.items():
+        text = text.replace(f"@@{key}@@", val)
+    missing = re.findall(r"@@[A-Z_]+@@", text)
+    if missing:
+        raise ValueError(f"unfilled placeholder in {template}: {missing}")
+    out = workdir / f"{Path(template).stem}-{uuid.uuid4().hex[:6]}.xml"
+    out.write_text(text)
+    return out
+
+
+def _headers_block(headers: dict[str, str] | list[tuple[str, str]] | None) -> str:
+    items = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    return "\n".join(f"      {k}: {v}" for k, v in items)
+
+
+def parse_messages(text: str) -> list[tuple[str, str]]:
+    """Split a SIPp -trace_msg file into (direction, raw message), direction 'in'/'out'."""
+    out = []
+    for block in re.split(r"(?:^|\n)-{5,}[^\n]*\n", text):
+        m = re.match(r"\s*\w+ message (received|sent)[^\n]*\n+", block)
+        if not m:
+            continue
+        raw = block[m.end():].strip("\n")
+        if re.match(r"^[A-Z]+ |^SIP/2.0", raw):
+            out.append(("in" if m.group(1) == "received" else "out", raw))
+    return out
+
+
+@dataclass
+class SipMessage:
+    first_line: str
+    headers: list[tuple[str, str]]
+    raw: str
+    direction: str = "in"
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+def parse_sip(raw: str, direction: str = "in") -> SipMessage:
+    head = raw.replace("\r\n", "\n").split("\n\n", 1)[0]
+    lines = head.split("\n")
+    hdrs = []
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            hdrs.append((k.strip(), v.strip()))
+    return SipMessage(lines[0].strip(), hdrs, raw, direction)
+
+
+class SippUAS:
+    """A SIPp UAS on a free loopback UDP port, running until stop()."""
+
+    def __init__(self, workdir: Path | str, scenario: str = "uas_answer.xml", name: str | None = None):
+        self.scenario = scenario
+        self.name = name or Path(scenario).stem
+        self.workdir = Path(workdir) / f"uas-{self.name}-{uuid.uuid4().hex[:4]}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(socket.SOCK_DGRAM)
+        self.msg_file = self.workdir / "messages.log"
+        self.out_file = self.workdir / "sipp.out"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "SippUAS":
+        self._out = open(self.out_file, "wb")
+        self.proc = subprocess.Popen(
+            [SIPP_BIN, "-sf", str(SCENARIOS / self.scenario), "-i", "127.0.0.1",
+             "-p", str(self.port), "-t", "u1", "-nostdin", "-trace_msg",
+             "-message_file", str(self.msg_file), "-max_recv_loops", "1000"],
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.workdir, start_new_session=True)
+        # SIPp binds before it starts its loop; wait until the port is taken
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sipp UAS died: {self.out_file.read_text(errors='replace')[-2000:]}")
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError:
+                return self
+            finally:
+                s.close()
+            time.sleep(0.05)
+        raise RuntimeError("sipp UAS did not bind")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=5)
+        if getattr(self, "_out", None):
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> "SippUAS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def messages(self) -> list[SipMessage]:
+        try:
+            text = self.msg_file.read_text(errors="replace")
+        except OSError:
+            return []
+        return [parse_sip(raw, d) for d, raw in parse_messages(text)]
+
+    def invites(self) -> list[SipMessage]:
+        """INVITEs received (retransmissions included)."""
+        return self.requests("INVITE")
+
+    def requests(self, method: str) -> list[SipMessage]:
+        return [m for m in self.messages()
+                if m.direction == "in" and m.first_line.startswith(method + " ")]
+
+    def call_ids(self, method: str = "INVITE") -> set[str]:
+        return {c for m in self.requests(method) for c in m.header("Call-ID")}
+
+
+@dataclass
+class UacResult:
+    rc: int
+    successful: int
+    failed: int
+    elapsed: float
+    messages: list[SipMessage] = field(default_factory=list)
+    output: str = ""
+
+    def responses(self) -> list[SipMessage]:
+        return [m for m in self.messages
+                if m.direction == "in" and m.first_line.startswith("SIP/2.0")]
+
+    def status_lines(self) -> list[str]:
+        return [m.first_line for m in self.responses()]
+
+
+def run_uac(
+    workdir: Path | str,
+    target_port: int,
+    scenario: str = "uac_call.xml",
+    *,
+    calls: int = 1,
+    rate: int = 10,
+    limit: int = 50,
+    timeout_s: int = 20,
+    service: str = "agent",
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
+    hold_ms: int = 200,
+    code: int | None = None,
+    from_user: str = "+15551230000",
+) -> UacResult:
+    """Run a SIPp UAC to completion (bounded by -m and -timeout); return counts."""
+    workdir = Path(workdir) / f"uac-{uuid.uuid4().hex[:6]}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    values = {"EXTRA_HEADERS": _headers_block(headers), "HOLD_MS": str(hold_ms), "FROM_USER": from_user}
+    if code is not None:
+        values["CODE"] = str(code)
+    xml = _render(scenario, workdir, values)
+    # an empty placeholder line would end the header block
+    xml.write_text(re.sub(r"\n[ \t]*\n(?=[ \t]+[A-Z][\w-]*:)", "\n", xml.read_text()))
+    stat = workdir / "stat.csv"
+    msgs = workdir / "messages.log"
+    cmd = [SIPP_BIN, f"127.0.0.1:{target_port}", "-sf", str(xml), "-s", service,
+           "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
+           "-m", str(calls), "-r", str(rate), "-l", str(limit),
+           "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin",
+           "-trace_stat", "-stf", str(stat), "-fd", "1",
+           "-trace_msg", "-message_file", str(msgs),
+           "-recv_timeout", "15000", "-max_recv_loops", "1000"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s + 10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    elapsed = time.monotonic() - t0
+    ok, failed = _read_stat(stat)
+    try:
+        mtext = msgs.read_text(errors="replace")
+    except OSError:
+        mtext = ""
+    parsed = [parse_sip(raw, d) for d, raw in parse_messages(mtext)]
+    return UacResult(proc.returncode, ok, failed, elapsed, parsed,
+                     (out or b"").decode(errors="replace")[-3000:])
+
+
+def _read_stat(path: Path) -> tuple[int, int]:
+    try:
+        rows = list(csv.reader(path.read_text().splitlines(), delimiter=";"))
+    except OSError:
+        return 0, 0
+    if len(rows) < 2:
+        return 0, 0
+    head, last = rows[0], rows[-1]
+    idx = {name: i for i, name in enumerate(head)}
+
+    def val(name: str) -> int:
+        i = idx.get(name)
+        try:
+            return int(last[i]) if i is not None else 0
+        except (ValueError, IndexError):
+            return 0
+    return val("SuccessfulCall(C)"), val("FailedCall(C)")

@@ -1,0 +1,56 @@
+"""The controller's Prometheus metrics. Names carry the `callfabric_` prefix and their unit;
+label sets are bounded (rule names come from the policy, never Call-IDs or numbers).
+
+Each Metrics object owns its registry, so several controllers can live in one process
+(tests) without clashing."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from controller.policy.reload import ReloadOutcome
+
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025,
+                    0.05, 0.1, 0.25)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.decisions = Counter("callfabric_decisions_total", "Routing decisions answered to the edge.",
+                                 ["outcome", "rule"], registry=r)
+        self.decision_seconds = Histogram("callfabric_decision_duration_seconds",
+                                          "Time from reading a decision request to writing its answer.",
+                                          buckets=DECISION_BUCKETS, registry=r)
+        self.decision_errors = Counter("callfabric_decision_errors_total",
+                                       "Decision requests answered with the edge fallback or not at all.",
+                                       ["reason"], registry=r)
+        self.edge_fallbacks = Counter("callfabric_edge_fallbacks_total",
+                                      "Calls the edge routed by its fallback instead of a decision.",
+                                      ["reason"], registry=r)
+        self.dialog_events = Counter("callfabric_dialog_events_total", "Dialog lifecycle events from the edge.",
+                                     ["state", "reason"], registry=r)
+        self.edge_connected = Gauge("callfabric_edge_connected", "1 while connected to the edge's decision channel.",
+                                    ["edge"], registry=r)
+        self.edge_in_flight = Gauge("callfabric_edge_in_flight", "Decision requests being processed.", registry=r)
+        self.live_calls = Gauge("callfabric_live_calls", "Calls live in the call store (all controllers).", registry=r)
+        self.redis_errors = Counter("callfabric_redis_errors_total", "Failed Redis operations.", ["operation"],
+                                    registry=r)
+        self.policy_reloads = Counter("callfabric_policy_reloads_total", "Policy loads by result.",
+                                      ["trigger", "result"], registry=r)
+        self.policy_info = Gauge("callfabric_policy_info", "The policy version serving (value 1).", ["version"],
+                                 registry=r)
+        self._version: str | None = None
+
+    def policy_outcome(self, outcome: ReloadOutcome) -> None:
+        self.policy_reloads.labels(outcome.trigger, "accepted" if outcome.accepted else "refused").inc()
+        if outcome.accepted and outcome.version != self._version:
+            if self._version is not None:
+                self.policy_info.remove(self._version)
+            self.policy_info.labels(outcome.version).set(1)
+            self._version = outcome.version
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,265 @@
+"""Automatic pipelining on the decision path: the Redis commands of every call in flight
+share one pipeline.
+
+Each operation (a few commands) is queued; one pipeline carries everything queued, and while
+it is out, new operations queue for the next one. At low load an operation goes out at once;
+under load, batches grow by themselves and round trips, syscalls and client work per call
+fall. Scripts go as EVALSHA (loaded once, reloaded after a Redis restart).
+
+The pipelines travel on a dedicated connection that writes RESP and parses replies with
+hiredis (redis-py's own parser) directly: measured on this machine, a 4-command pipeline
+costs 142 µs of CPU through redis-py's asyncio client and 24 µs this way, and CPU is what
+limits calls per second on a small box. Everything else (admin, listings, housekeeping)
+uses redis-py."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+Command = tuple[Any, ...]  # ("HSET", key, field, value, …) or ("EVALSHA", Script, keys, args)
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.source.encode()).hexdigest()
+
+
+def _encode(arg: Any) -> bytes:
+    kind = type(arg)
+    if kind is str:
+        return arg.encode("utf-8", "surrogatepass")
+    if kind is bytes:
+        return arg
+    if kind is int or kind is float:
+        return repr(arg).encode()
+    raise TypeError(f"cannot send {kind.__name__} to Redis")
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    encoded = [_encode(arg) for arg in args]
+    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(data), data) for data in encoded)
+
+
+class _RespProtocol(asyncio.Protocol):
+    """Replies are matched to pipelines in order: Redis answers in the order it is asked."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = hiredis.Reader(replyError=ResponseError)
+        self.waiting: deque[tuple[asyncio.Future, int, list[Any]]] = deque()
+        self.lost: Exception | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        try:
+            while (reply := self.parser.gets()) is not False:
+                future, expected, replies = self.waiting[0]
+                replies.append(reply)
+                if len(replies) == expected:
+                    self.waiting.popleft()
+                    if not future.done():
+                        future.set_result(replies)
+        except (hiredis.ProtocolError, IndexError) as exc:  # garbage from the server, or a reply nobody asked for
+            self.transport.abort()
+            self.connection_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or EOFError("Redis closed the connection")
+        while self.waiting:
+            future, _, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(RedisConnectionError(f"Redis connection lost: {self.lost}"))
+
+    def send(self, payload: bytes, expected: int) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((future, expected, []))
+        self.transport.write(payload)
+        return future
+
+
+class RespConnection:
+    """One Redis connection speaking RESP2: write a pipeline, get its replies."""
+
+    def __init__(self, url: str, connect_timeout: float = 2.0):
+        self.params = parse_url(url)
+        self.connect_timeout = connect_timeout
+        self._protocol: _RespProtocol | None = None
+
+    async def _connect(self) -> _RespProtocol:
+        p = self.params
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout):
+            if p.get("path"):
+                _, protocol = await loop.create_unix_connection(_RespProtocol, p["path"])
+            else:
+                _, protocol = await loop.create_connection(_RespProtocol, p.get("host", "127.0.0.1"),
+                                                           int(p.get("port", 6379)))
+            setup: list[tuple] = []
+            if p.get("password"):
+                setup.append(("AUTH", p["username"], p["password"]) if p.get("username") else ("AUTH", p["password"]))
+            if int(p.get("db", 0) or 0):
+                setup.append(("SELECT", int(p["db"])))
+            if setup:
+                for reply in await protocol.send(b"".join(pack(c) for c in setup), len(setup)):
+                    if isinstance(reply, Exception):
+                        protocol.transport.abort()
+                        raise RedisConnectionError(f"Redis refused the connection setup: {reply}")
+        return protocol
+
+    def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._protocol = None
+
+    async def execute(self, commands: list[tuple], timeout: float, on_sent: Callable[[], None] | None = None) -> list[Any]:
+        """Send a pipeline and wait for its replies; `on_sent` runs once it is in the socket."""
+        try:
+            async with asyncio.timeout(timeout):
+                protocol = self._protocol
+                if protocol is None or protocol.lost is not None:
+                    protocol = self._protocol = await self._connect()
+                replies = protocol.send(b"".join(pack(c) for c in commands), len(commands))
+                if on_sent is not None:
+                    on_sent()
+                return await replies
+        except TimeoutError:
+            self.close()  # replies may still arrive: this connection can no longer be trusted
+            raise RedisConnectionError(f"Redis did not answer {len(commands)} command(s) within {timeout}s") from None
+        except OSError as exc:
+            self.close()
+            raise RedisConnectionError(f"Redis connection failed: {exc}") from None
+
+
+class Batcher:
+    def __init__(self, url: str, max_batch: int = 2000, timeout_s: float = 2.0, linger_s: float = 0.005):
+        self.connection = RespConnection(url)
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s  # for a whole pipeline
+        self.linger_s = linger_s  # how long a non-urgent operation may wait for company
+        self._queue: deque[_Operation] = deque()
+        self._flushing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loaded: set[str] = set()
+
+    async def run(self, commands: list[Command], urgent: bool = True) -> list[Any]:
+        """Send `commands` (in order, in one pipeline) and return their replies; a reply that
+        is an error raises it (the operation failed; its siblings are unaffected).
+
+        Urgent operations (a call waiting for its decision) leave with the next pipeline;
+        others (recording a dialog event) wait up to `linger_s` or ride along with the next
+        urgent one, so that at low load too they rarely cost a round trip of their own."""
+        return raise_errors(await self.submit(commands, urgent).replies)
+
+    async def send(self, commands: list[Command]) -> "_Operation":
+        """Send `commands` now and return once they are in the socket, ahead of anything sent
+        later on this connection (Redis executes a connection's commands in order); the
+        replies come in `operation.replies`. Raises when they could not be sent."""
+        operation = self.submit(commands, urgent=True)
+        await asyncio.wait([operation.sent, operation.replies], return_when=asyncio.FIRST_COMPLETED)
+        if not operation.sent.done():
+            operation.replies.result()  # raises the error that kept it from being sent
+        return operation
+
+    def submit(self, commands: list[Command], urgent: bool) -> "_Operation":
+        loop = asyncio.get_running_loop()
+        operation = _Operation(commands, loop.create_future(), loop.create_future())
+        self._queue.append(operation)
+        if urgent:
+            self._start_flush()
+        elif self._timer is None and not self._flushing:
+            self._timer = loop.call_later(self.linger_s, self._start_flush)
+        return operation
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+
+    def close(self) -> None:
+        self.connection.close()
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, taken = [], 0
+                while self._queue and (not batch or taken + len(self._queue[0].commands) <= self.max_batch):
+                    operation = self._queue.popleft()
+                    batch.append(operation)
+                    taken += len(operation.commands)
+                await self._send(batch)
+        finally:
+            self._flushing = False
+
+    async def _send(self, batch: list["_Operation"]) -> None:
+        scripts = {cmd[1].sha: cmd[1] for op in batch for cmd in op.commands if cmd[0] == "EVALSHA"}
+        wire = [self._wire(cmd) for op in batch for cmd in op.commands]
+
+        def sent() -> None:
+            for op in batch:
+                if not op.sent.done():
+                    op.sent.set_result(None)
+        try:
+            missing = [s for sha, s in scripts.items() if sha not in self._loaded]
+            replies = await self.connection.execute([("SCRIPT", "LOAD", s.source) for s in missing] + wire,
+                                                    self.timeout_s, sent)
+            replies = replies[len(missing):]
+            self._loaded.update(s.sha for s in missing)
+            if any(_is_no_script(r) for r in replies):  # Redis restarted and lost its scripts
+                reload = [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
+                replies = (await self.connection.execute(reload + wire, self.timeout_s))[len(reload):]
+        except Exception as exc:  # whatever happens, no caller may wait forever
+            error = exc if isinstance(exc, RedisError) else RedisError(f"pipeline failed: {exc!r}")
+            for op in batch:
+                if not op.replies.done():
+                    op.replies.set_exception(error)
+            return
+        position = 0
+        for op in batch:
+            if not op.replies.done():
+                op.replies.set_result([NoScriptError(str(r)) if _is_no_script(r) else r
+                                       for r in replies[position:position + len(op.commands)]])
+            position += len(op.commands)
+
+    @staticmethod
+    def _wire(cmd: Command) -> tuple:
+        if cmd[0] == "EVALSHA":
+            _, script, keys, args = cmd
+            return ("EVALSHA", script.sha, len(keys), *keys, *args)
+        return cmd
+
+
+@dataclass(slots=True)
+class _Operation:
+    commands: list[Command]
+    sent: asyncio.Future  # done once the commands are in the socket
+    replies: asyncio.Future  # their replies; an error reply raises when awaited
+
+
+def raise_errors(replies: list[Any]) -> list[Any]:
+    """Replies of one operation, or the first error among them raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _is_no_script(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")

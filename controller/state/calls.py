@@ -1,0 +1,327 @@
+"""The Redis call store: one hash per call, a capped per-call timeline (stream), indexes of
+live and recent calls, and the counters policies read. Every key of a call carries the
+call's hash tag (`{…}`), so a call's keys live in one Redis Cluster slot and its scripts
+touch one slot only.
+
+A call is a small state machine; the store only moves it forward:
+
+    routing ──▶ answered ──▶ ended
+       ├──▶ failed   (rejected, cancelled, no answer, every target failed)
+       └──▶ ended    (a dialog that ended without a confirmed state we saw)
+
+Per call: one read of the counters the policy needs (only when it needs any), one write at
+decision time (record, timeline, indexes, counters), one per dialog event. Commands of
+concurrent calls share pipelines (batch.py)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from redis.asyncio import Redis
+
+from controller.state.batch import Batcher, Script, raise_errors
+
+PREFIX = "cf"
+LIVE_INDEX = f"{PREFIX}:live"
+RECENT_INDEX = f"{PREFIX}:recent"  # the latest calls, live or not (for operators' listings)
+RECENT_KEEP = 10_000
+STATES = ("routing", "answered", "failed", "ended")
+FINAL_STATES = ("failed", "ended")
+_SAFE_ID = re.compile(r"[A-Za-z0-9\-_.@+!%*~:]{1,128}")
+
+
+def call_key_id(call_id: str) -> str:
+    """The call's identity inside keys: the Call-ID itself when it is short and plain,
+    else a digest (a Call-ID is caller-controlled text)."""
+    if _SAFE_ID.fullmatch(call_id):
+        return call_id
+    return "h-" + hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def call_key(call_id: str) -> str:
+    return f"{PREFIX}:{{{call_key_id(call_id)}}}:call"
+
+
+def timeline_key(call_id: str) -> str:
+    return f"{PREFIX}:{{{call_key_id(call_id)}}}:timeline"
+
+
+def live_scope_key(scope: str, value: str) -> str:
+    return f"{PREFIX}:live:{{{scope}:{value}}}"
+
+
+def window_key(scope: str, value: str, window_s: int, bucket: int) -> str:
+    return f"{PREFIX}:rate:{{{scope}:{value}}}:{window_s}:{bucket}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _field(value: Any) -> str:
+    """A hash field's text: strings as they are, integers as digits, the rest as JSON."""
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is int:
+        return str(value)
+    return _json(value)
+
+
+# A new call. KEYS: call hash, timeline. ARGV: state, event name, event ts, event JSON,
+# timeline cap, expiry seconds, fields JSON (an object of strings, state excluded). The state
+# is only set when the call has none: dialog events seen first (another controller, a late
+# decision) keep theirs. (Fields travel as one JSON document: decoding it costs Redis less
+# than encoding dozens of arguments costs the controller.)
+_CREATE = Script("""
+local flat = {}
+for k, v in pairs(cjson.decode(ARGV[7])) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+""")
+
+# Moves a call forward only (never back from a final state), appends to its timeline, sets
+# its retention when it ends. KEYS: call hash, timeline. ARGV: new state, event name, event
+# ts, event JSON, timeline cap, retention seconds (final states) or 0, live safety expiry,
+# fields JSON. Returns {previous state or '', applied 0/1, live scopes JSON or ''}.
+_TRANSITION = Script("""
+local current = redis.call('HGET', KEYS[1], 'state')
+local new = ARGV[1]
+local rank = {routing=1, answered=2, failed=3, ended=3}
+local scopes = redis.call('HGET', KEYS[1], 'live_scopes') or ''
+if current and rank[current] and (rank[current] >= 3 or rank[new] < rank[current]) then
+  return {current, 0, scopes}
+end
+local flat = {'state', new}
+for k, v in pairs(cjson.decode(ARGV[8])) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+local ttl = tonumber(ARGV[6])
+if ttl == 0 and not current then
+  ttl = tonumber(ARGV[7])  -- a call first seen live: its safety expiry
+end
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return {current or '', 1, scopes}
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRequest:
+    """A counter the policy reads, bound to this call's scope value."""
+
+    key: str  # the policy's counter key (window:source:60, live:tenant)
+    kind: str
+    scope: str
+    value: str
+    window_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    previous: str  # "" when the call was unknown
+    applied: bool
+
+
+class CallStore:
+    """Owns its Redis connections: a pipelining one for the call path (batch.py), redis-py
+    for the rest."""
+
+    def __init__(self, redis_url: str, *, timeline_max_events: int = 500, call_retention_s: int = 7 * 86400,
+                 live_call_ttl_s: int = 6 * 3600, timeout_s: float = 2.0):
+        # No per-reply socket timeout on redis-py: the batcher bounds whole pipelines.
+        self.redis = Redis.from_url(redis_url, socket_connect_timeout=timeout_s)
+        self.batch = Batcher(redis_url, timeout_s=timeout_s)
+        self.timeline_max_events = timeline_max_events
+        self.call_retention_s = call_retention_s
+        self.live_call_ttl_s = live_call_ttl_s
+        self._live_scopes: dict[str, dict[str, str]] = {}  # calls this store put in live indexes
+
+    async def aclose(self) -> None:
+        self.batch.close()
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # -- counters -----------------------------------------------------------------------------
+    async def read_counters(self, requests: Iterable[CounterRequest], at_ms: int) -> dict[str, int]:
+        """Current values of the counters a policy needs, in one round trip.
+
+        Calls in a window use two fixed buckets weighted by the window's elapsed part (a
+        sliding-window estimate); live counts are the size of the live index of the scope."""
+        commands: list[tuple] = []
+        plan: list[tuple[str, str, float]] = []
+        for r in requests:
+            if r.kind == "live":
+                commands.append(("ZCARD", LIVE_INDEX if r.scope == "global" else live_scope_key(r.scope, r.value)))
+                plan.append((r.key, "live", 0.0))
+            else:
+                bucket, elapsed = divmod(at_ms, r.window_s * 1000)
+                commands.append(("GET", window_key(r.scope, r.value, r.window_s, bucket)))
+                commands.append(("GET", window_key(r.scope, r.value, r.window_s, bucket - 1)))
+                plan.append((r.key, "window", 1.0 - elapsed / (r.window_s * 1000)))
+        if not commands:
+            return {}
+        replies = iter(await self.batch.run(commands))
+        out: dict[str, int] = {}
+        for key, kind, previous_weight in plan:
+            if kind == "live":
+                out[key] = int(next(replies) or 0)
+            else:
+                current, previous = next(replies), next(replies)
+                out[key] = int(int(current or 0) + int(previous or 0) * previous_weight)
+        return out
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def create(self, call_id: str, record: dict[str, Any], *, live_scopes: dict[str, str],
+                     window_counters: Iterable[CounterRequest], at_ms: int, event: dict[str, Any]) -> None:
+        """Write a new call and wait until Redis has it (see send_create)."""
+        raise_errors(await (await self.send_create(call_id, record, live_scopes=live_scopes,
+                                                   window_counters=window_counters, at_ms=at_ms, event=event)))
+
+    async def send_create(self, call_id: str, record: dict[str, Any], *, live_scopes: dict[str, str],
+                          window_counters: Iterable[CounterRequest], at_ms: int,
+                          event: dict[str, Any]) -> asyncio.Future:
+        """Send a new call (decided: routing, or failed when rejected), its first timeline
+        event, its indexes and its rate counters: one round trip. Returns once the commands
+        are in Redis's socket — ahead of anything later about this call, since Redis runs a
+        connection's commands in order — with the future of their replies (check them with
+        `raise_errors`). Raises RedisError when they could not be sent."""
+        final = record.get("state") in FINAL_STATES
+        fields = {k: _field(v) for k, v in record.items() if v is not None}
+        state = fields.pop("state")
+        fields["call_id"] = call_id
+        fields["live_scopes"] = _json(live_scopes)
+        ttl = self.call_retention_s if final else self.live_call_ttl_s
+        commands: list[tuple] = [
+            ("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],
+             [state, *_event_args(event), self.timeline_max_events, ttl, _json(fields)]),
+            ("ZADD", RECENT_INDEX, at_ms, call_id),
+        ]
+        if not final:
+            commands.append(("ZADD", LIVE_INDEX, at_ms, call_id))
+            for scope, value in live_scopes.items():
+                commands += [("ZADD", live_scope_key(scope, value), at_ms, call_id),
+                             ("EXPIRE", live_scope_key(scope, value), self.live_call_ttl_s)]
+            self._live_scopes[call_id] = live_scopes
+        for r in window_counters:
+            bucket_key = window_key(r.scope, r.value, r.window_s, at_ms // (r.window_s * 1000))
+            commands += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
+        return (await self.batch.send(commands)).replies
+
+    async def transition(self, call_id: str, state: str, fields: dict[str, Any], event: dict[str, Any]) -> Transition:
+        """Move a call forward (answered, failed, ended); a final state removes it from the
+        live indexes and starts its retention. A call we never saw is created by it."""
+        if state not in STATES:
+            raise ValueError(f"unknown call state {state!r}")
+        final = state in FINAL_STATES
+        fields = {k: _field(v) for k, v in {**fields, "call_id": call_id}.items() if v is not None}
+        commands: list[tuple] = [("EVALSHA", _TRANSITION, [call_key(call_id), timeline_key(call_id)],
+                                  [state, *_event_args(event), self.timeline_max_events,
+                                   self.call_retention_s if final else 0, self.live_call_ttl_s, _json(fields)])]
+        known = self._live_scopes.pop(call_id, None) if final else None
+        if final:  # leaving the live indexes is right whether or not this event is the one that ends it
+            commands.append(("ZREM", LIVE_INDEX, call_id))
+            commands += [("ZREM", live_scope_key(s, v), call_id) for s, v in (known or {}).items()]
+        replies = await self.batch.run(commands, urgent=False)
+        previous, applied, stored_scopes = _text(replies[0][0]), bool(int(replies[0][1])), _text(replies[0][2])
+        if final and known is None and stored_scopes:  # decided elsewhere (another controller, a restart)
+            scopes = _loads(stored_scopes)
+            if isinstance(scopes, dict) and scopes:
+                await self.batch.run([("ZREM", live_scope_key(str(s), str(v)), call_id) for s, v in scopes.items()])
+        elif applied and not previous and not final:  # first seen live (routed by the edge's fallback)
+            await self.batch.run([("ZADD", LIVE_INDEX, now_ms(), call_id), ("ZADD", RECENT_INDEX, now_ms(), call_id)])
+        return Transition(previous, applied)
+
+    async def reconcile_live(self, older_than_ms: int, batch: int = 500) -> int:
+        """Drop live-index entries whose call is over or gone (an end seen before a late
+        decision, a record expired because its end was never seen), and trim the recent
+        index. Returns how many live entries were dropped."""
+        await self.redis.zremrangebyrank(RECENT_INDEX, 0, -RECENT_KEEP - 1)
+        candidates = [_text(c) for c in await self.redis.zrangebyscore(LIVE_INDEX, 0, older_than_ms, start=0, num=batch)]
+        if not candidates:
+            return 0
+        states = await self.batch.run([("HGET", call_key(c), "state") for c in candidates])
+        stale = [c for c, state in zip(candidates, states) if state is None or _text(state) in FINAL_STATES]
+        if stale:
+            await self.redis.zrem(LIVE_INDEX, *stale)
+            for call_id in stale:
+                self._live_scopes.pop(call_id, None)
+        return len(stale)
+
+    # -- reading -------------------------------------------------------------------------------
+    async def get(self, call_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(call_key(call_id))
+        if not raw:
+            return None
+        return {_text(k): _decode(_text(v)) for k, v in raw.items()}
+
+    async def get_many(self, call_ids: list[str]) -> list[dict[str, Any] | None]:
+        replies = await self.batch.run([("HGETALL", call_key(c)) for c in call_ids]) if call_ids else []
+        return [{_text(k): _decode(_text(v)) for k, v in zip(flat[::2], flat[1::2])} or None for flat in replies]
+
+    async def timeline(self, call_id: str) -> list[dict[str, Any]]:
+        entries = await self.redis.xrange(timeline_key(call_id))
+        out = []
+        for entry_id, data in entries:
+            fields = {_text(k): _text(v) for k, v in data.items()}
+            event = _loads(fields.get("data", "{}"))
+            if not isinstance(event, dict):
+                event = {"event": fields.get("event", "?"), "unreadable": fields.get("data")}
+            event.setdefault("id", _text(entry_id))
+            out.append(event)
+        return out
+
+    async def live_calls(self, limit: int = 100) -> list[str]:
+        return [_text(c) for c in await self.redis.zrevrange(LIVE_INDEX, 0, max(0, limit - 1))]
+
+    async def recent_calls(self, limit: int = 100) -> list[str]:
+        return [_text(c) for c in await self.redis.zrevrange(RECENT_INDEX, 0, max(0, limit - 1))]
+
+    async def live_count(self) -> int:
+        return int(await self.redis.zcard(LIVE_INDEX))
+
+
+def _event_args(event: dict[str, Any]) -> tuple[str, str, str]:
+    return str(event.get("event", "?")), str(event.get("ts", now_ms())), _json(event)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _decode(value: str) -> Any:
+    """Hash fields hold strings; those written as JSON (objects, lists, numbers) come back typed."""
+    if value[:1] in ("{", "[") or value.isdigit():
+        decoded = _loads(value)
+        return value if decoded is None else decoded
+    return value

@@ -1,0 +1,177 @@
+"""The controller's side of the decision channel against a scripted edge (an asyncio evapi
+server) that sends good events, garbage and broken streams: the controller answers what it
+can, counts the rest, reconnects, and never goes down. Real Redis underneath."""
+import asyncio
+import json
+
+import pytest
+
+from controller.edge import protocol
+from controller.edge.channel import EdgeChannel
+from controller.edge.decisions import EdgeDecisions
+from controller.metrics import Metrics
+from controller.policy import policy_from_texts
+from controller.state.calls import CallStore
+from tests.policy.helpers import DECLARATIONS
+
+RULES = "rules:\n  - {name: blocked, match: {ruri: {prefix: '+44909'}}, actions: [reject: 403]}\n"
+
+
+class ScriptedEdge:
+    """An evapi stand-in: accepts the controller, sends frames, collects answers."""
+
+    def __init__(self):
+        self.connections: asyncio.Queue = asyncio.Queue()
+        self.server = None
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader, writer):
+        await self.connections.put((reader, writer))
+
+    async def stop(self):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def read_answers(reader, count, timeout=5.0):
+    decoder = protocol.NetstringDecoder()
+    answers = []
+    while len(answers) < count:
+        data = await asyncio.wait_for(reader.read(65536), timeout)
+        assert data, "controller closed the connection"
+        answers += [json.loads(f) for f in decoder.feed(data)]
+    return answers
+
+
+def frame(obj) -> bytes:
+    return protocol.netstring(obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+
+
+def decide(tx, **fields):
+    return {"event": "decide", "tx": tx, "call_id": f"call-{tx}", "from_user": "+15551230000",
+            "to_user": "02079460000", "ruri_user": "02079460000", "src_ip": "192.0.2.1", "src_port": 5060,
+            "transport": "udp", "headers": {}, **fields}
+
+
+@pytest.fixture
+def policy():
+    return policy_from_texts({"a.yaml": DECLARATIONS, "b.yaml": RULES})  # loading: off the loop, like the product
+
+
+@pytest.fixture
+async def channel(redis_url, policy):
+    metrics = Metrics()
+    store = CallStore(redis_url)
+    edge = ScriptedEdge()
+    port = await edge.start()
+    decisions = EdgeDecisions(lambda: policy, store, metrics, "unit")
+    ch = EdgeChannel("127.0.0.1", port, decisions, metrics, max_in_flight=50, reconnect_max_s=0.2)
+    task = asyncio.create_task(ch.run())
+    yield ch, edge, store, metrics
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await edge.stop()
+    await store.aclose()
+
+
+def errors(metrics, reason):
+    return metrics.registry.get_sample_value("callfabric_decision_errors_total", {"reason": reason}) or 0
+
+
+async def test_decides_are_answered_and_recorded(channel):
+    ch, edge, store, metrics = channel
+    reader, writer = await edge.connections.get()
+    writer.write(frame(decide("1:1")) + frame(decide("1:2", ruri_user="09091234567")))
+    answers = {a["tx"]: a for a in await read_answers(reader, 2)}
+    assert answers["1:1"]["action"] == "dispatch" and answers["1:1"]["set"] == 1
+    assert "X-Callfabric-Agent: intake\r\n" in answers["1:1"]["hdrs"]
+    assert answers["1:2"] == {"tx": "1:2", "action": "reject", "code": 403, "reason": "Forbidden",
+                              "hdrs": answers["1:2"]["hdrs"]}
+    assert (await store.get("call-1:1"))["state"] == "routing"
+    assert (await store.get("call-1:2"))["state"] == "failed"
+
+
+async def test_garbage_is_counted_and_the_controller_keeps_answering(channel):
+    ch, edge, store, metrics = channel
+    reader, writer = await edge.connections.get()
+    writer.write(frame(b"not json") + frame(b"[1,2]") + frame({"event": "mystery"})
+                 + frame({"event": "decide", "call_id": "x"})                      # no tx: cannot answer
+                 + frame({"event": "decide", "tx": "9:9", "call_id": 12})          # answerable, unusable
+                 + frame({"event": "dialog", "state": "exploded", "call_id": "x"})
+                 + frame(decide("2:1", headers={"X-A": "no list"}, src_port="x", from_user=None)))
+    answers = {a["tx"]: a for a in await read_answers(reader, 2)}
+    assert answers["9:9"] == {"tx": "9:9", "action": "fallback", "reason": "bad-request"}
+    assert answers["2:1"]["action"] == "dispatch"
+    assert errors(metrics, "bad-json") == 2 and errors(metrics, "bad-request") == 2
+    assert errors(metrics, "bad-dialog-event") == 1
+
+
+async def test_a_broken_stream_resets_the_connection_and_the_controller_reconnects(channel):
+    ch, edge, store, metrics = channel
+    reader, writer = await edge.connections.get()
+    writer.write(b"99999999999999:")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the controller hung up
+    assert errors(metrics, "framing") == 1
+    reader, writer = await asyncio.wait_for(edge.connections.get(), 5)
+    writer.write(frame(decide("3:1")))
+    (answer,) = await read_answers(reader, 1)
+    assert answer["tx"] == "3:1" and answer["action"] == "dispatch"
+
+
+async def test_overload_sheds_to_the_edge_fallback(channel, monkeypatch):
+    ch, edge, store, metrics = channel
+    gate = asyncio.Event()
+    real_decide = ch.decisions.decide
+
+    async def slow_decide(message, received):
+        await gate.wait()
+        return await real_decide(message, received)
+    monkeypatch.setattr(ch.decisions, "decide", slow_decide)
+    reader, writer = await edge.connections.get()
+    writer.write(b"".join(frame(decide(f"4:{i}")) for i in range(60)))
+    shed = await read_answers(reader, 10)
+    assert all(a["action"] == "fallback" and a["reason"] == "overload" for a in shed)
+    gate.set()
+    rest = await read_answers(reader, 50)
+    assert sorted(a["tx"] for a in shed + rest) == sorted(f"4:{i}" for i in range(60))
+    assert errors(metrics, "overload") == 10
+
+
+async def test_dialog_events_follow_the_call_and_wait_for_its_decision(channel):
+    ch, edge, store, metrics = channel
+    reader, writer = await edge.connections.get()
+    # the decision and its dialog events in one burst: the events must apply after the record exists
+    writer.write(frame(decide("5:1"))
+                 + frame({"event": "dialog", "state": "confirmed", "call_id": "call-5:1", "code": 200,
+                          "reason": "answered", "ts": 1_000, "fallback": ""})
+                 + frame({"event": "dialog", "state": "ended", "call_id": "call-5:1", "code": 0,
+                          "reason": "bye-callee", "ts": 2_000, "fallback": ""}))
+    await read_answers(reader, 1)
+    for _ in range(100):
+        record = await store.get("call-5:1")
+        if record and record["state"] == "ended":
+            break
+        await asyncio.sleep(0.02)
+    assert record["state"] == "ended" and record["end_reason"] == "bye-callee" and record["rule"] == "default"
+    assert [e["event"] for e in await store.timeline("call-5:1")] == ["decided", "answered", "ended"]
+
+
+async def test_no_policy_asks_for_the_edge_fallback(redis_url):
+    store = CallStore(redis_url)
+    decisions = EdgeDecisions(lambda: None, store, Metrics(), "unit")
+    answer = await decisions.decide(decide("6:1"), 0.0)
+    assert answer == {"tx": "6:1", "action": "fallback", "reason": "no-policy"}
+    await store.aclose()
+
+
+async def test_redis_down_asks_for_the_edge_fallback(policy):
+    store = CallStore("redis://127.0.0.1:1/0", timeout_s=0.5)
+    metrics = Metrics()
+    decisions = EdgeDecisions(lambda: policy, store, metrics, "unit")
+    answer = await decisions.decide(decide("7:1"), 0.0)
+    assert answer == {"tx": "7:1", "action": "fallback", "reason": "state-unavailable"}
+    assert metrics.registry.get_sample_value("callfabric_redis_errors_total", {"operation": "create"}) == 1
+    await store.aclose()

@@ -1,0 +1,85 @@
+"""What operators run: `callfabric demo`, `callfabric calls list|show`, `callfabric config describe`."""
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+from controller.state.calls import CallStore, now_ms
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_stack = pytest.mark.skipif(
+    any(shutil.which(b) is None for b in ("kamailio", "sipp", "redis-server")),
+    reason="kamailio, sipp and redis-server binaries are required")
+
+
+@needs_stack
+def test_demo_places_calls_and_exits_zero():
+    done = subprocess.run([sys.executable, "-m", "controller.cli", "demo"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "4/4 calls OK: every call did what the policy says" in out
+    assert "billing received INVITE with X-Callfabric-Agent: billing, X-Department: billing" in out
+    assert "caller got: SIP/2.0 403 Destination Blocked" in out
+    assert 'callfabric_decisions_total{outcome="reject",rule="block-premium"} 1.0' in out
+    leftovers = subprocess.run(["pgrep", "-f", "callfabric-demo-"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", "the demo left processes behind"
+
+
+def populate(redis_url: str) -> None:
+    async def go():
+        store = CallStore(redis_url)
+        record = {"state": "routing", "outcome": "agent", "rule": "billing-line", "target": "billing",
+                  "caller": "+12025550123", "dialled": "+18005550101", "created_at_ms": now_ms(),
+                  "policy_version": "abc123abc123"}
+        await store.create("live-1@host", record, live_scopes={}, window_counters=[], at_ms=now_ms(),
+                           event={"event": "decided", "ts": now_ms(), "rule": "billing-line"})
+        await store.create("done-1@host", {**record, "rule": "default", "target": "intake"}, live_scopes={},
+                           window_counters=[], at_ms=now_ms(), event={"event": "decided", "ts": now_ms()})
+        await store.transition("done-1@host", "ended", {"end_reason": "bye-caller"},
+                               {"event": "ended", "ts": now_ms(), "reason": "bye-caller"})
+        await store.aclose()
+    asyncio.run(go())
+
+
+def test_calls_list_and_show(redis_url, monkeypatch, capsys):
+    populate(redis_url)
+    monkeypatch.setenv("CALLFABRIC_REDIS_URL", redis_url)
+    assert main(["calls", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "live-1@host" in out and "done-1@host" not in out and "billing-line" in out and "1 live call(s)" in out
+    assert main(["calls", "list", "--recent"]) == 0
+    out = capsys.readouterr().out
+    assert "live-1@host" in out and "done-1@host" in out and "ended" in out
+    assert main(["calls", "show", "done-1@host", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["call"]["state"] == "ended" and [e["event"] for e in shown["timeline"]] == ["decided", "ended"]
+    assert main(["calls", "show", "done-1@host"]) == 0
+    out = capsys.readouterr().out
+    assert "end_reason: bye-caller" in out and "ended" in out
+    assert main(["calls", "show", "nope"]) == 1
+    assert "no call 'nope'" in capsys.readouterr().err
+
+
+def test_calls_list_with_redis_down_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("CALLFABRIC_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["calls", "list"]) == 1
+    assert "error: Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+
+
+def test_config_describe(capsys):
+    assert main(["config", "describe"]) == 0
+    out = capsys.readouterr().out
+    assert "redis_url  (CALLFABRIC_REDIS_URL, default 'redis://127.0.0.1:6379/0')" in out
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("nonsense: 1\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "unknown setting 'nonsense'" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""Settings: defaults, a YAML file, CALLFABRIC_* environment variables (which win)."""
+import pytest
+
+from controller.config import ConfigError, Settings, describe, load_settings, split_host_port
+
+
+def test_defaults():
+    s = load_settings(None, environ={})
+    assert s.redis_url == "redis://127.0.0.1:6379/0" and s.edge_evapi == ["127.0.0.1:8448"]
+    assert s.instance_id  # hostname:pid
+
+
+def test_file_then_environment(tmp_path):
+    (tmp_path / "policies").mkdir()
+    config = tmp_path / "callfabric.yaml"
+    config.write_text("redis_url: redis://10.0.0.5:6380/1\nedge_evapi: [127.0.0.1:9000, 127.0.0.1:9001]\n"
+                      "policy_dir: policies\nedge_max_in_flight: 50\npolicy_poll_s: 2\n")
+    s = load_settings(config, environ={"CALLFABRIC_EDGE_MAX_IN_FLIGHT": "70", "CALLFABRIC_LOG_LEVEL": "DEBUG"})
+    assert s.redis_url == "redis://10.0.0.5:6380/1"
+    assert s.edge_evapi == ["127.0.0.1:9000", "127.0.0.1:9001"]
+    assert s.edge_max_in_flight == 70 and s.log_level == "DEBUG" and s.policy_poll_s == 2.0
+    assert s.policy_dir == str((tmp_path / "policies").resolve())  # relative to the config file
+    s = load_settings(config, environ={"CALLFABRIC_EDGE_EVAPI": "10.1.1.1:8448, 10.1.1.2:8448",
+                                       "CALLFABRIC_POLICY_DIR": "/srv/policies"})
+    assert s.edge_evapi == ["10.1.1.1:8448", "10.1.1.2:8448"] and s.policy_dir == "/srv/policies"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("redis_ulr: x\n", "unknown setting 'redis_ulr'"),
+    ("edge_max_in_flight: lots\n", "edge_max_in_flight"),
+    ("edge_max_in_flight: true\n", "expected an integer"),
+    ("edge_evapi: 5\n", "expected a list of strings"),
+    ("- a\n", "must be a mapping"),
+    ("a: [\n", "cannot read config file"),
+])
+def test_bad_config_files_are_clear_errors(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, environ={})
+
+
+def test_bad_environment_value():
+    with pytest.raises(ConfigError, match="CALLFABRIC|edge_reconnect_max_s"):
+        load_settings(None, environ={"CALLFABRIC_EDGE_RECONNECT_MAX_S": "soon"})
+
+
+def test_describe_lists_every_setting():
+    names = {name for name, env, default, doc in describe()}
+    assert names == set(Settings.__dataclass_fields__)
+    assert all(env == f"CALLFABRIC_{name.upper()}" and doc for name, env, default, doc in describe())
+
+
+@pytest.mark.parametrize("text, expected", [("127.0.0.1:8448", ("127.0.0.1", 8448)), ("[::1]:9090", ("::1", 9090)),
+                                            (":9090", ("127.0.0.1", 9090))])
+def test_split_host_port(text, expected):
+    assert split_host_port(text, "x") == expected
+
+
+@pytest.mark.parametrize("text", ["localhost", "h:0", "h:70000", "h:x"])
+def test_split_host_port_rejects(text):
+    with pytest.raises(ConfigError):
+        split_host_port(text, "x")

@@ -13,9 +13,13 @@ from typing import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from controller.config import Settings, split_host_port
+from controller.config import ConfigError, Settings, parse_ari_node, split_host_port
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import EdgeDecisions
+from controller.media.ami import AmiWatcher, parse_ami_node
+from controller.media.ari import AriClient
+from controller.media.health import MediaHealth
+from controller.media.plane import Endpoint, MediaPlane
 from controller.metrics import Metrics
 from controller.policy.reload import PolicyHolder, reload_on_sighup
 from controller.state.calls import CallStore, now_ms
@@ -27,6 +31,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", CallStore)
 POLICIES = web.AppKey("policies", PolicyHolder)
 EDGES = web.AppKey("edges", list)
+MEDIA = web.AppKey("media", MediaPlane)
 
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
@@ -80,6 +85,59 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(c.drain() for c in channels), return_exceptions=True)
 
 
+def _endpoint_resolver(holder: PolicyHolder, section: str):
+    """Agents and fork targets are declared in the serving policy; look them up by name."""
+    def resolve(name: str) -> Endpoint | None:
+        policy = holder.policy
+        declared = getattr(policy.source, section).get(name) if policy else None
+        if declared is None:
+            return None
+        return Endpoint(declared.name, declared.endpoint, declared.transport, declared.codec)
+    return resolve
+
+
+async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
+    """ARI clients for the configured Asterisk nodes and the media plane serving them."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    nodes = [parse_ari_node(text) for text in settings.ari_nodes]
+
+    def observe(operation: str, seconds: float, status: int) -> None:
+        metrics.ari_request_seconds.labels(operation).observe(seconds)
+        if status == 0 or status >= 400:
+            metrics.ari_request_errors.labels(operation).inc()
+
+    clients = {n.name: AriClient(n, settings.ari_app, observe=observe) for n in nodes}
+    plane = MediaPlane(clients, app[STORE], metrics,
+                       resolve_agent=_endpoint_resolver(app[POLICIES], "agents"),
+                       resolve_fork_target=_endpoint_resolver(app[POLICIES], "fork_targets"),
+                       edge_endpoint=settings.ari_edge_endpoint, instance_id=settings.instance_id,
+                       api_base_url=settings.api_base_url)
+    app[MEDIA] = plane
+    tasks = []
+    if clients:
+        try:
+            await plane.recover()
+        except RedisError as exc:
+            log.error("media: could not recover live calls from Redis: %s", exc)
+        tasks = [asyncio.create_task(plane.serve_node(name), name=f"ari {name}") for name in clients]
+        tasks.append(asyncio.create_task(MediaHealth(plane, settings.media_health_interval_s).run()))
+    watchers = []
+    for text in settings.ami_nodes:
+        try:
+            watchers.append(AmiWatcher(parse_ami_node(text), metrics))
+        except ValueError as exc:
+            raise ConfigError(f"setting ami_nodes: {exc}") from None
+    for watcher in watchers:
+        watcher.start()
+    yield
+    for watcher in watchers:
+        watcher.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+
+
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     """Live-call gauge, and live-index entries whose call is over or gone removed."""
     store, metrics = app[STORE], app[METRICS]
@@ -124,7 +182,7 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _edge_ctx, _housekeeping_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _edge_ctx, _media_ctx, _housekeeping_ctx])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
     return app

@@ -35,6 +35,15 @@ class Settings:
     call_retention_s: int = _setting(7 * 86400, "How long a finished call's record and timeline stay in Redis.")
     live_call_ttl_s: int = _setting(6 * 3600, "Safety expiry of a live call's record if its end is never seen.")
     timeline_max_events: int = _setting(500, "Per-call timeline cap (oldest events trimmed).")
+    ari_nodes: list = _setting([], "Asterisk media nodes, each 'name=http://user:password@host:8088/ari' "
+                                   "(empty: no media plane).")
+    ari_app: str = _setting("callfabric", "Stasis application name (the dialplan sends calls to it).")
+    ari_edge_endpoint: str = _setting("edge", "PJSIP endpoint on the media nodes that reaches the Kamailio edge "
+                                              "(calls to humans go out through it).")
+    ami_nodes: list = _setting([], "AMI of the media nodes, each 'name=tcp://user:secret@host:5038' (security events, "
+                                   "PJSIP contact status).")
+    media_health_interval_s: float = _setting(5.0, "How often RTP statistics of agent and fork legs are checked.")
+    api_base_url: str = _setting("", "Public base URL of this controller's API (references in context headers).")
     instance_id: str = _setting("", "Name of this controller instance (default: hostname:pid).")
     log_level: str = _setting("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
 
@@ -103,3 +112,22 @@ def split_host_port(text: str, setting: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"setting {setting}: {text!r} is not host:port")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_ari_node(text: str):
+    """'name=http://user:password@host:port/ari' → AriNode."""
+    from urllib.parse import unquote, urlsplit
+
+    from controller.media.ari import AriNode
+
+    name, sep, url = text.partition("=")
+    parts = urlsplit(url.strip())
+    if not sep or not name.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"setting ari_nodes: {text!r} is not 'name=http://user:password@host:port/ari'")
+    if not parts.username or not parts.password:
+        raise ConfigError(f"setting ari_nodes: {name.strip()}: the URL needs the ARI user and password")
+    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    if ":" in parts.hostname:
+        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+    base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/') or '/ari'}"
+    return AriNode(name.strip(), base, unquote(parts.username), unquote(parts.password))

@@ -42,6 +42,34 @@ class Metrics:
                                       ["trigger", "result"], registry=r)
         self.policy_info = Gauge("callfabric_policy_info", "The policy version serving (value 1).", ["version"],
                                  registry=r)
+        self.ari_connected = Gauge("callfabric_ari_connected", "1 while the events websocket of an Asterisk node is up.",
+                                   ["node"], registry=r)
+        self.ari_request_seconds = Histogram("callfabric_ari_request_duration_seconds", "ARI REST request latency.",
+                                             ["operation"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                                     0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.ari_request_errors = Counter("callfabric_ari_request_errors_total", "ARI requests that failed.",
+                                          ["operation"], registry=r)
+        self.forks_active = Gauge("callfabric_forks_active", "Live audio forks running.", registry=r)
+        self.forks_started = Counter("callfabric_forks_started_total", "Audio forks started.", registry=r)
+        self.forks_failed = Counter("callfabric_forks_failed_total", "Audio forks that failed.", ["reason"], registry=r)
+        self.fork_start_seconds = Histogram("callfabric_fork_start_duration_seconds",
+                                            "From the call entering the media plane (or the fork request) to the fork "
+                                            "bridged.", buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
+                                            registry=r)
+        self.transfers = Counter("callfabric_transfers_total", "Transfers by kind and result.", ["kind", "result"],
+                                 registry=r)
+        self.rtp_packets = Counter("callfabric_media_rtp_packets_total", "RTP packets on ExternalMedia legs.",
+                                   ["leg", "direction"], registry=r)
+        self.one_way_audio = Counter("callfabric_one_way_audio_total",
+                                     "Legs flagged with one-way or no audio (agent sends nothing back; fork gets "
+                                     "nothing).", ["leg"], registry=r)
+        self.ami_connected = Gauge("callfabric_ami_connected", "1 while logged in to a node's AMI.", ["node"], registry=r)
+        self.asterisk_security_events = Counter("callfabric_asterisk_security_events_total",
+                                                "Security events reported by Asterisk (failed auth, bad requests …).",
+                                                ["node", "event"], registry=r)
+        self.pjsip_contact_reachable = Gauge("callfabric_pjsip_contact_reachable",
+                                             "1 when a PJSIP contact of a node is reachable.", ["node", "endpoint"],
+                                             registry=r)
         self._version: str | None = None
 
     def policy_outcome(self, outcome: ReloadOutcome) -> None:

@@ -55,6 +55,10 @@ def live_scope_key(scope: str, value: str) -> str:
     return f"{PREFIX}:live:{{{scope}:{value}}}"
 
 
+def media_index_key(node: str) -> str:
+    return f"{PREFIX}:media:{{{node}}}"
+
+
 def window_key(scope: str, value: str, window_s: int, bucket: int) -> str:
     return f"{PREFIX}:rate:{{{scope}:{value}}}:{window_s}:{bucket}"
 
@@ -271,6 +275,37 @@ class CallStore:
                 self._live_scopes.pop(call_id, None)
         return len(stale)
 
+    # -- media records (the media plane's part of a call) ---------------------------------------
+    async def save_media(self, call_id: str, media: dict[str, Any], event: dict[str, Any]) -> None:
+        """The call's media record and a timeline event, together (one slot, one round trip)."""
+        await self.batch.run([
+            ("HSET", call_key(call_id), "media", _json(media)),
+            ("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *_event_fields(event)),
+        ])
+
+    async def load_media(self, call_id: str) -> dict[str, Any] | None:
+        (raw,) = await self.batch.run([("HGET", call_key(call_id), "media")])
+        data = _loads(_text(raw)) if raw is not None else None
+        return data if isinstance(data, dict) else None
+
+    async def append_event(self, call_id: str, event: dict[str, Any]) -> None:
+        await self.batch.run([("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*",
+                               *_event_fields(event))], urgent=False)
+
+    async def set_fields(self, call_id: str, fields: dict[str, Any]) -> None:
+        await self.batch.run([("HSET", call_key(call_id), *_flat({k: _field(v) for k, v in fields.items()}))])
+
+    async def add_media_call(self, node: str, call_id: str) -> None:
+        """Index of the calls whose media lives on `node`, for recovery after a restart."""
+        await self.batch.run([("SADD", media_index_key(node), call_id)])
+
+    async def forget_media(self, node: str, call_id: str) -> None:
+        await self.batch.run([("SREM", media_index_key(node), call_id)])
+
+    async def media_calls(self, node: str) -> list[str]:
+        (members,) = await self.batch.run([("SMEMBERS", media_index_key(node))])
+        return sorted(_text(m) for m in members or [])
+
     # -- reading -------------------------------------------------------------------------------
     async def get(self, call_id: str) -> dict[str, Any] | None:
         raw = await self.redis.hgetall(call_key(call_id))
@@ -302,6 +337,15 @@ class CallStore:
 
     async def live_count(self) -> int:
         return int(await self.redis.zcard(LIVE_INDEX))
+
+
+def _event_fields(event: dict[str, Any]) -> tuple[str, ...]:
+    name, ts, data = _event_args(event)
+    return "event", name, "ts", ts, "data", data
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _event_args(event: dict[str, Any]) -> tuple[str, str, str]:

@@ -1,0 +1,1 @@
+"""The Asterisk side: ARI client, the Stasis application (media plane), audio health."""

@@ -1,0 +1,133 @@
+"""A call's media, as data: what the controller created on which Asterisk node (bridges,
+the agent leg, forks, humans), kept in Redis so that another controller (or this one after a
+restart) can carry on. Every object we create gets an id derived from the call's token, so
+an ARI event about it leads back to the call without asking anyone."""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# The call's media states. `ending` waits for the channels we hung up to be gone.
+CALL_STATES = ("setup", "active", "transferring", "ending", "ended")
+LEG_STATES = ("starting", "up", "stopping", "gone", "failed")
+
+
+def call_token(call_id: str) -> str:
+    """Short, id-safe handle of a call (Asterisk ids are limited and a Call-ID is free text)."""
+    return hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def object_id(token: str, kind: str, n: int | str = 1) -> str:
+    """`cf-<token>-<kind>-<n>`: channel, snoop, bridge and playback ids of a call."""
+    return f"cf-{token}-{kind}-{n}"
+
+
+def session_uuid(channel_id: str) -> str:
+    """AudioSocket needs a UUID per connection; derived from the channel id, so it is stable."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"callfabric:{channel_id}"))
+
+
+def parse_object_id(object_id_: str) -> tuple[str, str, str] | None:
+    """(token, kind, n) of an id we made, else None."""
+    parts = object_id_.split("-", 3)
+    if len(parts) != 4 or parts[0] != "cf" or len(parts[1]) != 16:
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+@dataclass(slots=True)
+class AgentLeg:
+    name: str
+    channel: str
+    endpoint: str
+    transport: str
+    codec: str
+    state: str = "starting"
+    started_ms: int = 0
+    up_ms: int = 0
+    local_rtp: str = ""  # where Asterisk expects the agent's audio (rtp: UNICASTRTP_LOCAL_ADDRESS:PORT)
+    session: str = ""  # AudioSocket session UUID (the first thing the agent's server receives)
+
+
+@dataclass(slots=True)
+class ForkLeg:
+    fork_id: str
+    target: str
+    endpoint: str
+    transport: str
+    codec: str
+    direction: str
+    snoop: str
+    channel: str
+    bridge: str
+    state: str = "starting"
+    started_ms: int = 0
+    up_ms: int = 0
+    reason: str = ""
+    session: str = ""
+    last_tx: int = 0  # RTP packets Asterisk sent to the target at the last health check
+    last_rx: int = 0
+
+
+@dataclass(slots=True)
+class HumanLeg:
+    leg_id: str
+    destination: str
+    uri: str
+    channel: str
+    mode: str  # conference | handoff
+    state: str = "starting"
+    started_ms: int = 0
+    up_ms: int = 0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class CallMedia:
+    call_id: str
+    token: str
+    node: str
+    caller_channel: str
+    bridge: str
+    state: str = "setup"
+    agent: AgentLeg | None = None
+    old_agents: list[AgentLeg] = field(default_factory=list)  # legs being replaced (transfer)
+    forks: dict[str, ForkLeg] = field(default_factory=dict)
+    humans: dict[str, HumanLeg] = field(default_factory=dict)
+    sequence: int = 0  # makes every id of the call unique
+    started_ms: int = 0
+    max_duration_s: int | None = None
+
+    def next_id(self, kind: str) -> str:
+        self.sequence += 1
+        return object_id(self.token, kind, self.sequence)
+
+    def our_channels(self) -> list[str]:
+        """Channels we created for this call (not the caller's), alive or not."""
+        out = [a.channel for a in ([self.agent] if self.agent else []) + self.old_agents]
+        for fork in self.forks.values():
+            out += [fork.snoop, fork.channel]
+        out += [h.channel for h in self.humans.values()]
+        return out
+
+    def bridges(self) -> list[str]:
+        return [self.bridge] + [f.bridge for f in self.forks.values()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CallMedia":
+        data = dict(data)
+        agent = data.pop("agent", None)
+        old_agents = data.pop("old_agents", [])
+        forks = data.pop("forks", {})
+        humans = data.pop("humans", {})
+        media = cls(**data)
+        media.agent = AgentLeg(**agent) if agent else None
+        media.old_agents = [AgentLeg(**a) for a in old_agents]
+        media.forks = {k: ForkLeg(**v) for k, v in forks.items()}
+        media.humans = {k: HumanLeg(**v) for k, v in humans.items()}
+        return media

@@ -1,0 +1,592 @@
+"""The media plane: our Stasis application on every Asterisk node.
+
+When a call the edge routed reaches a node, the plane answers it, bridges the caller with
+the AI agent's media endpoint (an ExternalMedia channel), starts the forks the decision asks
+for (snoop + ExternalMedia in their own bridge: a one-way live copy), and from then on
+carries out mid-call actions: transfer to another agent (the caller never leaves the bridge),
+bring a human in through the edge with context headers, play audio, start and stop forks,
+hang up. Every change is written to Redis (the call's media record and timeline) before the
+next step, so another controller can carry on from Redis + ARI."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from redis.exceptions import RedisError
+
+from controller.actions import header_name_problem, sanitize_header_value
+from controller.media.ari import AriClient, AriError
+from controller.media.model import (
+    AgentLeg, CallMedia, ForkLeg, HumanLeg, call_token, parse_object_id, session_uuid,
+)
+from controller.metrics import Metrics
+from controller.state.calls import CallStore, now_ms
+
+log = logging.getLogger("callfabric.media")
+
+LEG_UP_TIMEOUT_S = 5.0
+MAX_CONTEXT_HEADER_BYTES = 256  # a longer summary travels as a reference to the API
+
+
+class MediaError(Exception):
+    """An action that could not be carried out (unknown call, ended call, ARI refused …)."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an agent or fork target's audio goes, and how."""
+
+    name: str
+    endpoint: str
+    transport: str  # rtp | audiosocket | websocket
+    codec: str
+
+
+def external_media_params(target: Endpoint) -> dict[str, str]:
+    """ExternalMedia parameters for an endpoint (see POST /channels/externalMedia)."""
+    if target.transport == "audiosocket":
+        return {"encapsulation": "audiosocket", "transport": "tcp", "external_host": target.endpoint}
+    if target.transport == "websocket":
+        return {"encapsulation": "none", "transport": "websocket", "external_host": target.endpoint}
+    return {"encapsulation": "rtp", "transport": "udp", "external_host": target.endpoint}
+
+
+class MediaPlane:
+    def __init__(self, nodes: dict[str, AriClient], store: CallStore, metrics: Metrics, *,
+                 resolve_agent: Callable[[str], Endpoint | None],
+                 resolve_fork_target: Callable[[str], Endpoint | None],
+                 edge_endpoint: str, instance_id: str, api_base_url: str = ""):
+        self.nodes = nodes
+        self.store = store
+        self.metrics = metrics
+        self.resolve_agent = resolve_agent
+        self.resolve_fork_target = resolve_fork_target
+        self.edge_endpoint = edge_endpoint  # PJSIP endpoint of the Kamailio edge on the media nodes
+        self.instance_id = instance_id
+        self.api_base_url = api_base_url.rstrip("/")
+        self.calls: dict[str, CallMedia] = {}  # call id -> media (calls on nodes this controller serves)
+        self._by_token: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiters: dict[str, asyncio.Future] = {}  # channel id -> StasisStart (or failure)
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- node lifecycle ---------------------------------------------------------------------------
+    async def serve_node(self, name: str) -> None:
+        """Consume a node's events forever; after every (re)connection, resync with ARI."""
+        client = self.nodes[name]
+
+        async def connected() -> None:
+            # Resync runs beside the stream: it takes calls' locks, and an action holding one
+            # may be waiting for an event of this very stream.
+            self.metrics.ari_connected.labels(name).set(1)
+            self._spawn(self.resync(name), "resync")
+
+        try:
+            async for event in client.events(on_connected=connected):
+                self.on_event(name, event)
+        finally:
+            self.metrics.ari_connected.labels(name).set(0)
+
+    async def recover(self) -> None:
+        """After a (re)start: take the live calls' media records back from Redis."""
+        for name in self.nodes:
+            for call_id in await self.store.media_calls(name):
+                data = await self.store.load_media(call_id)
+                if data is None:
+                    await self.store.forget_media(name, call_id)
+                    continue
+                media = CallMedia.from_dict(data)
+                if media.state != "ended":
+                    self._track(media)
+        log.info("media: recovered %d live call(s) from Redis", len(self.calls))
+
+    async def resync(self, node: str) -> None:
+        """Compare what Asterisk has with what we think exists: calls whose caller is gone are
+        ended, legs that vanished are marked gone, objects of ours nobody owns are removed."""
+        client = self.nodes[node]
+        try:
+            channels = {c["id"]: c for c in await client.channels() if isinstance(c, dict) and "id" in c}
+            bridges = {b["id"] for b in await client.bridges() if isinstance(b, dict) and "id" in b}
+        except AriError as exc:
+            log.warning("ARI %s: resync failed: %s", node, exc)
+            return
+        known_channels: set[str] = set()
+        known_bridges: set[str] = set()
+        for media in [m for m in self.calls.values() if m.node == node]:
+            known_channels.update(media.our_channels() + [media.caller_channel])
+            known_bridges.update(media.bridges())
+            async with self._lock(media.call_id):
+                if media.caller_channel not in channels:
+                    await self._timeline(media, "resync", detail="caller gone while disconnected")
+                    await self._teardown(media, "caller-gone")
+                    continue
+                changed = False
+                if media.agent and media.agent.state in ("starting", "up") and media.agent.channel not in channels:
+                    media.agent.state = "gone"
+                    changed = True
+                for fork in media.forks.values():
+                    if fork.state in ("starting", "up") and (fork.channel not in channels or fork.snoop not in channels):
+                        fork.state, fork.reason = "failed", "gone while disconnected"
+                        changed = True
+                for human in media.humans.values():
+                    if human.state in ("starting", "up") and human.channel not in channels:
+                        human.state, human.reason = "gone", "gone while disconnected"
+                        changed = True
+                if changed:
+                    await self._save(media, "resync", detail="legs gone while disconnected")
+        for channel_id in channels:
+            if parse_object_id(channel_id) and channel_id not in known_channels:
+                log.warning("ARI %s: hanging up orphan channel %s", node, channel_id)
+                await self._quietly(client.hangup(channel_id))
+        for bridge_id in bridges:
+            if parse_object_id(bridge_id) and bridge_id not in known_bridges:
+                await self._quietly(client.destroy_bridge(bridge_id))
+
+    # -- events -------------------------------------------------------------------------------------
+    def on_event(self, node: str, event: dict[str, Any]) -> None:
+        """Handle one event. Whoever waits for a channel to enter or leave hears it at once;
+        the rest runs in its own task (it may itself wait for later events of the stream),
+        serialised per call by the call's lock, taken in event order."""
+        kind = event.get("type")
+        channel = event.get("channel") if isinstance(event.get("channel"), dict) else {}
+        channel_id = channel.get("id", "") if isinstance(channel.get("id", ""), str) else ""
+        if not channel_id:
+            return
+        if kind == "StasisStart":
+            if parse_object_id(channel_id):
+                self._resolve(channel_id, channel)
+                self._spawn(self._own_leg_entered(node, channel_id, channel), kind)
+            else:
+                args = event.get("args") if isinstance(event.get("args"), list) else []
+                self._spawn(self._caller_arrived(node, channel, args), kind)
+        elif kind in ("StasisEnd", "ChannelDestroyed"):
+            self._fail_waiter(channel_id, f"{kind}: {event.get('cause_txt', 'gone')}")
+            media = self._media_of_channel(channel_id)
+            if media is not None:
+                self._spawn(self._gone_locked(media, channel_id, event), kind)
+
+    async def _gone_locked(self, media: CallMedia, channel_id: str, event: dict[str, Any]) -> None:
+        async with self._lock(media.call_id):
+            await self._channel_gone(media, channel_id, event)
+
+    def _spawn(self, coroutine, what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, what))
+
+    def _task_done(self, task: asyncio.Task, what: str) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # one bad event never stops the plane
+            log.error("media: handling %s failed", what, exc_info=task.exception())
+
+    async def _caller_arrived(self, node: str, channel: dict[str, Any], args: list[Any]) -> None:
+        channel_id = channel.get("id", "")
+        call_id = str(args[0]) if args and args[0] else str(channel.get("protocol_id") or channel_id)
+        requested_agent = str(args[1]) if len(args) > 1 and args[1] else ""
+        started = time.perf_counter()
+        client = self.nodes[node]
+        record = await self._record(call_id)
+        decision = record.get("decision") if isinstance(record, dict) and isinstance(record.get("decision"), dict) else {}
+        agent_name = (decision.get("agent") or {}).get("name") or requested_agent
+        agent = self.resolve_agent(agent_name) if agent_name else None
+        if agent is None:
+            log.error("call %s: no agent for this call (decision %r, requested %r): hanging up",
+                      call_id, decision.get("outcome"), requested_agent)
+            await self.store.append_event(call_id, {"event": "media_refused", "ts": now_ms(), "node": node,
+                                                    "reason": f"no agent ({agent_name or 'none'})"})
+            await self._quietly(client.hangup(channel_id, "unallocated"))
+            return
+        token = call_token(call_id)
+        media = CallMedia(call_id=call_id, token=token, node=node, caller_channel=channel_id, bridge="",
+                          started_ms=now_ms(), max_duration_s=decision.get("max_duration_s"))
+        media.bridge = media.next_id("bridge")
+        self._track(media)
+        async with self._lock(call_id):
+            await self.store.add_media_call(node, call_id)
+            await self._save(media, "media_start", node=node, channel=channel_id, agent=agent.name)
+        # Asterisk work happens outside the call's lock (events about the call, forks starting
+        # beside the agent leg, must not wait for it); the lock guards the record only.
+        try:
+            await asyncio.gather(client.answer(channel_id), client.create_bridge(media.bridge, f"call-{token}"))
+            await client.add_channel(media.bridge, channel_id)
+            for fork in decision.get("forks") or []:
+                if isinstance(fork, dict) and fork.get("target"):
+                    target = Endpoint(fork["target"], fork.get("endpoint", ""), fork.get("transport", "rtp"),
+                                      fork.get("codec", "slin16"))
+                    self._spawn(self._quietly(self.start_fork(call_id, target, fork.get("direction", "in"),
+                                                              started=started, during_setup=True)), "fork")
+            leg = await self._start_agent(media, agent)
+        except (AriError, MediaError, asyncio.TimeoutError) as exc:
+            log.error("call %s: media setup failed: %s", call_id, exc)
+            async with self._lock(call_id):
+                await self._timeline(media, "media_failed", reason=str(exc) or type(exc).__name__)
+                await self._teardown(media, "setup-failed", hang_up_caller=True)
+            return
+        async with self._lock(call_id):
+            if media.state in ("ending", "ended"):  # the caller left during set-up
+                await self._quietly(client.hangup(leg.channel))
+                return
+            media.agent = leg
+            media.state = "active"
+            await self._save(media, "media_up", setup_ms=round((time.perf_counter() - started) * 1000, 1),
+                             agent=agent.name)
+
+    async def _own_leg_entered(self, node: str, channel_id: str, channel: dict[str, Any]) -> None:
+        """A channel we created entered Stasis: a human who answered joins the call."""
+        media = self._media_of_channel(channel_id)
+        if media is None:
+            return
+        async with self._lock(media.call_id):
+            human = next((h for h in media.humans.values() if h.channel == channel_id), None)
+            if human is None or human.state != "starting" or media.state in ("ending", "ended"):
+                return
+            client = self.nodes[media.node]
+            try:
+                await client.add_channel(media.bridge, channel_id)
+            except AriError as exc:
+                human.state, human.reason = "failed", str(exc)
+                await self._save(media, "human_failed", leg=human.leg_id, reason=str(exc))
+                await self._quietly(client.hangup(channel_id))
+                return
+            human.state, human.up_ms = "up", now_ms()
+            await self._save(media, "human_joined", leg=human.leg_id, destination=human.destination, mode=human.mode,
+                             answer_ms=human.up_ms - human.started_ms)
+            if human.mode == "handoff" and media.agent is not None:
+                old = media.agent
+                media.agent = None
+                old.state = "stopping"
+                media.old_agents.append(old)
+                await self._quietly(client.remove_channel(media.bridge, old.channel))
+                await self._quietly(client.hangup(old.channel))
+                self.metrics.transfers.labels("handoff", "completed").inc()
+                await self._save(media, "handoff_completed", from_agent=old.name, to=human.destination)
+            else:
+                self.metrics.transfers.labels("conference", "completed").inc()
+
+    async def _channel_gone(self, media: CallMedia, channel_id: str, event: dict[str, Any]) -> None:
+        cause = event.get("cause_txt") or event.get("type")
+        if channel_id == media.caller_channel:
+            if media.state not in ("ending", "ended"):
+                await self._timeline(media, "caller_left", cause=cause)
+                await self._teardown(media, "caller-hangup")
+            return
+        if media.agent and media.agent.channel == channel_id:
+            if media.agent.state in ("starting", "up"):
+                media.agent.state = "gone"
+                await self._save(media, "agent_lost", agent=media.agent.name, cause=cause)
+            return
+        for old in list(media.old_agents):
+            if old.channel == channel_id:
+                media.old_agents.remove(old)
+                await self._save(media, "agent_released", agent=old.name)
+                return
+        for fork in media.forks.values():
+            if channel_id in (fork.channel, fork.snoop) and fork.state in ("starting", "up"):
+                fork.state, fork.reason = "failed", f"{'target' if channel_id == fork.channel else 'snoop'} channel gone"
+                self.metrics.forks_failed.labels("leg-gone").inc()
+                self.metrics.forks_active.dec()
+                await self._save(media, "fork_failed", fork=fork.fork_id, reason=fork.reason)
+                await self._stop_fork_objects(media, fork)
+                return
+        for human in media.humans.values():
+            if human.channel == channel_id and human.state in ("starting", "up"):
+                answered = human.state == "up"
+                human.state, human.reason = ("gone" if answered else "failed"), str(cause)
+                await self._save(media, "human_left" if answered else "human_failed", leg=human.leg_id, cause=cause)
+                return
+
+    # -- actions ------------------------------------------------------------------------------------
+    async def transfer(self, call_id: str, agent_name: str) -> dict[str, Any]:
+        """Move the call to another AI agent: the new leg joins the bridge, then the old one
+        leaves. The caller never leaves the bridge; forks keep running."""
+        agent = self.resolve_agent(agent_name)
+        if agent is None:
+            raise MediaError(f"unknown agent {agent_name!r}", 422)
+        media = self._live(call_id)
+        async with self._lock(call_id):
+            media = self._live(call_id)
+            previous = media.agent
+            media.state = "transferring"
+            await self._save(media, "transfer_started", to_agent=agent.name,
+                             from_agent=previous.name if previous else None)
+            started = time.perf_counter()
+            try:
+                media.agent = await self._start_agent(media, agent)
+            except (AriError, MediaError, asyncio.TimeoutError) as exc:
+                media.agent = previous
+                media.state = "active"
+                self.metrics.transfers.labels("agent", "failed").inc()
+                await self._save(media, "transfer_failed", to_agent=agent.name, reason=str(exc))
+                raise MediaError(f"transfer to {agent.name} failed: {exc or type(exc).__name__}", 502) from None
+            if previous is not None:
+                previous.state = "stopping"
+                media.old_agents.append(previous)
+                client = self.nodes[media.node]
+                await self._quietly(client.remove_channel(media.bridge, previous.channel))
+                await self._quietly(client.hangup(previous.channel))
+            media.state = "active"
+            self.metrics.transfers.labels("agent", "completed").inc()
+            await self._save(media, "transfer_completed", to_agent=agent.name,
+                             from_agent=previous.name if previous else None,
+                             transfer_ms=round((time.perf_counter() - started) * 1000, 1))
+            return {"agent": agent.name, "channel": media.agent.channel}
+
+    async def start_fork(self, call_id: str, target: Endpoint, direction: str = "in", *,
+                         started: float | None = None, during_setup: bool = False) -> dict[str, Any]:
+        """A live one-way copy of the caller's audio (spy in), of what the caller hears (out)
+        or both, to a fork target. A fork that fails never takes the call down.
+
+        The call's lock is held only to change its record: the snoop, the ExternalMedia
+        channel and the fork's bridge are created together, outside it, so forks start in
+        parallel with each other and with the agent leg."""
+        if direction not in ("in", "out", "both"):
+            raise MediaError(f"fork direction must be in, out or both, not {direction!r}", 422)
+        t0 = started if started is not None else time.perf_counter()
+        async with self._lock(call_id):
+            media = self.calls.get(call_id) if during_setup else self._live(call_id)
+            if media is None or media.state in ("ending", "ended"):
+                raise MediaError(f"call {call_id!r} has ended", 409)
+            fork_id = f"f{media.sequence + 1}"
+            fork = ForkLeg(fork_id=fork_id, target=target.name, endpoint=target.endpoint, transport=target.transport,
+                           codec=target.codec, direction=direction, snoop=media.next_id("snoop"),
+                           channel=media.next_id("fork"), bridge=media.next_id("forkbridge"), started_ms=now_ms())
+            if target.transport == "audiosocket":
+                fork.session = session_uuid(fork.channel)
+            media.forks[fork_id] = fork
+            await self._save(media, "fork_starting", fork=fork_id, target=target.name, direction=direction)
+        client = self.nodes[media.node]
+        try:
+            snoop_up = self._waiter(fork.snoop)
+            await asyncio.gather(
+                client.snoop(media.caller_channel, fork.snoop, spy=direction, app_args=f"fork,{fork_id}"),
+                self._external_media(media, fork.channel, target),
+                client.create_bridge(fork.bridge, f"fork-{media.token}-{fork_id}"))
+            await asyncio.wait_for(snoop_up, LEG_UP_TIMEOUT_S)
+            await asyncio.gather(client.add_channel(fork.bridge, fork.snoop), client.add_channel(fork.bridge, fork.channel))
+        except (AriError, MediaError, asyncio.TimeoutError) as exc:
+            self._waiters.pop(fork.snoop, None)
+            async with self._lock(call_id):
+                fork.state, fork.reason = "failed", str(exc) or type(exc).__name__
+                self.metrics.forks_failed.labels("start").inc()
+                await self._save(media, "fork_failed", fork=fork_id, reason=fork.reason)
+            await self._stop_fork_objects(media, fork)
+            raise MediaError(f"fork to {target.name} failed: {fork.reason}", 502) from None
+        async with self._lock(call_id):
+            if media.state in ("ending", "ended") or fork.state != "starting":  # the call ended meanwhile
+                await self._stop_fork_objects(media, fork)
+                raise MediaError(f"call {call_id!r} ended while its fork started", 409)
+            fork.state, fork.up_ms = "up", now_ms()
+            elapsed = time.perf_counter() - t0
+            self.metrics.fork_start_seconds.observe(elapsed)
+            self.metrics.forks_started.inc()
+            self.metrics.forks_active.inc()
+            await self._save(media, "fork_started", fork=fork_id, target=target.name, start_ms=round(elapsed * 1000, 1))
+            return {"fork_id": fork_id, "target": target.name, "direction": direction}
+
+    async def stop_fork(self, call_id: str, fork_id: str) -> None:
+        async with self._lock(call_id):
+            media = self._live(call_id)
+            fork = media.forks.get(fork_id)
+            if fork is None:
+                raise MediaError(f"call has no fork {fork_id!r}", 404)
+            if fork.state not in ("starting", "up"):
+                raise MediaError(f"fork {fork_id} is already {fork.state}")
+            fork.state = "stopping"
+            await self._stop_fork_objects(media, fork)
+            fork.state = "gone"
+            self.metrics.forks_active.dec()
+            await self._save(media, "fork_stopped", fork=fork_id)
+
+    async def add_human(self, call_id: str, destination: str, uri: str, *, mode: str = "conference",
+                        context: dict[str, str] | None = None, caller_id: str | None = None) -> dict[str, Any]:
+        """Call a human through the edge with the conversation's context in X- headers; on
+        answer they join the bridge (conference) or replace the AI agent (handoff)."""
+        if mode not in ("conference", "handoff"):
+            raise MediaError(f"mode must be conference or handoff, not {mode!r}", 422)
+        async with self._lock(call_id):
+            media = self._live(call_id)
+            client = self.nodes[media.node]
+            headers = await self._context_headers(call_id, context or {})
+            leg = HumanLeg(leg_id=f"h{media.sequence + 1}", destination=destination, uri=uri,
+                           channel=media.next_id("human"), mode=mode, started_ms=now_ms())
+            media.humans[leg.leg_id] = leg
+            await self._save(media, "human_dialing", leg=leg.leg_id, destination=destination, mode=mode,
+                             headers=sorted(headers))
+            variables = {f"PJSIP_HEADER(add,{name})": value for name, value in headers.items()}
+            try:
+                await client.originate(leg.channel, f"PJSIP/{self.edge_endpoint}/{uri}", app_args=f"human,{leg.leg_id}",
+                                       caller_id=caller_id, variables=variables)
+            except AriError as exc:
+                leg.state, leg.reason = "failed", str(exc)
+                await self._save(media, "human_failed", leg=leg.leg_id, reason=str(exc))
+                raise MediaError(f"could not call {destination}: {exc}", 502) from None
+            return {"leg_id": leg.leg_id, "destination": destination, "mode": mode}
+
+    async def play(self, call_id: str, media_uri: str) -> dict[str, Any]:
+        """Play a sound (sound:…, recording:…, tone:…) or a URL into the call's bridge."""
+        async with self._lock(call_id):
+            media = self._live(call_id)
+            playback_id = media.next_id("playback")
+            await self.nodes[media.node].request("playBridge", "POST", f"/bridges/{media.bridge}/play/{playback_id}",
+                                                 params={"media": media_uri})
+            await self._save(media, "play", uri=media_uri, playback=playback_id)
+            return {"playback_id": playback_id}
+
+    async def hangup(self, call_id: str) -> None:
+        async with self._lock(call_id):
+            media = self._live(call_id)
+            await self._timeline(media, "hangup_requested")
+            await self._teardown(media, "hangup", hang_up_caller=True)
+
+    # -- internals ------------------------------------------------------------------------------------
+    async def _start_agent(self, media: CallMedia, agent: Endpoint) -> AgentLeg:
+        """A new agent leg, up and in the call's bridge (the caller decides when it becomes
+        `media.agent`)."""
+        channel_id = media.next_id("agent")
+        leg = AgentLeg(name=agent.name, channel=channel_id, endpoint=agent.endpoint, transport=agent.transport,
+                       codec=agent.codec, started_ms=now_ms(),
+                       session=session_uuid(channel_id) if agent.transport == "audiosocket" else "")
+        channel = await self._external_media(media, leg.channel, agent)
+        variables = channel.get("channelvars") or {}
+        if variables.get("UNICASTRTP_LOCAL_ADDRESS"):
+            leg.local_rtp = f"{variables['UNICASTRTP_LOCAL_ADDRESS']}:{variables.get('UNICASTRTP_LOCAL_PORT', '')}"
+        await self.nodes[media.node].add_channel(media.bridge, leg.channel)
+        leg.state, leg.up_ms = "up", now_ms()
+        return leg
+
+    async def _external_media(self, media: CallMedia, channel_id: str, target: Endpoint) -> dict[str, Any]:
+        """Create an ExternalMedia channel and wait until it is in our application."""
+        up = self._waiter(channel_id)
+        params = external_media_params(target)
+        try:
+            created = await self.nodes[media.node].external_media(
+                channel_id, params["external_host"], target.codec, encapsulation=params["encapsulation"],
+                transport=params["transport"],
+                data=session_uuid(channel_id) if target.transport == "audiosocket" else None)
+            entered = await asyncio.wait_for(up, LEG_UP_TIMEOUT_S)
+        finally:
+            self._waiters.pop(channel_id, None)
+        return {**(created or {}), **(entered or {})}
+
+    def _waiter(self, channel_id: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[channel_id] = future
+        return future
+
+    def _resolve(self, channel_id: str, channel: dict[str, Any]) -> None:
+        future = self._waiters.pop(channel_id, None)
+        if future is not None and not future.done():
+            future.set_result(channel)
+
+    def _fail_waiter(self, channel_id: str, reason: str) -> None:
+        future = self._waiters.pop(channel_id, None)
+        if future is not None and not future.done():
+            future.set_exception(MediaError(reason, 502))
+
+    async def _stop_fork_objects(self, media: CallMedia, fork: ForkLeg) -> None:
+        client = self.nodes[media.node]
+        await self._quietly(client.hangup(fork.snoop))
+        await self._quietly(client.hangup(fork.channel))
+        await self._quietly(client.destroy_bridge(fork.bridge))
+
+    async def _teardown(self, media: CallMedia, reason: str, hang_up_caller: bool = False) -> None:
+        """End of the call: every channel and bridge this call created is removed (no leaks)."""
+        if media.state == "ended":
+            return
+        media.state = "ending"
+        client = self.nodes[media.node]
+        active_forks = [f for f in media.forks.values() if f.state in ("starting", "up")]
+        for fork in active_forks:
+            fork.state = "gone"
+            self.metrics.forks_active.dec()
+        removals = [client.hangup(c) for c in media.our_channels()]
+        if hang_up_caller:
+            removals.append(client.hangup(media.caller_channel))
+        removals += [client.destroy_bridge(b) for b in media.bridges()]
+        await asyncio.gather(*(self._quietly(r) for r in removals))
+        if media.agent:
+            media.agent.state = "gone"
+        media.state = "ended"
+        await self._save(media, "media_end", reason=reason)
+        await self.store.forget_media(media.node, media.call_id)
+        self.calls.pop(media.call_id, None)
+        self._by_token.pop(media.token, None)
+        self._locks.pop(media.call_id, None)
+
+    async def _context_headers(self, call_id: str, context: dict[str, str]) -> dict[str, str]:
+        """Validated, size-capped X- headers; a long value travels as a reference to the API."""
+        headers: dict[str, str] = {"X-Callfabric-Call-Id": call_id}
+        for key, value in context.items():
+            name = key if key.lower().startswith("x-") else f"X-{key.replace('_', '-').title()}"
+            problem = header_name_problem(name)
+            if problem:
+                raise MediaError(problem, 422)
+            text = sanitize_header_value(str(value))
+            if len(text.encode()) > MAX_CONTEXT_HEADER_BYTES:
+                await self.store.set_fields(call_id, {f"context_{name[2:].lower()}": text})
+                text = f"{self.api_base_url}/v1/calls/{call_id}/context/{name[2:].lower()}"
+                name = f"{name}-Ref"
+            headers[name] = text
+        return headers
+
+    def _track(self, media: CallMedia) -> None:
+        self.calls[media.call_id] = media
+        self._by_token[media.token] = media.call_id
+
+    def _media_of_channel(self, channel_id: str) -> CallMedia | None:
+        parsed = parse_object_id(channel_id)
+        if parsed:
+            call_id = self._by_token.get(parsed[0])
+            return self.calls.get(call_id) if call_id else None
+        return next((m for m in self.calls.values() if m.caller_channel == channel_id), None)
+
+    def _live(self, call_id: str) -> CallMedia:
+        media = self.calls.get(call_id)
+        if media is None:
+            raise MediaError(f"no live call {call_id!r} on this controller's media nodes", 404)
+        if media.state in ("ending", "ended"):
+            raise MediaError(f"call {call_id!r} has ended", 409)
+        if media.state == "setup":
+            raise MediaError(f"call {call_id!r} is still being set up", 409)
+        return media
+
+    def _lock(self, call_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(call_id, asyncio.Lock())
+
+    async def _record(self, call_id: str) -> dict[str, Any] | None:
+        try:
+            return await self.store.get(call_id)
+        except RedisError as exc:
+            log.error("call %s: cannot read its record: %s", call_id, exc)
+            return None
+
+    async def _save(self, media: CallMedia, event: str, **detail: Any) -> None:
+        entry = {"event": event, "ts": now_ms(), "node": media.node, **{k: v for k, v in detail.items() if v is not None}}
+        try:
+            await self.store.save_media(media.call_id, media.to_dict(), entry)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("media").inc()
+            log.error("call %s: could not record %s: %s", media.call_id, event, exc)
+
+    async def _timeline(self, media: CallMedia, event: str, **detail: Any) -> None:
+        try:
+            await self.store.append_event(media.call_id, {"event": event, "ts": now_ms(), **detail})
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("media").inc()
+            log.error("call %s: could not record %s: %s", media.call_id, event, exc)
+
+    @staticmethod
+    async def _quietly(awaitable) -> Any:
+        """Best-effort clean-up step: a 404 (already gone) or a failure is logged, not raised."""
+        try:
+            return await awaitable
+        except (AriError, MediaError, asyncio.TimeoutError) as exc:
+            log.warning("media: %s", exc)
+            return None

@@ -13,6 +13,11 @@ from typing import Any
 TERMINAL_VERBS = ("route_agent", "route_sip", "reject", "ask_webhook")
 MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "continue")
 SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
+# On a live call the same documents act on the call: route_agent transfers to an agent,
+# route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
+# only mid-call.
+LIVE_VERBS = ("route_agent", "route_sip", "fork", "stop_fork", "add_human", "play", "hangup", "set_metadata")
+CONTEXT_KEYS = ("summary", "intent", "sentiment")
 
 FORK_DIRECTIONS = ("in", "out", "both")
 MEDIA_TRANSPORTS = ("rtp", "audiosocket", "websocket")
@@ -41,6 +46,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
+PLAY_MEDIA_PATTERN = r"^(sound|recording|tone|digits|number|characters):[^\s,]{1,200}$|^https?://[^\s,]{1,2000}$"
+FORK_ID_PATTERN = r"^f[0-9]{1,6}$"
 _DURATION = re.compile(DURATION_PATTERN)
 _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1000}
 
@@ -190,6 +197,81 @@ def action_schema(ref_prefix: str = "#/$defs/") -> dict[str, Any]:
             },
         },
     }
+
+
+_CONTEXT = {
+    "type": "object",
+    "description": "Conversation context for a human: becomes X- headers (X-Summary, X-Intent, X-Sentiment …); "
+                   "a value over 256 bytes travels as a reference the human's desk fetches from the API.",
+    "maxProperties": 16,
+    "propertyNames": {"pattern": r"^[A-Za-z][A-Za-z0-9_\-]{0,40}$"},
+    "additionalProperties": {"type": "string", "maxLength": 65536},
+}
+
+
+def live_action_schema() -> dict[str, Any]:
+    """JSON Schema of one action on a live call (REST API commands)."""
+    return {
+        "type": "object",
+        "description": "One action on a live call: a mapping with exactly one verb as its key.",
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "route_agent": {
+                "description": "Transfer the call to another AI agent (the caller stays connected; forks go on).",
+                "oneOf": [_NAME, {"type": "object", "required": ["agent"], "additionalProperties": False,
+                                  "properties": {"agent": _NAME}}],
+            },
+            "route_sip": {
+                "description": "Hand the call to a SIP destination (a PBX, a human queue): the destination is "
+                               "called through the edge, with context headers; on answer it replaces the AI agent.",
+                "oneOf": [_NAME, {"type": "object", "required": ["destination"], "additionalProperties": False,
+                                  "properties": {"destination": _NAME, "context": _CONTEXT}}],
+            },
+            "add_human": {
+                "description": "Bring a human in (conference: the AI agent stays; handoff: it leaves on answer).",
+                "type": "object", "required": ["destination"], "additionalProperties": False,
+                "properties": {"destination": _NAME, "mode": {"enum": ["conference", "handoff"]}, "context": _CONTEXT},
+            },
+            "fork": {
+                "description": "Start a live copy of the call's audio to a fork target.",
+                "oneOf": [_NAME, {"type": "object", "required": ["target"], "additionalProperties": False,
+                                  "properties": {"target": _NAME, "direction": {"enum": list(FORK_DIRECTIONS)}}}],
+            },
+            "stop_fork": {
+                "description": "Stop a fork by its id (see the call's forks).",
+                "type": "object", "required": ["fork_id"], "additionalProperties": False,
+                "properties": {"fork_id": {"type": "string", "pattern": FORK_ID_PATTERN}},
+            },
+            "play": {
+                "description": "Play audio into the call: sound:NAME, recording:NAME, tone:…, digits:…, or an http(s) URL.",
+                "oneOf": [{"type": "string", "pattern": PLAY_MEDIA_PATTERN},
+                          {"type": "object", "required": ["media"], "additionalProperties": False,
+                           "properties": {"media": {"type": "string", "pattern": PLAY_MEDIA_PATTERN}}}],
+            },
+            "hangup": {"description": "End the call.", "const": True},
+            "set_metadata": {
+                "description": "Store conversation context on the call (later humans receive it as headers).",
+                **_CONTEXT,
+                "minProperties": 1,
+            },
+        },
+    }
+
+
+def canonical_live_action(action: dict[str, Any]) -> tuple[str, Any]:
+    """(verb, argument) of a schema-valid live action, shorthand forms expanded."""
+    ((verb, arg),) = action.items()
+    if verb == "route_agent" and isinstance(arg, str):
+        arg = {"agent": arg}
+    elif verb == "route_sip" and isinstance(arg, str):
+        arg = {"destination": arg}
+    elif verb == "fork" and isinstance(arg, str):
+        arg = {"target": arg}
+    elif verb == "play" and isinstance(arg, str):
+        arg = {"media": arg}
+    return verb, arg
 
 
 def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:

@@ -13,6 +13,10 @@ from typing import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from controller.api import routes as api
+from controller.api.commands import CallControl
+from controller.api.events import EventHub, matches, public_event
+from controller.api.webhooks import WebhookSender
 from controller.config import ConfigError, Settings, parse_ari_node, split_host_port
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import EdgeDecisions
@@ -32,6 +36,7 @@ STORE = web.AppKey("store", CallStore)
 POLICIES = web.AppKey("policies", PolicyHolder)
 EDGES = web.AppKey("edges", list)
 MEDIA = web.AppKey("media", MediaPlane)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
@@ -68,9 +73,48 @@ async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
 
+def _webhook_target(settings: Settings, holder: PolicyHolder):
+    """Where a call's events go: its agent's webhook, else the controller's webhook_url;
+    decided at the call's first event and kept for the call (an agent change mid-call does
+    not split a call's events across applications)."""
+    sticky: dict[str, str] = {}
+    patterns = tuple(settings.webhook_events)
+
+    def url_for(event: dict) -> str | None:
+        call_id = event["call_id"]
+        if call_id not in sticky:
+            agent_name = event["data"].get("agent") or (event["data"].get("target")
+                                                        if event["data"].get("outcome") == "agent" else None)
+            policy = holder.policy
+            agent = policy.source.agents.get(agent_name) if policy and agent_name else None
+            sticky[call_id] = (agent.webhook if agent and agent.webhook else None) or settings.webhook_url
+        url = sticky[call_id]
+        if event["type"] == "call.ended":
+            sticky.pop(call_id, None)
+        return url if url and matches(event, None, patterns) else None
+    return url_for
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    sender = WebhookSender(settings.webhook_secret, metrics, _webhook_target(settings, app[POLICIES]))
+    app[WEBHOOKS] = sender
+
+    def on_event(raw: dict) -> None:
+        event = public_event(raw)
+        if event is not None:
+            sender.publish(event)
+    app[STORE].listeners.append(on_event)
+    if (settings.webhook_url or settings.webhook_events) and not settings.webhook_secret:
+        log.warning("webhook_secret is empty: webhooks are sent with a signature nobody can trust")
+    yield
+    await sender.close()
+
+
 async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics, holder = app[SETTINGS], app[METRICS], app[POLICIES]
-    decisions = EdgeDecisions(lambda: holder.policy, app[STORE], metrics, settings.instance_id)
+    decisions = EdgeDecisions(lambda: holder.policy, app[STORE], metrics, settings.instance_id,
+                              ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms)
     channels = []
     for endpoint in settings.edge_evapi:
         host, port = split_host_port(endpoint, "edge_evapi")
@@ -138,6 +182,18 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
 
+async def _api_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Services behind the /v1 API: call control over the media plane, the events hub."""
+    hub = EventHub(app[SETTINGS].redis_url)
+    app[api.CONTROL] = CallControl(app[MEDIA], app[STORE], lambda: app[POLICIES].policy,
+                                   outbound_trunk=app[SETTINGS].outbound_trunk)
+    app[api.HUB] = hub
+    app[api.STORE] = app[STORE]
+    app[api.POLICIES] = app[POLICIES]
+    yield
+    await hub.close()
+
+
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     """Live-call gauge, and live-index entries whose call is over or gone removed."""
     store, metrics = app[STORE], app[METRICS]
@@ -172,9 +228,13 @@ async def health_view(request: web.Request) -> web.Response:
         redis_ok = await asyncio.wait_for(app[STORE].ping(), 1.0)
     except (RedisError, OSError, asyncio.TimeoutError):
         redis_ok = False
-    healthy = policy is not None and redis_ok and all(edges.values())
+    metrics = app[METRICS]
+    media_nodes = {name: bool(metrics.registry.get_sample_value("callfabric_ari_connected", {"node": name}))
+                   for name in app[MEDIA].nodes}
+    healthy = policy is not None and redis_ok and all(edges.values()) and all(media_nodes.values())
     body = {"status": "ok" if healthy else "degraded", "instance": app[SETTINGS].instance_id,
-            "policy_version": policy.version if policy else None, "redis": redis_ok, "edges": edges}
+            "policy_version": policy.version if policy else None, "redis": redis_ok, "edges": edges,
+            "media_nodes": media_nodes}
     return web.json_response(body, status=200 if healthy else 503, dumps=json.dumps)
 
 
@@ -182,9 +242,16 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _edge_ctx, _media_ctx, _housekeeping_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _webhooks_ctx, _edge_ctx, _media_ctx, _api_ctx,
+                             _housekeeping_ctx])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
+    try:
+        app.add_subapp("/v1", api.api_app(settings.api_tokens))
+    except ValueError as exc:
+        raise ConfigError(f"setting {exc}") from None
+    if not settings.api_tokens:
+        log.warning("no api_tokens configured: the /v1 API refuses every request")
     return app
 
 

@@ -241,6 +241,76 @@ def cmd_calls_show(args: argparse.Namespace) -> int:
     return _with_store(args, work)
 
 
+def cmd_calls_trace(args: argparse.Namespace) -> int:
+    """A call's timeline, each step with its time since the first."""
+    async def work(store) -> int:
+        timeline = await store.timeline(args.call_id)
+        if not timeline:
+            print(f"no call {args.call_id!r} in the call store", file=sys.stderr)
+            return EXIT_FAIL
+        start = next((e["ts"] for e in timeline if isinstance(e.get("ts"), int)), 0)
+        for event in timeline:
+            rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id", "call_id") and v is not None}
+            offset = f"+{(event['ts'] - start) / 1000:8.3f}s" if isinstance(event.get("ts"), int) else " " * 10
+            print(f"{offset}  {event.get('event', '?'):<20} {json.dumps(rest)[:160]}")
+        return EXIT_OK
+    return _with_store(args, work)
+
+
+def _call_action(args: argparse.Namespace) -> dict:
+    """The action document a `callfabric call …` command stands for."""
+    if args.call_command == "transfer":
+        if bool(args.agent) == bool(args.destination):
+            raise ValueError("give --agent (AI agent) or --destination (SIP destination)")
+        return {"route_agent": args.agent} if args.agent else {"route_sip": args.destination}
+    if args.call_command == "human":
+        context = {k: v for k, v in (("summary", args.summary), ("intent", args.intent),
+                                     ("sentiment", args.sentiment)) if v}
+        return {"add_human": {"destination": args.destination, "mode": "handoff" if args.handoff else "conference",
+                              **({"context": context} if context else {})}}
+    if args.call_command == "fork":
+        return {"fork": {"target": args.target, "direction": args.direction}}
+    if args.call_command == "stop-fork":
+        return {"stop_fork": {"fork_id": args.fork_id}}
+    if args.call_command == "play":
+        return {"play": args.media}
+    if args.call_command == "hangup":
+        return {"hangup": True}
+    return json.loads(args.document)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Send an action on a live call through the REST API (like any application would)."""
+    import asyncio
+    import os
+
+    import aiohttp
+
+    token = args.token or os.environ.get("CALLFABRIC_TOKEN", "")
+    if not token:
+        print("error: an API token is needed (--token or CALLFABRIC_TOKEN)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        action = _call_action(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def send() -> int:
+        url = f"{args.api.rstrip('/')}/calls/{args.call_id}/actions"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            try:
+                async with http.post(url, json={"action": action}, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    body = await r.text()
+                    status = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                print(f"error: {url}: {exc}", file=sys.stderr)
+                return EXIT_FAIL
+        print(body)
+        return EXIT_OK if status < 300 else EXIT_FAIL
+    return asyncio.run(send())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from controller.localstack.demo import run_demo
 
@@ -252,6 +322,13 @@ def cmd_config_describe(args: argparse.Namespace) -> int:
 
     for name, env, default, doc in describe():
         print(f"{name}  ({env}, default {default!r})\n    {doc}")
+    return EXIT_OK
+
+
+def cmd_api_openapi(args: argparse.Namespace) -> int:
+    from controller.api.openapi import document
+
+    print(json.dumps(document(), indent=2, sort_keys=True))
     return EXIT_OK
 
 
@@ -302,9 +379,50 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_calls_show)
 
+    trace = calls_commands.add_parser("trace", help="a call's timeline with relative times")
+    trace.add_argument("call_id")
+    trace.add_argument("--config")
+    trace.set_defaults(func=cmd_calls_trace)
+
+    call = commands.add_parser("call", help="act on a live call through the REST API")
+    call.add_argument("--api", default="http://127.0.0.1:9090/v1", help="the API's base URL")
+    call.add_argument("--token", help="API token with the control scope (default: CALLFABRIC_TOKEN)")
+    call_commands = call.add_subparsers(dest="call_command", required=True)
+    transfer = call_commands.add_parser("transfer", help="to another AI agent or a SIP destination")
+    transfer.add_argument("call_id")
+    transfer.add_argument("--agent")
+    transfer.add_argument("--destination")
+    human = call_commands.add_parser("human", help="bring a human in (conference, or --handoff)")
+    human.add_argument("call_id")
+    human.add_argument("--destination", required=True)
+    human.add_argument("--handoff", action="store_true")
+    human.add_argument("--summary")
+    human.add_argument("--intent")
+    human.add_argument("--sentiment")
+    fork = call_commands.add_parser("fork", help="start a fork to a fork target")
+    fork.add_argument("call_id")
+    fork.add_argument("--target", required=True)
+    fork.add_argument("--direction", default="in", choices=("in", "out", "both"))
+    stop_fork = call_commands.add_parser("stop-fork", help="stop a fork")
+    stop_fork.add_argument("call_id")
+    stop_fork.add_argument("fork_id")
+    play = call_commands.add_parser("play", help="play sound:NAME or a URL into the call")
+    play.add_argument("call_id")
+    play.add_argument("media")
+    hang = call_commands.add_parser("hangup", help="end the call")
+    hang.add_argument("call_id")
+    raw = call_commands.add_parser("action", help="any action document (JSON)")
+    raw.add_argument("call_id")
+    raw.add_argument("document")
+    call.set_defaults(func=cmd_call)
+
     demo = commands.add_parser("demo", help="start Redis, Kamailio and the controller locally, place calls, report")
     demo.add_argument("--keep", action="store_true", help="keep the working directory (logs, SIPp traces)")
     demo.set_defaults(func=cmd_demo)
+
+    api = commands.add_parser("api", help="the REST API")
+    api_commands = api.add_subparsers(dest="api_command", required=True)
+    api_commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_api_openapi)
 
     config = commands.add_parser("config", help="controller settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -44,6 +44,16 @@ class Settings:
                                    "PJSIP contact status).")
     media_health_interval_s: float = _setting(5.0, "How often RTP statistics of agent and fork legs are checked.")
     api_base_url: str = _setting("", "Public base URL of this controller's API (references in context headers).")
+    outbound_trunk: str = _setting("", "host[:port] that outbound calls to phone numbers are sent to, through the "
+                                       "edge (API originate); empty: only sip: URIs can be called.")
+    webhook_url: str = _setting("", "Where call events are POSTed (an agent's own `webhook` in the policy wins).")
+    webhook_events: list = _setting([], "Event types sent to webhooks (e.g. call.*, fork.started); empty: all.")
+    webhook_secret: str = _setting("", "HMAC-SHA256 key of the Callfabric-Signature header (set it through the "
+                                       "environment).")
+    edge_decision_budget_ms: int = _setting(200, "The edge's decision budget (Kamailio DECISION_TIMEOUT_MS): a "
+                                                 "decision webhook gets this minus 40 ms at most.")
+    api_tokens: list = _setting([], "API tokens, each 'name:scope[,scope]:secret' (scopes: read, control, admin); "
+                                    "set them through the environment, not in files.")
     instance_id: str = _setting("", "Name of this controller instance (default: hostname:pid).")
     log_level: str = _setting("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
 

@@ -70,6 +70,12 @@ class Metrics:
         self.pjsip_contact_reachable = Gauge("callfabric_pjsip_contact_reachable",
                                              "1 when a PJSIP contact of a node is reachable.", ["node", "endpoint"],
                                              registry=r)
+        self.webhook_deliveries = Counter("callfabric_webhook_deliveries_total", "Event webhooks by type and result "
+                                          "(delivered, failed after retries, dropped).", ["type", "result"], registry=r)
+        self.webhook_seconds = Histogram("callfabric_webhook_duration_seconds", "Webhook request latency.", ["kind"],
+                                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.webhook_decisions = Counter("callfabric_webhook_decisions_total", "Decision webhooks by result (answered, "
+                                         "timeout, error, garbage, invalid).", ["result"], registry=r)
         self._version: str | None = None
 
     def policy_outcome(self, outcome: ReloadOutcome) -> None:

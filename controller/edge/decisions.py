@@ -7,13 +7,14 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from redis.exceptions import RedisError
 
 from controller.edge import protocol
 from controller.metrics import Metrics
 from controller.policy import Decision
+from controller.policy.answers import AnswerInvalid, decision_from_answer
 from controller.state.batch import raise_errors
 from controller.state.calls import CallStore, CounterRequest, now_ms
 
@@ -33,11 +34,16 @@ def _target(decision: Decision) -> str:
 
 
 class EdgeDecisions:
-    def __init__(self, current_policy: Callable[[], Any], store: CallStore, metrics: Metrics, instance_id: str):
+    def __init__(self, current_policy: Callable[[], Any], store: CallStore, metrics: Metrics, instance_id: str, *,
+                 ask_webhook: Callable[[str, dict, float], Awaitable[tuple[str, Any]]] | None = None,
+                 decision_budget_ms: int = 200):
         self._policy = current_policy
         self.store = store
         self.metrics = metrics
         self.instance_id = instance_id
+        self._ask_webhook = ask_webhook
+        # The edge falls back when its budget runs out: a decision webhook must answer before.
+        self.webhook_budget_s = max(0.02, (decision_budget_ms - 40) / 1000)
         self._deciding: dict[str, asyncio.Event] = {}  # call id -> set when its record is written
 
     async def decide(self, message: dict[str, Any], received: float) -> dict[str, Any] | None:
@@ -82,11 +88,7 @@ class EdgeDecisions:
         timeline_extra: dict[str, Any] = {}
         carried = decision
         if decision.outcome == "webhook":
-            # Outgoing decision webhooks arrive with the REST API; until then the policy's
-            # fallback for a webhook that does not answer applies, and the timeline says so.
-            carried = decision.webhook.fallback
-            timeline_extra["webhook"] = {"url": decision.webhook.url, "applied": "fallback",
-                                         "why": "decision webhooks are not enabled in this version"}
+            carried, timeline_extra["webhook"] = await self._webhook_decision(policy, decision, request, facts)
         internal = [("X-Callfabric-Policy", policy.version), ("X-Callfabric-Rule", carried.rule)]
         if carried.outcome == "agent":
             internal.insert(0, ("X-Callfabric-Agent", carried.agent.name))
@@ -122,6 +124,36 @@ class EdgeDecisions:
         written.add_done_callback(functools.partial(self._record_written, call.call_id))
         self.metrics.decisions.labels(carried.outcome, carried.rule).inc()
         return answer
+
+    async def _webhook_decision(self, policy: Any, asked: Decision, request: protocol.DecideRequest,
+                                facts: Any) -> tuple[Decision, dict[str, Any]]:
+        """Ask the application (call.initiated); its answer decides, or the rule's fallback
+        does when it is slow, down, or answers something invalid."""
+        webhook = asked.webhook
+        timeout_s = min(webhook.timeout_ms / 1000, self.webhook_budget_s)
+        call = request.call
+        payload = {"type": "call.initiated", "call_id": call.call_id, "ts": now_ms(), "data": {
+            "from": facts.caller, "to": facts.callee, "dialled": facts.ruri, "from_uri": request.from_uri,
+            "source": f"{call.src_ip}:{call.src_port}", "transport": call.transport, "tenant": facts.tenant,
+            "headers": dict(call.headers), "rule": asked.rule, "policy_version": policy.version,
+            "answer": "reply with {\"actions\": [...]}: the same actions as policy rules"}}
+        if self._ask_webhook is None:
+            result, answer = "error", None
+        else:
+            result, answer = await self._ask_webhook(webhook.url, payload, timeout_s)
+        detail: dict[str, Any] = {"url": webhook.url, "result": result, "timeout_ms": round(timeout_s * 1000)}
+        if result == "ok":
+            try:
+                decision = decision_from_answer(policy.source, asked, answer)
+            except AnswerInvalid as exc:
+                result = "invalid"
+                detail.update(result=result, errors=[f"{path}: {message}" for path, message in exc.errors][:10])
+            else:
+                self.metrics.webhook_decisions.labels("answered").inc()
+                return decision, {**detail, "result": "answered", "applied": "answer"}
+        self.metrics.webhook_decisions.labels(result).inc()
+        log.warning("call %s: decision webhook %s (%s): fallback applies", call.call_id, webhook.url, result)
+        return webhook.fallback, {**detail, "applied": "fallback"}
 
     def _record_written(self, call_id: str, replies: asyncio.Future) -> None:
         try:

@@ -99,6 +99,8 @@ class CallMedia:
     sequence: int = 0  # makes every id of the call unique
     started_ms: int = 0
     max_duration_s: int | None = None
+    direction: str = "inbound"  # outbound: originated by the API
+    pending_agent: str = ""  # outbound: the agent that joins when the call is answered
 
     def next_id(self, kind: str) -> str:
         self.sequence += 1

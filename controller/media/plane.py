@@ -111,17 +111,16 @@ class MediaPlane:
         """Compare what Asterisk has with what we think exists: calls whose caller is gone are
         ended, legs that vanished are marked gone, objects of ours nobody owns are removed."""
         client = self.nodes[node]
+        # Only calls we knew before looking can be judged by what we saw (a call arriving
+        # meanwhile is not in the snapshot, and is not missing from Asterisk).
+        before = [m for m in self.calls.values() if m.node == node and m.state != "setup"]
         try:
             channels = {c["id"]: c for c in await client.channels() if isinstance(c, dict) and "id" in c}
             bridges = {b["id"] for b in await client.bridges() if isinstance(b, dict) and "id" in b}
         except AriError as exc:
             log.warning("ARI %s: resync failed: %s", node, exc)
             return
-        known_channels: set[str] = set()
-        known_bridges: set[str] = set()
-        for media in [m for m in self.calls.values() if m.node == node]:
-            known_channels.update(media.our_channels() + [media.caller_channel])
-            known_bridges.update(media.bridges())
+        for media in before:
             async with self._lock(media.call_id):
                 if media.caller_channel not in channels:
                     await self._timeline(media, "resync", detail="caller gone while disconnected")
@@ -141,13 +140,17 @@ class MediaPlane:
                         changed = True
                 if changed:
                     await self._save(media, "resync", detail="legs gone while disconnected")
-        for channel_id in channels:
-            if parse_object_id(channel_id) and channel_id not in known_channels:
+        for channel_id in channels:  # ours, of no live call: left over from a crash or a lost event
+            if self._orphan(channel_id):
                 log.warning("ARI %s: hanging up orphan channel %s", node, channel_id)
                 await self._quietly(client.hangup(channel_id))
         for bridge_id in bridges:
-            if parse_object_id(bridge_id) and bridge_id not in known_bridges:
+            if self._orphan(bridge_id):
                 await self._quietly(client.destroy_bridge(bridge_id))
+
+    def _orphan(self, object_id_: str) -> bool:
+        parsed = parse_object_id(object_id_)
+        return parsed is not None and parsed[0] not in self._by_token
 
     # -- events -------------------------------------------------------------------------------------
     def on_event(self, node: str, event: dict[str, Any]) -> None:
@@ -203,20 +206,31 @@ class MediaPlane:
                                                     "reason": f"no agent ({agent_name or 'none'})"})
             await self._quietly(client.hangup(channel_id, "unallocated"))
             return
-        token = call_token(call_id)
-        media = CallMedia(call_id=call_id, token=token, node=node, caller_channel=channel_id, bridge="",
+        media = CallMedia(call_id=call_id, token=call_token(call_id), node=node, caller_channel=channel_id, bridge="",
                           started_ms=now_ms(), max_duration_s=decision.get("max_duration_s"))
         media.bridge = media.next_id("bridge")
         self._track(media)
         async with self._lock(call_id):
             await self.store.add_media_call(node, call_id)
             await self._save(media, "media_start", node=node, channel=channel_id, agent=agent.name)
-        # Asterisk work happens outside the call's lock (events about the call, forks starting
-        # beside the agent leg, must not wait for it); the lock guards the record only.
+        await self._connect_agent(media, agent, decision.get("forks") or [], started, answer=True)
+
+    async def _connect_agent(self, media: CallMedia, agent: Endpoint, forks: list[Any], started: float, *,
+                             answer: bool) -> None:
+        """Bridge the caller (inbound: answered here; outbound: already up) with the agent, and
+        start the forks beside the agent leg.
+
+        Asterisk work happens outside the call's lock (events about the call, forks starting
+        beside the agent leg, must not wait for it); the lock guards the record only."""
+        client = self.nodes[media.node]
+        call_id, channel_id = media.call_id, media.caller_channel
         try:
-            await asyncio.gather(client.answer(channel_id), client.create_bridge(media.bridge, f"call-{token}"))
+            first = [client.create_bridge(media.bridge, f"call-{media.token}")]
+            if answer:
+                first.append(client.answer(channel_id))
+            await asyncio.gather(*first)
             await client.add_channel(media.bridge, channel_id)
-            for fork in decision.get("forks") or []:
+            for fork in forks:
                 if isinstance(fork, dict) and fork.get("target"):
                     target = Endpoint(fork["target"], fork.get("endpoint", ""), fork.get("transport", "rtp"),
                                       fork.get("codec", "slin16"))
@@ -238,10 +252,56 @@ class MediaPlane:
             await self._save(media, "media_up", setup_ms=round((time.perf_counter() - started) * 1000, 1),
                              agent=agent.name)
 
+    async def originate(self, call_id: str, uri: str, agent: Endpoint, *, caller_id: str | None = None,
+                        context: dict[str, str] | None = None) -> dict[str, Any]:
+        """An outbound call through the edge; when it is answered, the agent joins it."""
+        node = next((name for name in self.nodes
+                     if self.metrics.registry.get_sample_value("callfabric_ari_connected", {"node": name})), None)
+        if node is None:
+            raise MediaError("no media node is connected", 503)
+        token = call_token(call_id)
+        media = CallMedia(call_id=call_id, token=token, node=node, caller_channel="", bridge="", started_ms=now_ms(),
+                          direction="outbound", pending_agent=agent.name)
+        media.caller_channel = media.next_id("out")
+        media.bridge = media.next_id("bridge")
+        headers = await self._context_headers(call_id, context or {})
+        record = {"state": "routing", "outcome": "agent", "rule": "api-originate", "target": agent.name,
+                  "direction": "outbound", "dialled": uri, "created_at_ms": media.started_ms,
+                  "controller": self.instance_id,
+                  "decision": {"outcome": "agent", "rule": "api-originate", "agent": {"name": agent.name}}}
+        await self.store.create(call_id, record, live_scopes={}, window_counters=[], at_ms=media.started_ms,
+                                event={"event": "originating", "ts": media.started_ms, "to": uri, "agent": agent.name})
+        self._track(media)
+        async with self._lock(call_id):
+            await self.store.add_media_call(node, call_id)
+            await self._save(media, "media_start", node=node, channel=media.caller_channel, agent=agent.name)
+            try:
+                await self.nodes[node].originate(
+                    media.caller_channel, f"PJSIP/{self.edge_endpoint}/{uri}", app_args=f"outbound,{call_id}",
+                    caller_id=caller_id, variables={f"PJSIP_HEADER(add,{n})": v for n, v in headers.items()})
+            except AriError as exc:
+                await self._timeline(media, "originate_failed", reason=str(exc))
+                await self._teardown(media, "originate-failed")
+                raise MediaError(f"could not call {uri}: {exc}", 502) from None
+        return {"call_id": call_id, "node": node, "channel": media.caller_channel, "agent": agent.name}
+
     async def _own_leg_entered(self, node: str, channel_id: str, channel: dict[str, Any]) -> None:
-        """A channel we created entered Stasis: a human who answered joins the call."""
+        """A channel we created entered Stasis: an outbound call was answered (its agent joins),
+        or a human who answered joins the call."""
         media = self._media_of_channel(channel_id)
         if media is None:
+            return
+        if media.direction == "outbound" and channel_id == media.caller_channel and media.state == "setup":
+            agent = self.resolve_agent(media.pending_agent)
+            if agent is None:
+                async with self._lock(media.call_id):
+                    await self._timeline(media, "media_failed", reason=f"unknown agent {media.pending_agent!r}")
+                    await self._teardown(media, "no-agent", hang_up_caller=True)
+                return
+            await self._timeline(media, "answered", channel=channel_id)
+            await self.store.transition(media.call_id, "answered", {"answered_at_ms": now_ms()},
+                                        {"event": "answered", "ts": now_ms(), "by": "media"})
+            await self._connect_agent(media, agent, [], time.perf_counter(), answer=False)
             return
         async with self._lock(media.call_id):
             human = next((h for h in media.humans.values() if h.channel == channel_id), None)
@@ -515,6 +575,13 @@ class MediaPlane:
             media.agent.state = "gone"
         media.state = "ended"
         await self._save(media, "media_end", reason=reason)
+        if media.direction == "outbound":  # no dialog events from the edge for these
+            try:
+                await self.store.transition(media.call_id, "ended" if media.agent or reason == "caller-hangup" else "failed",
+                                            {"ended_at_ms": now_ms(), "end_reason": reason},
+                                            {"event": "ended", "ts": now_ms(), "reason": reason})
+            except RedisError as exc:
+                log.error("call %s: could not record its end: %s", media.call_id, exc)
         await self.store.forget_media(media.node, media.call_id)
         self.calls.pop(media.call_id, None)
         self._by_token.pop(media.token, None)

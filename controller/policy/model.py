@@ -59,6 +59,7 @@ class Agent:
     endpoint: str
     transport: str
     codec: str
+    webhook: str | None = None  # where events of this agent's calls go
 
 
 @dataclass(frozen=True, slots=True)

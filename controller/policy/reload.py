@@ -93,4 +93,7 @@ def reload_on_sighup(holder: PolicyHolder) -> None:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_signal)
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_signal)
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread (embedded, tests)
+        log.info("SIGHUP policy reload unavailable here (not the main thread); file watch still works")

@@ -174,6 +174,9 @@ def policy_file_schema() -> dict[str, Any]:
                                                 "or an Asterisk websocket_client connection id (websocket)"},
                     "transport": {"enum": list(MEDIA_TRANSPORTS)},
                     "codec": {"enum": list(CODECS)},
+                    "webhook": {"type": "string", "pattern": r"^https?://[^\s]+$", "maxLength": 2048,
+                                "description": "where this agent's calls' events are POSTed (else the "
+                                               "controller's webhook_url)"},
                     "description": _TEXT,
                 },
             }),

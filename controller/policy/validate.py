@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterable
 from jsonschema import Draft202012Validator
 
 from controller.actions import (
-    TERMINAL_VERBS, DURATION_PATTERN, canonical_action, header_name_problem,
+    TERMINAL_VERBS, canonical_action, header_name_problem,
     header_value_problem, parse_duration_ms, reason_problem,
 )
 from controller.policy import conditions as cond
+from controller.schema_errors import TYPE_WORDS, describe, json_type, show
 from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, ActionSet, build_action_set
 from controller.policy.model import (
     Agent, Destination, ForkTarget, NodeSet, PolicyInvalid, PolicyIssue, PolicySource, Position, RuleSource, Settings,
@@ -107,44 +108,6 @@ def _no_extra_files(relative: str) -> str:
 
 _SCHEMA = policy_file_schema()
 _VALIDATOR = Draft202012Validator(_SCHEMA)
-_TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
-               "number": "a number", "boolean": "true or false", "null": "nothing"}
-_PATTERN_WORDS = {
-    r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "a name (letters, digits, '_', '.', '-', starting with a letter or digit)",
-    DURATION_PATTERN: "a duration such as 90, 90s, 15m, 2h or 250ms",
-    r"^https?://[^\s]+$": "an http:// or https:// URL",
-    r"^[1-9][0-9]{0,2}$": "a country calling code such as '44' or '1'",
-    r"^[0-9]{1,4}$": "digits", r"^[0-9]{1,3}$": "digits",
-}
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _quote_hint(types: Iterable[str], instance: Any) -> str:
-    if "string" in types and isinstance(instance, (int, float)) and not isinstance(instance, bool):
-        return f" (quote it: '{instance}')"
-    return ""
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "…"
-
-
 class _Builder:
     def __init__(self, texts: dict[str, str], read_extra: Callable[[str], str], issues: list[PolicyIssue]):
         self.texts = texts
@@ -182,73 +145,16 @@ class _Builder:
     # -- structure ---------------------------------------------------------------------------
     def _check_schema(self, doc: PositionedDocument) -> None:
         if not isinstance(doc.data, dict):
-            self.error(doc, (), f"a policy file must be a mapping of sections, got {_TYPE_WORDS[_json_type(doc.data)]}")
+            self.error(doc, (), f"a policy file must be a mapping of sections, got {TYPE_WORDS[json_type(doc.data)]}")
             return
         for error in _VALIDATOR.iter_errors(doc.data):
             self.broken.add((id(doc), _item_path(tuple(error.absolute_path))))
-            for path, message, key in self._describe(error):
+            for path, message, key in describe(error):
                 self.error(doc, path, message, key=key)
 
     def valid(self, doc: PositionedDocument, path: Path) -> bool:
         """Whether the item at `path` (a declaration, a rule, settings, default) passed the schema."""
         return isinstance(doc.data, dict) and not any((id(doc), path[:k]) in self.broken for k in range(len(path) + 1))
-
-    def _describe(self, error: Any) -> list[tuple[Path, str, bool]]:
-        path: Path = tuple(error.absolute_path)
-        validator, value, instance = error.validator, error.validator_value, error.instance
-        if "propertyNames" in error.absolute_schema_path:
-            return [(path + (instance,), f"{instance!r} is not a valid name: use {_PATTERN_WORDS[value]}", True)]
-        if validator == "additionalProperties":
-            allowed = sorted(error.schema.get("properties", {}))
-            out = []
-            for extra in sorted(set(instance) - set(allowed)):
-                what = "action" if _is_action_path(path) else ("condition" if _is_condition(error) else "key")
-                hint = difflib.get_close_matches(extra, allowed, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(allowed)})"
-                out.append((path + (extra,), f"unknown {what} {extra!r}{suggestion}", True))
-            return out
-        if validator in ("oneOf", "anyOf"):
-            branch = _matching_branch(error)
-            if branch:
-                return [d for sub in branch for d in self._describe(sub)]
-            types = _branch_types(value)
-            expected = " or ".join(sorted({_TYPE_WORDS.get(t, t) for t in types}))
-            return [(path, f"expected {expected}, got {_TYPE_WORDS[_json_type(instance)]} {_show(instance)}"
-                           f"{_quote_hint(types, instance)}", False)]
-        if validator == "type":
-            types = value if isinstance(value, list) else [value]
-            expected = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-            return [(path, f"expected {expected}, got {_TYPE_WORDS[_json_type(instance)]} {_show(instance)}"
-                           f"{_quote_hint(types, instance)}", False)]
-        if validator == "required":
-            missing = [name for name in value if isinstance(instance, dict) and name not in instance]
-            return [(path, f"missing required key {name!r}", False) for name in missing]
-        if validator == "enum":
-            hint = difflib.get_close_matches(str(instance), [str(v) for v in value], n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            return [(path, f"{_show(instance)} is not one of: {', '.join(map(str, value))}{suggestion}", False)]
-        if validator == "const":
-            return [(path, f"expected {value!r}, got {_show(instance)}", False)]
-        if validator == "pattern":
-            words = _PATTERN_WORDS.get(value, f"text matching {value}")
-            return [(path, f"{_show(instance)} is not {words}", False)]
-        if validator in ("maxProperties", "minProperties") and _is_action_path(path):
-            verbs = ", ".join(instance) if instance else "none"
-            return [(path, f"an action has exactly one verb as its key, found: {verbs}", False)]
-        if validator == "minProperties":
-            return [(path, "must not be empty", False)]
-        if validator == "maxProperties":
-            return [(path, f"has more than {value} entries", False)]
-        if validator == "minItems":
-            return [(path, "must not be empty" if value == 1 else f"needs at least {value} items", False)]
-        if validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-            words = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "more than",
-                     "exclusiveMaximum": "less than"}[validator]
-            return [(path, f"{_show(instance)} must be {words} {value}", False)]
-        if validator in ("minLength", "maxLength"):
-            words = "at least" if validator == "minLength" else "at most"
-            return [(path, f"must be {words} {value} characters long", False)]
-        return [(path, error.message, False)]
 
     # -- merge -------------------------------------------------------------------------------
     def _merge(self) -> dict[str, dict[str, tuple[PositionedDocument, Path, Any]]]:
@@ -288,7 +194,7 @@ class _Builder:
                 self._unknown(doc, path + ("node_set",), "node set", body["node_set"])
             elif body["node_set"] in node_sets:
                 agents[name] = Agent(name, node_sets[body["node_set"]], body["endpoint"], transport,
-                                     body.get("codec", "ulaw" if transport == "rtp" else "slin16"))
+                                     body.get("codec", "ulaw" if transport == "rtp" else "slin16"), body.get("webhook"))
         destinations: dict[str, Destination] = {}
         for name, (doc, path, body) in decls["destinations"].items():
             if not self.valid(doc, path):
@@ -297,7 +203,7 @@ class _Builder:
             for i, uri in enumerate(uris):
                 sub = path + (("uri",) if i == 0 else ("failover", i - 1))
                 if not isinstance(uri, str) or not _SIP_URI.match(uri):
-                    self.error(doc, sub, f"{_show(uri)} is not a SIP URI (e.g. 'sip:desk@pbx.example.com:5060')")
+                    self.error(doc, sub, f"{show(uri)} is not a SIP URI (e.g. 'sip:desk@pbx.example.com:5060')")
             destinations[name] = Destination(name, tuple(uris), body.get("attempt_timeout_ms"))
         fork_targets: dict[str, ForkTarget] = {}
         for name, (doc, path, body) in decls["fork_targets"].items():
@@ -416,12 +322,12 @@ class _Builder:
     def _check_endpoint(self, doc: PositionedDocument, path: Path, endpoint: str, transport: str) -> None:
         if transport == "websocket":
             if not _CONNECTION_ID.match(endpoint):
-                self.error(doc, path, f"{_show(endpoint)}: a websocket endpoint is the id of a connection in "
+                self.error(doc, path, f"{show(endpoint)}: a websocket endpoint is the id of a connection in "
                                       "Asterisk's websocket_client.conf (letters, digits, '_', '.', '-')")
             return
         match = _HOST_PORT.match(endpoint)
         if not match or not 0 < int(match.group(1)) < 65536:
-            self.error(doc, path, f"{_show(endpoint)} is not host:port (e.g. '10.0.0.5:4000' or '[2001:db8::5]:4000')")
+            self.error(doc, path, f"{show(endpoint)} is not host:port (e.g. '10.0.0.5:4000' or '[2001:db8::5]:4000')")
 
     def _number_list(self, doc: PositionedDocument, path: Path, body: Any, numbering: Numbering) -> frozenset[str]:
         numbers: set[str] = set()
@@ -677,33 +583,3 @@ def _issue_order(issue: PolicyIssue) -> tuple[str, int, int]:
     return issue.position.file, issue.position.line, issue.position.column
 
 
-def _is_action_path(path: Path) -> bool:
-    return len(path) >= 2 and isinstance(path[-1], int) and path[-2] in ("actions", "fallback")
-
-
-def _is_condition(error: Any) -> bool:
-    return "caller" in error.schema.get("properties", {})
-
-
-def _branch_types(branches: list[dict[str, Any]]) -> set[str]:
-    types: set[str] = set()
-    for branch in branches:
-        t = branch.get("type")
-        if t:
-            types.update(t if isinstance(t, list) else [t])
-        elif "enum" in branch or "const" in branch:
-            types.add("string")
-        elif "anyOf" in branch or "oneOf" in branch:
-            types |= _branch_types(branch.get("anyOf") or branch.get("oneOf"))
-    return types
-
-
-def _matching_branch(error: Any) -> list[Any] | None:
-    """The sub-errors of the oneOf/anyOf branch whose type fits the instance, if exactly one does."""
-    kind = _json_type(error.instance)
-    fitting = [i for i, branch in enumerate(error.validator_value)
-               if kind in _branch_types([branch]) or (kind == "integer" and "number" in _branch_types([branch]))]
-    if len(fitting) != 1:
-        return None
-    subs = [e for e in error.context if e.relative_schema_path and e.relative_schema_path[0] == fitting[0]]
-    return subs or None

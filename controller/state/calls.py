@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from redis.asyncio import Redis
 
@@ -30,6 +31,7 @@ PREFIX = "cf"
 LIVE_INDEX = f"{PREFIX}:live"
 RECENT_INDEX = f"{PREFIX}:recent"  # the latest calls, live or not (for operators' listings)
 RECENT_KEEP = 10_000
+EVENTS_CHANNEL = f"{PREFIX}:events"  # every timeline event, published for live listeners (any controller)
 STATES = ("routing", "answered", "failed", "ended")
 FINAL_STATES = ("failed", "ended")
 _SAFE_ID = re.compile(r"[A-Za-z0-9\-_.@+!%*~:]{1,128}")
@@ -53,6 +55,15 @@ def timeline_key(call_id: str) -> str:
 
 def live_scope_key(scope: str, value: str) -> str:
     return f"{PREFIX}:live:{{{scope}:{value}}}"
+
+
+def command_key(call_id: str, key: str) -> str:
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"{PREFIX}:{{{call_key_id(call_id)}}}:command:{digest}"
+
+
+def metadata_key(call_id: str) -> str:
+    return f"{PREFIX}:{{{call_key_id(call_id)}}}:metadata"
 
 
 def media_index_key(node: str) -> str:
@@ -95,6 +106,7 @@ end
 redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+redis.call('PUBLISH', 'cf:events', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 return 1
@@ -119,6 +131,7 @@ for k, v in pairs(cjson.decode(ARGV[8])) do
 end
 redis.call('HSET', KEYS[1], unpack(flat))
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+redis.call('PUBLISH', 'cf:events', ARGV[4])
 local ttl = tonumber(ARGV[6])
 if ttl == 0 and not current then
   ttl = tonumber(ARGV[7])  -- a call first seen live: its safety expiry
@@ -161,6 +174,16 @@ class CallStore:
         self.call_retention_s = call_retention_s
         self.live_call_ttl_s = live_call_ttl_s
         self._live_scopes: dict[str, dict[str, str]] = {}  # calls this store put in live indexes
+        # Told of every timeline event this process writes (the webhook sender): local, so
+        # several controllers never send one event twice.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def _emit(self, call_id: str, event: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            try:
+                listener({**event, "call_id": call_id})
+            except Exception:  # a listener's bug must not fail the write that happened
+                logging.getLogger("callfabric.state").exception("event listener failed")
 
     async def aclose(self) -> None:
         self.batch.close()
@@ -221,7 +244,7 @@ class CallStore:
         ttl = self.call_retention_s if final else self.live_call_ttl_s
         commands: list[tuple] = [
             ("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],
-             [state, *_event_args(event), self.timeline_max_events, ttl, _json(fields)]),
+             [state, *_event_args({**event, "call_id": call_id}), self.timeline_max_events, ttl, _json(fields)]),
             ("ZADD", RECENT_INDEX, at_ms, call_id),
         ]
         if not final:
@@ -233,7 +256,9 @@ class CallStore:
         for r in window_counters:
             bucket_key = window_key(r.scope, r.value, r.window_s, at_ms // (r.window_s * 1000))
             commands += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
-        return (await self.batch.send(commands)).replies
+        operation = await self.batch.send(commands)
+        self._emit(call_id, event)
+        return operation.replies
 
     async def transition(self, call_id: str, state: str, fields: dict[str, Any], event: dict[str, Any]) -> Transition:
         """Move a call forward (answered, failed, ended); a final state removes it from the
@@ -243,7 +268,7 @@ class CallStore:
         final = state in FINAL_STATES
         fields = {k: _field(v) for k, v in {**fields, "call_id": call_id}.items() if v is not None}
         commands: list[tuple] = [("EVALSHA", _TRANSITION, [call_key(call_id), timeline_key(call_id)],
-                                  [state, *_event_args(event), self.timeline_max_events,
+                                  [state, *_event_args({**event, "call_id": call_id}), self.timeline_max_events,
                                    self.call_retention_s if final else 0, self.live_call_ttl_s, _json(fields)])]
         known = self._live_scopes.pop(call_id, None) if final else None
         if final:  # leaving the live indexes is right whether or not this event is the one that ends it
@@ -251,6 +276,8 @@ class CallStore:
             commands += [("ZREM", live_scope_key(s, v), call_id) for s, v in (known or {}).items()]
         replies = await self.batch.run(commands, urgent=False)
         previous, applied, stored_scopes = _text(replies[0][0]), bool(int(replies[0][1])), _text(replies[0][2])
+        if applied:
+            self._emit(call_id, event)
         if final and known is None and stored_scopes:  # decided elsewhere (another controller, a restart)
             scopes = _loads(stored_scopes)
             if isinstance(scopes, dict) and scopes:
@@ -278,10 +305,13 @@ class CallStore:
     # -- media records (the media plane's part of a call) ---------------------------------------
     async def save_media(self, call_id: str, media: dict[str, Any], event: dict[str, Any]) -> None:
         """The call's media record and a timeline event, together (one slot, one round trip)."""
+        fields = _event_fields({**event, "call_id": call_id})
         await self.batch.run([
             ("HSET", call_key(call_id), "media", _json(media)),
-            ("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *_event_fields(event)),
+            ("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *fields),
+            ("PUBLISH", EVENTS_CHANNEL, fields[-1]),
         ])
+        self._emit(call_id, event)
 
     async def load_media(self, call_id: str) -> dict[str, Any] | None:
         (raw,) = await self.batch.run([("HGET", call_key(call_id), "media")])
@@ -289,8 +319,10 @@ class CallStore:
         return data if isinstance(data, dict) else None
 
     async def append_event(self, call_id: str, event: dict[str, Any]) -> None:
-        await self.batch.run([("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*",
-                               *_event_fields(event))], urgent=False)
+        fields = _event_fields({**event, "call_id": call_id})
+        await self.batch.run([("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *fields),
+                              ("PUBLISH", EVENTS_CHANNEL, fields[-1])], urgent=False)
+        self._emit(call_id, event)
 
     async def set_fields(self, call_id: str, fields: dict[str, Any]) -> None:
         await self.batch.run([("HSET", call_key(call_id), *_flat({k: _field(v) for k, v in fields.items()}))])
@@ -305,6 +337,27 @@ class CallStore:
     async def media_calls(self, node: str) -> list[str]:
         (members,) = await self.batch.run([("SMEMBERS", media_index_key(node))])
         return sorted(_text(m) for m in members or [])
+
+    # -- API support: idempotent commands, conversation metadata ----------------------------------
+    async def claim_command(self, call_id: str, key: str, ttl_s: int) -> tuple[bool, str | None]:
+        """Claim an idempotency key for a command on a call: (True, None) when it is new, else
+        (False, what is stored: 'pending' or the recorded response)."""
+        redis_key = command_key(call_id, key)
+        claimed, previous = await self.batch.run([("SET", redis_key, "pending", "NX", "EX", ttl_s),
+                                                  ("GET", redis_key)])
+        return claimed is not None, None if claimed is not None else _text(previous) if previous is not None else None
+
+    async def remember_command(self, call_id: str, key: str, response: str, ttl_s: int) -> None:
+        await self.batch.run([("SET", command_key(call_id, key), response, "EX", ttl_s)])
+
+    async def merge_metadata(self, call_id: str, fields: dict[str, str]) -> None:
+        """Conversation context set through the API (summary, intent, sentiment …)."""
+        await self.batch.run([("HSET", metadata_key(call_id), *_flat(fields)),
+                              ("EXPIRE", metadata_key(call_id), self.call_retention_s)])
+
+    async def metadata(self, call_id: str) -> dict[str, str]:
+        (flat,) = await self.batch.run([("HGETALL", metadata_key(call_id))])
+        return {_text(k): _text(v) for k, v in zip((flat or [])[::2], (flat or [])[1::2])}
 
     # -- reading -------------------------------------------------------------------------------
     async def get(self, call_id: str) -> dict[str, Any] | None:

@@ -83,3 +83,12 @@ def test_run_with_a_bad_config_exits_2(tmp_path, capsys):
     bad.write_text("nonsense: 1\n")
     assert main(["run", "--config", str(bad)]) == 2
     assert "unknown setting 'nonsense'" in capsys.readouterr().err
+
+
+def test_calls_trace(redis_url, monkeypatch, capsys):
+    populate(redis_url)
+    monkeypatch.setenv("CALLFABRIC_REDIS_URL", redis_url)
+    assert main(["calls", "trace", "done-1@host"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("+   0.000s  decided") and "ended" in lines[1] and '"reason": "bye-caller"' in lines[1]
+    assert main(["calls", "trace", "nope"]) == 1

@@ -1,0 +1,174 @@
+"""The API's contract: every route with the scope it needs, the request bodies' JSON
+Schemas, and the OpenAPI 3.1 document built from them (served at /v1/openapi.json and kept
+in the repository as api/openapi.json; a test checks the two agree)."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from controller.actions import live_action_schema
+from controller.api.events import EVENT_TYPES
+
+# method, path (relative to /v1), handler name, scope (None: public)
+ROUTES: list[tuple[str, str, str, str | None]] = [
+    ("GET", "/openapi.json", "openapi", None),
+    ("GET", "/calls", "list_calls", "read"),
+    ("POST", "/calls", "post_call", "control"),
+    ("GET", "/calls/{call_id}", "get_call", "read"),
+    ("GET", "/calls/{call_id}/timeline", "get_timeline", "read"),
+    ("GET", "/calls/{call_id}/forks", "get_forks", "read"),
+    ("GET", "/calls/{call_id}/context/{name}", "get_context", "read"),
+    ("POST", "/calls/{call_id}/actions", "post_action", "control"),
+    ("GET", "/policy", "get_policy", "read"),
+    ("POST", "/policy/reload", "reload_policy", "admin"),
+    ("POST", "/policy/validate", "validate_policy", "admin"),
+    ("GET", "/events", "events", "read"),
+]
+_SCOPES = {(method, path): scope for method, path, _, scope in ROUTES}
+
+
+def scope_of(method: str, path: str) -> str | None:
+    """The scope a request needs; unknown routes need `read` (they answer 404 after auth)."""
+    if method == "HEAD":
+        method = "GET"
+    return _SCOPES.get((method, path), "read")
+
+
+_CONTEXT = live_action_schema()["properties"]["add_human"]["properties"]["context"]
+REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
+    "action_request": {
+        "type": "object", "required": ["action"], "additionalProperties": False,
+        "properties": {"action": live_action_schema()},
+    },
+    "originate_request": {
+        "type": "object", "required": ["to", "agent"], "additionalProperties": False,
+        "properties": {
+            "to": {"type": "string", "minLength": 2, "maxLength": 256,
+                   "description": "A phone number (routed by the edge) or a sip: URI."},
+            "agent": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64},
+            "caller_id": {"type": "string", "maxLength": 128, "pattern": r"^[^\r\n\x00]*$"},
+            "context": _CONTEXT,
+        },
+    },
+    "policy_candidate": {
+        "type": "object", "required": ["files"], "additionalProperties": False,
+        "properties": {"files": {"type": "object", "minProperties": 1, "maxProperties": 200,
+                                 "propertyNames": {"pattern": r"^[A-Za-z0-9_.\-]+\.ya?ml$"},
+                                 "additionalProperties": {"type": "string", "maxLength": 4_000_000}}},
+    },
+}
+
+_ERROR = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["status", "message"],
+        "properties": {"status": {"type": "integer"}, "message": {"type": "string"},
+                       "errors": {"type": "array", "items": {
+                           "type": "object", "required": ["path", "message"],
+                           "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}}},
+    }},
+}
+_OBJECT = {"type": "object"}
+_RESPONSES: dict[str, dict[str, Any]] = {
+    "openapi": {"200": _OBJECT},
+    "list_calls": {"200": {"type": "object", "required": ["calls"],
+                           "properties": {"calls": {"type": "array", "items": _OBJECT}}}},
+    "post_call": {"201": {"type": "object", "required": ["call_id"],
+                          "properties": {"call_id": {"type": "string"}, "node": {"type": "string"},
+                                         "channel": {"type": "string"}, "agent": {"type": "string"}}}},
+    "get_call": {"200": {"type": "object", "required": ["call"],
+                         "properties": {"call": _OBJECT, "media": {"type": ["object", "null"]}, "metadata": _OBJECT,
+                                        "context": {"type": "array", "items": {"type": "string"}}}}},
+    "get_timeline": {"200": {"type": "object", "required": ["events"],
+                             "properties": {"call_id": {"type": "string"},
+                                            "events": {"type": "array", "items": _OBJECT}}}},
+    "get_forks": {"200": {"type": "object", "required": ["forks"],
+                          "properties": {"call_id": {"type": "string"}, "forks": {"type": "array", "items": _OBJECT}}}},
+    "get_context": {"200": {"type": "object", "required": ["value"],
+                            "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
+                                           "value": {"type": "string"}}}},
+    "post_action": {"200": {"type": "object", "required": ["call_id", "action"],
+                            "properties": {"call_id": {"type": "string"}, "action": {"type": "string"},
+                                           "result": _OBJECT}}},
+    "get_policy": {"200": {"type": "object", "required": ["version"],
+                           "properties": {"version": {"type": "string"}, "files": {"type": "array"},
+                                          "rules": {"type": "array"}, "agents": {"type": "array"},
+                                          "destinations": {"type": "array"}, "fork_targets": {"type": "array"},
+                                          "warnings": {"type": "array"}}}},
+    "reload_policy": {"200": {"type": "object", "required": ["accepted", "version"],
+                              "properties": {"accepted": {"type": "boolean"}, "version": {"type": "string"},
+                                             "previous": {"type": ["string", "null"]},
+                                             "issues": {"type": "array", "items": {"type": "string"}}}}},
+    "validate_policy": {"200": {"type": "object", "required": ["valid", "version"],
+                                "properties": {"valid": {"const": True}, "version": {"type": "string"},
+                                               "warnings": {"type": "array", "items": {"type": "string"}}}}},
+    "events": {"101": None},
+}
+_ERRORS = {  # which error statuses each route can answer, besides 401/403 for protected routes
+    "list_calls": ["400", "503"], "post_call": ["400", "413", "422", "502", "503"], "get_call": ["404", "503"],
+    "get_timeline": ["404", "503"], "get_forks": ["404", "503"], "get_context": ["404", "503"],
+    "post_action": ["400", "404", "409", "413", "422", "502", "503"], "get_policy": ["503"],
+    "reload_policy": ["422"], "validate_policy": ["400", "413", "422"], "events": ["400"], "openapi": [],
+}
+_BODIES = {"post_action": "action_request", "post_call": "originate_request", "validate_policy": "policy_candidate"}
+_SUMMARIES = {
+    "openapi": "This document.",
+    "list_calls": "Live calls (state=live) or the latest calls (state=recent).",
+    "post_call": "Originate an outbound call through the edge with an AI agent on it.",
+    "get_call": "A call's record, media (legs, forks, humans) and metadata.",
+    "get_timeline": "A call's timeline: every step, with timings.",
+    "get_forks": "A call's forks.",
+    "get_context": "A long context value (a summary, a transcript …) sent to a human by reference.",
+    "post_action": "Carry out an action on a live call: route_agent (transfer), route_sip (hand off), add_human, "
+                   "fork, stop_fork, play, hangup, set_metadata. An Idempotency-Key header makes retries safe.",
+    "get_policy": "The serving policy's version and declarations.",
+    "reload_policy": "Reload the policy from disk (the last good version keeps serving if it is invalid).",
+    "validate_policy": "Validate a candidate policy (files as text) without loading it.",
+    "events": "Websocket of call events (JSON), filtered by call_id and types (e.g. fork.*).",
+}
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for method, path, name, scope in ROUTES:
+        operation: dict[str, Any] = {"operationId": name, "summary": _SUMMARIES[name], "responses": {}}
+        if scope is not None:
+            operation["security"] = [{"bearer": []}]
+            operation["x-scope"] = scope
+        for param in [p[1:-1] for p in path.split("/") if p.startswith("{")]:
+            operation.setdefault("parameters", []).append(
+                {"name": param, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}})
+        if name == "list_calls":
+            operation["parameters"] = [
+                {"name": "state", "in": "query", "schema": {"enum": ["live", "recent"], "default": "live"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500,
+                                                            "default": 50}}]
+        if name == "post_action":
+            operation["parameters"].append({"name": "Idempotency-Key", "in": "header",
+                                            "schema": {"type": "string", "maxLength": 128}})
+        if name == "events":
+            operation["parameters"] = [
+                {"name": "call_id", "in": "query", "schema": {"type": "string"}},
+                {"name": "types", "in": "query", "description": "comma-separated; `fork.*` matches a family; "
+                                                                "types: " + ", ".join(EVENT_TYPES),
+                 "schema": {"type": "string"}}]
+        if name in _BODIES:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": copy.deepcopy(REQUEST_SCHEMAS[_BODIES[name]])}}}
+        for status, schema in _RESPONSES[name].items():
+            if schema is None:
+                operation["responses"][status] = {"description": "Switching to the websocket protocol."}
+            else:
+                operation["responses"][status] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
+        for status in _ERRORS[name] + (["401", "403"] if scope else []):
+            operation["responses"][status] = {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "callfabric API", "version": "1",
+                 "description": "Control live calls of AI voice agents; actions are the same documents as in "
+                                "routing policies."},
+        "servers": [{"url": "/v1"}],
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

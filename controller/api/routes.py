@@ -1,0 +1,257 @@
+"""The public REST API, under /v1: calls (list, details, timeline, forks, context), actions on
+live calls (the same action documents as policies), originating calls, the serving policy,
+and a websocket of call events. JSON everywhere; errors are
+{"error": {"status", "message", "errors": [{"path", "message"}]}}."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from jsonschema import Draft202012Validator
+from redis.exceptions import RedisError
+
+from controller.api import openapi
+from controller.api.auth import auth_middleware, error, parse_tokens
+from controller.api.commands import CallControl, CommandError
+from controller.api.events import EventHub, matches
+from controller.media.plane import MediaError
+from controller.policy import PolicyInvalid, policy_from_texts
+from controller.schema_errors import describe
+
+log = logging.getLogger("callfabric.api")
+
+CONTROL = web.AppKey("call_control", CallControl)
+HUB = web.AppKey("event_hub", EventHub)
+STORE = web.AppKey("api_store", object)
+POLICIES = web.AppKey("api_policies", object)
+
+_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in openapi.REQUEST_SCHEMAS.items()}
+
+
+def _scope(request: web.Request) -> str | None:
+    resource = getattr(request.match_info.route, "resource", None)
+    path = resource.canonical if resource is not None else ""
+    return openapi.scope_of(request.method, path.removeprefix("/v1"))
+
+
+def _body_errors(name: str, body: Any) -> list[dict[str, str]]:
+    out = []
+    for err in _VALIDATORS[name].iter_errors(body):
+        for sub_path, message, _ in describe(err):
+            out.append({"path": ".".join(map(str, sub_path)) or "(body)", "message": message})
+    return out
+
+
+class _Invalid(Exception):
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+
+
+class _NotJson(Exception):
+    pass
+
+
+async def _json_body(request: web.Request, schema: str) -> Any:
+    try:
+        body = json.loads(await request.text())
+    except (ValueError, UnicodeDecodeError):
+        raise _NotJson() from None
+    errors = _body_errors(schema, body)
+    if errors:
+        raise _Invalid(errors)
+    return body
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Every failure as JSON with a status that says whose fault it is; never a stack trace."""
+    try:
+        return await handler(request)
+    except _Invalid as exc:
+        return error(422, "invalid request body", errors=exc.errors)
+    except _NotJson:
+        return error(400, "the body is not valid JSON")
+    except CommandError as exc:
+        return error(exc.status, exc.message, errors=exc.errors)
+    except MediaError as exc:
+        return error(exc.status, str(exc))
+    except web.HTTPException as exc:
+        return error(exc.status, exc.reason)
+    except (RedisError, OSError) as exc:
+        log.error("api %s %s: call store unavailable: %s", request.method, request.path, exc)
+        return error(503, "the call store is unavailable; retry later")
+    except Exception:
+        log.exception("api %s %s failed", request.method, request.path)
+        return error(500, "internal error")
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    state = request.query.get("state", "live")
+    if state not in ("live", "recent"):
+        return error(400, "state must be live or recent")
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        return error(400, "limit must be an integer")
+    if not 1 <= limit <= 500:
+        return error(400, "limit must be between 1 and 500")
+    ids = await (store.live_calls(limit) if state == "live" else store.recent_calls(limit))
+    records = await store.get_many(ids)
+    return web.json_response({"calls": [_summary(r) for r in records if r]})
+
+
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    keep = ("call_id", "state", "outcome", "rule", "target", "caller", "dialled", "tenant", "direction",
+            "created_at_ms", "answered_at_ms", "ended_at_ms", "end_reason", "fallback", "policy_version")
+    return {k: record[k] for k in keep if k in record}
+
+
+async def get_call(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    call_id = request.match_info["call_id"]
+    record = await store.get(call_id)
+    if record is None:
+        return error(404, f"no call {call_id!r}")
+    media = record.pop("media", None)
+    record.pop("live_scopes", None)
+    context_names = sorted(k.removeprefix("context_") for k in record if k.startswith("context_"))
+    for name in context_names:  # long values: fetched one by one from /context/{name}
+        record.pop(f"context_{name}")
+    return web.json_response({"call": record, "media": media if isinstance(media, dict) else None,
+                              "metadata": await store.metadata(call_id), "context": context_names})
+
+
+async def get_timeline(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    call_id = request.match_info["call_id"]
+    if await store.get(call_id) is None:
+        return error(404, f"no call {call_id!r}")
+    return web.json_response({"call_id": call_id, "events": await store.timeline(call_id)})
+
+
+async def get_forks(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    call_id = request.match_info["call_id"]
+    record = await store.get(call_id)
+    if record is None:
+        return error(404, f"no call {call_id!r}")
+    media = record.get("media") if isinstance(record.get("media"), dict) else {}
+    forks = list((media.get("forks") or {}).values()) if isinstance(media.get("forks"), dict) else []
+    return web.json_response({"call_id": call_id, "forks": [
+        {k: f.get(k) for k in ("fork_id", "target", "direction", "state", "reason", "started_ms", "up_ms")}
+        for f in forks if isinstance(f, dict)]})
+
+
+async def get_context(request: web.Request) -> web.Response:
+    """A long context value (summary, transcript …) a human's desk fetches by reference."""
+    store = request.config_dict[STORE]
+    call_id, name = request.match_info["call_id"], request.match_info["name"].lower()
+    record = await store.get(call_id)
+    value = record.get(f"context_{name}") if record else None
+    if value is None:
+        return error(404, f"no context {name!r} on call {call_id!r}")
+    return web.json_response({"call_id": call_id, "name": name, "value": str(value)})
+
+
+async def post_action(request: web.Request) -> web.Response:
+    body = await _json_body(request, "action_request")
+    result = await request.config_dict[CONTROL].execute(request.match_info["call_id"], body["action"],
+                                                         request.headers.get("Idempotency-Key"))
+    return web.json_response(result.body, status=result.status)
+
+
+async def post_call(request: web.Request) -> web.Response:
+    body = await _json_body(request, "originate_request")
+    result = await request.config_dict[CONTROL].originate(body["to"], body["agent"], body.get("caller_id"),
+                                                           body.get("context"))
+    return web.json_response(result, status=201)
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    policy = request.config_dict[POLICIES].policy
+    if policy is None:
+        return error(503, "no valid policy is loaded")
+    source = policy.source
+    return web.json_response({
+        "version": policy.version, "files": list(source.files), "rules": [r.name for r in source.rules],
+        "agents": sorted(source.agents), "destinations": sorted(source.destinations),
+        "fork_targets": sorted(source.fork_targets), "warnings": [str(w) for w in policy.warnings]})
+
+
+async def reload_policy(request: web.Request) -> web.Response:
+    outcome = await request.config_dict[POLICIES].reload("api")
+    body = {"accepted": outcome.accepted, "version": outcome.version or None, "previous": outcome.previous,
+            "issues": [str(i) for i in outcome.issues]}
+    if not outcome.accepted:
+        return error(422, "the policy on disk is invalid; the last good version keeps serving",
+                     errors=[{"path": i.split(": ", 1)[0], "message": i.split(": ", 1)[-1]} for i in body["issues"]],
+                     serving=outcome.version or None)
+    return web.json_response(body)
+
+
+async def validate_policy(request: web.Request) -> web.Response:
+    body = await _json_body(request, "policy_candidate")
+    try:
+        candidate = await asyncio.to_thread(policy_from_texts, body["files"])
+    except PolicyInvalid as exc:
+        return error(422, "the candidate policy is invalid",
+                     errors=[{"path": str(i.position), "message": f"{i.path}: {i.message}" if i.path else i.message}
+                             for i in exc.issues if i.severity == "error"])
+    return web.json_response({"valid": True, "version": candidate.version,
+                              "warnings": [str(w) for w in candidate.warnings]})
+
+
+async def events_socket(request: web.Request) -> web.StreamResponse:
+    call_id = request.query.get("call_id") or None
+    types = tuple(t.strip() for t in request.query.get("types", "").split(",") if t.strip())
+    hub = request.config_dict[HUB]
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+    subscription = hub.subscribe(call_id, types)
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 5)
+        await ws.send_json({"type": "subscribed", "call_id": call_id, "types": list(types)})
+        reader = asyncio.create_task(ws.receive())
+        while not ws.closed:
+            getter = asyncio.create_task(subscription.queue.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                getter.cancel()
+                message = reader.result()
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+                reader = asyncio.create_task(ws.receive())  # clients have nothing to say; ignore it
+                continue
+            event = getter.result()
+            if matches(event, call_id, types):
+                await ws.send_json(event)
+        reader.cancel()
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    finally:
+        hub.unsubscribe(subscription)
+        await ws.close()
+    return ws
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+def api_app(tokens: list[str]) -> web.Application:
+    """The /v1 sub-application. Its services (CONTROL, HUB, STORE, POLICIES) are set on the
+    parent application when it starts; handlers find them through `config_dict`."""
+    app = web.Application(middlewares=[_errors, auth_middleware(parse_tokens(tokens), _scope)])
+    handlers = {
+        "list_calls": list_calls, "get_call": get_call, "get_timeline": get_timeline, "get_forks": get_forks,
+        "get_context": get_context, "post_action": post_action, "post_call": post_call, "get_policy": get_policy,
+        "reload_policy": reload_policy, "validate_policy": validate_policy, "events": events_socket,
+        "openapi": get_openapi,
+    }
+    for method, path, name, _scope_name in openapi.ROUTES:
+        app.router.add_route(method, path, handlers[name], name=name)
+    return app

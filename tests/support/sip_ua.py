@@ -1,0 +1,139 @@
+"""A minimal SIP caller with real RTP, for the real-Asterisk suite: INVITE with an SDP offer
+(PCMU), ACK along the Record-Route, RTP at 50 packets/s from its own socket while it counts
+what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CallResult:
+    call_id: str
+    status: int = 0
+    reason: str = ""
+    rtp_sent: int = 0
+    rtp_received: int = 0
+    received_at: list[float] = field(default_factory=list)
+
+
+class _Rtp(asyncio.DatagramProtocol):
+    def __init__(self, result: CallResult):
+        self.result = result
+
+    def datagram_received(self, data, addr):
+        if len(data) >= 12 and data[0] >> 6 == 2:
+            self.result.rtp_received += 1
+            self.result.received_at.append(time.monotonic())
+
+
+class _Sip(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def datagram_received(self, data, addr):
+        self.queue.put_nowait(data.decode(errors="replace"))
+
+
+def _headers(message: str) -> tuple[str, dict[str, list[str]], str]:
+    head, _, body = message.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return lines[0], headers, body
+
+
+class SipCaller:
+    def __init__(self, edge_port: int, from_user: str = "+12025550123"):
+        self.edge = ("127.0.0.1", edge_port)
+        self.from_user = from_user
+
+    async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
+                   while_up=None) -> CallResult:
+        """Call `to_user`, stream audio for `hold_s` seconds (awaiting `while_up(result)` if
+        given, concurrently), hang up."""
+        loop = asyncio.get_running_loop()
+        call_id = f"{uuid.uuid4().hex}@real-suite"
+        result = CallResult(call_id)
+        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=("127.0.0.1", 0))
+        rtp_transport, _ = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=("127.0.0.1", 0))
+        sip_port = sip_transport.get_extra_info("sockname")[1]
+        rtp_port = rtp_transport.get_extra_info("sockname")[1]
+        tag = uuid.uuid4().hex[:8]
+        try:
+            sdp = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                   f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            branch = f"z9hG4bK{uuid.uuid4().hex}"
+            invite = (f"INVITE sip:{to_user}@127.0.0.1:{self.edge[1]} SIP/2.0\r\n"
+                      f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                      f"From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\nTo: <sip:{to_user}@127.0.0.1>\r\n"
+                      f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@127.0.0.1:{sip_port}>\r\n"
+                      f"{extra}Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
+            sip_transport.sendto(invite.encode(), self.edge)
+            final = None
+            deadline = loop.time() + 10
+            while final is None:
+                message = await asyncio.wait_for(sip.queue.get(), max(0.1, deadline - loop.time()))
+                first, hdrs, body = _headers(message)
+                if first.startswith("SIP/2.0 ") and "INVITE" in hdrs.get("cseq", [""])[0]:
+                    code = int(first.split()[1])
+                    if code >= 200:
+                        final = (first, hdrs, body)
+            first, hdrs, body = final
+            result.status, result.reason = int(first.split()[1]), first.split(" ", 2)[2]
+            to_header = hdrs["to"][0]
+            route = list(reversed(hdrs.get("record-route", [])))
+            if result.status >= 300:
+                ack = (f"ACK sip:{to_user}@127.0.0.1:{self.edge[1]} SIP/2.0\r\n"
+                       f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                       f"From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\nTo: {to_header}\r\nCall-ID: {call_id}\r\n"
+                       f"CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+                sip_transport.sendto(ack.encode(), self.edge)
+                return result
+            contact = re.search(r"<([^>]+)>", hdrs["contact"][0]).group(1)
+            media_ip = re.search(r"c=IN IP4 (\S+)", body).group(1)
+            media_port = int(re.search(r"m=audio (\d+)", body).group(1))
+            route_lines = "".join(f"Route: {r}\r\n" for r in route)
+
+            def in_dialog(method: str, cseq: int) -> bytes:
+                return (f"{method} {contact} SIP/2.0\r\n"
+                        f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                        f"Max-Forwards: 70\r\n{route_lines}From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\n"
+                        f"To: {to_header}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
+                        f"Content-Length: 0\r\n\r\n").encode()
+            sip_transport.sendto(in_dialog("ACK", 1), self.edge)
+
+            async def stream() -> None:
+                ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
+                tone = bytes((0x7F if (i // 10) % 2 else 0xFF) for i in range(160))  # a PCMU square wave
+                started = loop.time()
+                while loop.time() - started < hold_s:
+                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + tone
+                    rtp_transport.sendto(packet, (media_ip, media_port))
+                    result.rtp_sent += 1
+                    seq, ts = seq + 1, ts + 160
+                    await asyncio.sleep(0.02)
+            if while_up is not None:
+                await asyncio.gather(stream(), while_up(result))
+            else:
+                await stream()
+            sip_transport.sendto(in_dialog("BYE", 2), self.edge)
+            try:
+                while True:
+                    message = await asyncio.wait_for(sip.queue.get(), 3)
+                    if message.startswith("SIP/2.0 ") and "BYE" in message:
+                        break
+            except asyncio.TimeoutError:
+                pass
+            return result
+        finally:
+            sip_transport.close()
+            rtp_transport.close()

@@ -108,7 +108,7 @@ async def run_real(args: argparse.Namespace, redis_url: str, workdir: Path, bina
     from controller.config import Settings
     from controller.localstack.asterisk import Asterisk
     from controller.localstack.kamailio import Kamailio, free_port
-    from tests.support.sip_ua import SipCaller
+    from controller.localstack.sip_ua import SipCaller
 
     spec_ = __import__("importlib.util").util.spec_from_file_location("media_agent", ROOT / "examples" / "media_agent.py")
     media_agent = __import__("importlib.util").util.module_from_spec(spec_)

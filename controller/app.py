@@ -10,23 +10,31 @@ import logging
 import signal
 from typing import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from controller.api import routes as api
-from controller.api.commands import CallControl
+from controller.api.commands import CallControl, Forwarding
 from controller.api.events import EventHub, matches, public_event
 from controller.api.webhooks import WebhookSender
-from controller.config import ConfigError, Settings, parse_ari_node, split_host_port
+from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port
 from controller.edge.channel import EdgeChannel
-from controller.edge.decisions import EdgeDecisions
+from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
+from controller.edge.rpc import KamailioRpc
 from controller.media.ami import AmiWatcher, parse_ami_node
 from controller.media.ari import AriClient
+from controller.lifecycle import Lifecycle
 from controller.media.health import MediaHealth
+from controller.media.ownership import NodeOwnership
 from controller.media.plane import Endpoint, MediaPlane
 from controller.metrics import Metrics
 from controller.policy.reload import PolicyHolder, reload_on_sighup
+from controller.security.bans import BanList
+from controller.security.guard import SecurityGuard
 from controller.state.calls import CallStore, now_ms
+from controller.state.inbox import NodeInbox
+from controller.state.leases import NodeLeases
 
 log = logging.getLogger("callfabric")
 
@@ -37,6 +45,13 @@ POLICIES = web.AppKey("policies", PolicyHolder)
 EDGES = web.AppKey("edges", list)
 MEDIA = web.AppKey("media", MediaPlane)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+BANS = web.AppKey("bans", BanList)
+GUARD = web.AppKey("guard", SecurityGuard)
+LEASES = web.AppKey("leases", NodeLeases)
+INBOX = web.AppKey("inbox", NodeInbox)
+OWNERSHIPS = web.AppKey("ownerships", list)  # NodeOwnership per configured media node
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+DRAINED = web.AppKey("drained", asyncio.Event)  # set when a drain is over: the process may exit
 
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
@@ -44,14 +59,18 @@ LIVE_RECONCILE_AGE_MS = 60_000
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = CallStore(settings.redis_url, timeline_max_events=settings.timeline_max_events,
-                      call_retention_s=settings.call_retention_s, live_call_ttl_s=settings.live_call_ttl_s)
+    target = redis_target(settings)
+    store = CallStore(target, timeline_max_events=settings.timeline_max_events,
+                      call_retention_s=settings.call_retention_s, live_call_ttl_s=settings.live_call_ttl_s,
+                      outage_queue_max=settings.redis_outage_queue_max, observe_outage=app[METRICS].redis_outage)
     app[STORE] = store
+    app[LEASES] = NodeLeases(store.batch, settings.instance_id, settings.lease_ttl_s)
+    app[INBOX] = NodeInbox(store.batch, store.redis)
     try:
         await store.ping()
     except (RedisError, OSError) as exc:
-        log.error("Redis at %s is unreachable (%s): calls get the edge fallback until it is back",
-                  settings.redis_url, exc)
+        log.error("%s is unreachable (%s): decisions are %s until it is back", target.describe(), exc,
+                  settings.redis_outage_decisions)
     yield
     await store.aclose()
 
@@ -111,10 +130,44 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     await sender.close()
 
 
+async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Bans (Redis + every edge's blocklist, resynced periodically) and the guard the edge
+    and the AMI watchers report to."""
+    settings, metrics, store = app[SETTINGS], app[METRICS], app[STORE]
+    for url in settings.edge_rpc:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
+    session = aiohttp.ClientSession()
+    bans = BanList(store.batch, metrics, [KamailioRpc(url, session) for url in settings.edge_rpc])
+    guard = SecurityGuard(store, bans, metrics, lambda: app[POLICIES].policy, settings.instance_id)
+    app[BANS], app[GUARD] = bans, guard
+    if not settings.edge_rpc:
+        log.warning("edge_rpc is empty: bans are recorded but no edge enforces them")
+
+    async def resync() -> None:
+        while True:
+            try:
+                await bans.resync(now_ms())
+            except (RedisError, OSError) as exc:
+                log.warning("bans: resync failed: %s", exc)
+            await asyncio.sleep(settings.ban_resync_s)
+
+    task = asyncio.create_task(resync())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await guard.close()
+    await session.close()
+
+
 async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics, holder = app[SETTINGS], app[METRICS], app[POLICIES]
+    if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
+        raise ConfigError(f"setting redis_outage_decisions: expected one of {', '.join(STATE_UNAVAILABLE_MODES)}")
     decisions = EdgeDecisions(lambda: holder.policy, app[STORE], metrics, settings.instance_id,
-                              ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms)
+                              ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms,
+                              security=app[GUARD], state_unavailable=settings.redis_outage_decisions)
     channels = []
     for endpoint in settings.edge_evapi:
         host, port = split_host_port(endpoint, "edge_evapi")
@@ -157,18 +210,19 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                        edge_endpoint=settings.ari_edge_endpoint, instance_id=settings.instance_id,
                        api_base_url=settings.api_base_url)
     app[MEDIA] = plane
-    tasks = []
+    # One controller at a time owns each node's events (a lease); any takes commands for any
+    # call and has the owner carry them out (api.CONTROL is set up after this context).
+    ownerships = [NodeOwnership(name, plane, app[LEASES], metrics, poll_s=settings.lease_poll_s, inbox=app[INBOX],
+                                handle_command=lambda request: app[api.CONTROL].run_forwarded(request))
+                  for name in clients]
+    app[OWNERSHIPS] = ownerships
+    tasks = [asyncio.create_task(o.run(), name=f"ownership {o.node}") for o in ownerships]
     if clients:
-        try:
-            await plane.recover()
-        except RedisError as exc:
-            log.error("media: could not recover live calls from Redis: %s", exc)
-        tasks = [asyncio.create_task(plane.serve_node(name), name=f"ari {name}") for name in clients]
         tasks.append(asyncio.create_task(MediaHealth(plane, settings.media_health_interval_s).run()))
     watchers = []
     for text in settings.ami_nodes:
         try:
-            watchers.append(AmiWatcher(parse_ami_node(text), metrics))
+            watchers.append(AmiWatcher(parse_ami_node(text), metrics, on_security=app[GUARD].asterisk_event))
         except ValueError as exc:
             raise ConfigError(f"setting ami_nodes: {exc}") from None
     for watcher in watchers:
@@ -182,14 +236,29 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
 
+async def _lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serving, draining (SIGTERM, POST /v1/admin/drain), drained: see lifecycle.py."""
+    settings = app[SETTINGS]
+    app[DRAINED] = asyncio.Event()
+    lifecycle = Lifecycle(settings.instance_id, app[EDGES], app[OWNERSHIPS], app[STORE], app[METRICS],
+                          timeout_s=settings.drain_timeout_s, on_drained=app[DRAINED].set)
+    app[LIFECYCLE] = lifecycle
+    yield
+    await lifecycle.close()
+
+
 async def _api_ctx(app: web.Application) -> AsyncIterator[None]:
     """Services behind the /v1 API: call control over the media plane, the events hub."""
-    hub = EventHub(app[SETTINGS].redis_url)
-    app[api.CONTROL] = CallControl(app[MEDIA], app[STORE], lambda: app[POLICIES].policy,
-                                   outbound_trunk=app[SETTINGS].outbound_trunk)
+    store = app[STORE]
+    hub = EventHub(store.target.subscriber)
+    app[api.CONTROL] = CallControl(app[MEDIA], store, lambda: app[POLICIES].policy,
+                                   outbound_trunk=app[SETTINGS].outbound_trunk,
+                                   forwarding=Forwarding(app[LEASES], app[INBOX], app[METRICS]))
     app[api.HUB] = hub
     app[api.STORE] = app[STORE]
     app[api.POLICIES] = app[POLICIES]
+    app[api.BANS] = app[BANS]
+    app[api.ADMIN] = app[LIFECYCLE]
     yield
     await hub.close()
 
@@ -203,7 +272,9 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 await store.reconcile_live(now_ms() - LIVE_RECONCILE_AGE_MS)
                 metrics.live_calls.set(await store.live_count())
-            except RedisError as exc:
+                metrics.redis_up.set(1)
+            except (RedisError, OSError) as exc:
+                metrics.redis_up.set(0)
                 metrics.redis_errors.labels("housekeeping").inc()
                 log.debug("housekeeping: %s", exc)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
@@ -229,10 +300,14 @@ async def health_view(request: web.Request) -> web.Response:
     except (RedisError, OSError, asyncio.TimeoutError):
         redis_ok = False
     metrics = app[METRICS]
-    media_nodes = {name: bool(metrics.registry.get_sample_value("callfabric_ari_connected", {"node": name}))
-                   for name in app[MEDIA].nodes}
-    healthy = policy is not None and redis_ok and all(edges.values()) and all(media_nodes.values())
-    body = {"status": "ok" if healthy else "degraded", "instance": app[SETTINGS].instance_id,
+    # A standby controller (another one owns the node's events) is healthy; so is an owner
+    # whose websocket is reconnecting (it resyncs when it is back).
+    media_nodes = {o.node: {"role": o.state, "connected": bool(metrics.registry.get_sample_value(
+        "callfabric_ari_connected", {"node": o.node}))} for o in app[OWNERSHIPS]}
+    lifecycle = app[LIFECYCLE].state
+    healthy = policy is not None and redis_ok and all(edges.values()) and lifecycle == "serving"
+    body = {"status": "ok" if healthy else "draining" if lifecycle != "serving" else "degraded",
+            "instance": app[SETTINGS].instance_id,
             "policy_version": policy.version if policy else None, "redis": redis_ok, "edges": edges,
             "media_nodes": media_nodes}
     return web.json_response(body, status=200 if healthy else 503, dumps=json.dumps)
@@ -242,8 +317,8 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _webhooks_ctx, _edge_ctx, _media_ctx, _api_ctx,
-                             _housekeeping_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _webhooks_ctx, _security_ctx, _edge_ctx, _media_ctx,
+                            _lifecycle_ctx, _api_ctx, _housekeeping_ctx])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
     try:
@@ -256,22 +331,32 @@ def build_app(settings: Settings) -> web.Application:
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the controller until SIGTERM / SIGINT (or `stop` is set)."""
+    """Run the controller until it is drained (SIGTERM / SIGINT, or POST /v1/admin/drain; a
+    second signal stops it at once) or `stop` is set."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     app = build_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+
+    def on_signal(name: str) -> None:
+        if not app[LIFECYCLE].drain(name):
+            log.warning("%s while draining: stopping now", name)
+            stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     host, port = split_host_port(settings.http_listen, "http_listen")
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("controller %s up: http %s:%d, edges %s, policy %s", settings.instance_id, host, port,
-             ", ".join(settings.edge_evapi), app[POLICIES].policy.version if app[POLICIES].policy else "none")
+    log.info("controller %s up: http %s:%d, edges %s, policy %s, %s", settings.instance_id, host, port,
+             ", ".join(settings.edge_evapi), app[POLICIES].policy.version if app[POLICIES].policy else "none",
+             app[STORE].target.describe())
+    waiters = [asyncio.create_task(app[DRAINED].wait()), asyncio.create_task(stop.wait())]
     try:
-        await stop.wait()
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiter in waiters:
+            waiter.cancel()
         log.info("controller %s stopping", settings.instance_id)
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):

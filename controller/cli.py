@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from typing import Sequence
+from urllib.parse import quote
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -132,25 +133,23 @@ def _settings(args: argparse.Namespace):
     return load_settings(getattr(args, "config", None))
 
 
-def _setup_logging(level: str) -> None:
-    import logging
-
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from controller.app import serve
     from controller.config import ConfigError
+    from controller.logs import setup_logging
 
     try:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(settings.log_level)
+    if settings.log_format not in ("json", "text"):
+        print("error: setting log_format: expected json or text", file=sys.stderr)
+        return EXIT_USAGE
+    levels = dict(entry.partition("=")[::2] for entry in settings.log_levels)
+    setup_logging(settings.log_level, settings.log_format, levels)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve(settings))
     return EXIT_OK
@@ -171,21 +170,23 @@ def _with_store(args: argparse.Namespace, work) -> int:
 
     from redis.exceptions import RedisError
 
-    from controller.config import ConfigError
+    from controller.config import ConfigError, redis_target
     from controller.state.calls import CallStore
 
     try:
         settings = _settings(args)
+        redis_target(settings)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     async def main() -> int:
-        store = CallStore(settings.redis_url, timeout_s=5.0)
+        target = redis_target(settings)
+        store = CallStore(target, timeout_s=5.0)
         try:
             return await work(store)
         except (RedisError, OSError) as exc:
-            print(f"error: Redis at {settings.redis_url}: {exc}", file=sys.stderr)
+            print(f"error: {target.describe()}: {exc}", file=sys.stderr)
             return EXIT_FAIL
         finally:
             await store.aclose()
@@ -279,8 +280,8 @@ def _call_action(args: argparse.Namespace) -> dict:
     return json.loads(args.document)
 
 
-def cmd_call(args: argparse.Namespace) -> int:
-    """Send an action on a live call through the REST API (like any application would)."""
+def _api_request(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> int:
+    """One request to the REST API (like any application would make); prints the answer."""
     import asyncio
     import os
 
@@ -290,31 +291,104 @@ def cmd_call(args: argparse.Namespace) -> int:
     if not token:
         print("error: an API token is needed (--token or CALLFABRIC_TOKEN)", file=sys.stderr)
         return EXIT_USAGE
+
+    async def send() -> int:
+        url = f"{args.api.rstrip('/')}{path}"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            try:
+                async with http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    text = await r.text()
+                    status = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                print(f"error: {url}: {exc}", file=sys.stderr)
+                return EXIT_FAIL
+        print(text)
+        return EXIT_OK if status < 300 else EXIT_FAIL
+    return asyncio.run(send())
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """Send an action on a live call through the REST API."""
     try:
         action = _call_action(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return _api_request(args, "POST", f"/calls/{quote(args.call_id, safe='')}/actions", {"action": action})
 
-    async def send() -> int:
-        url = f"{args.api.rstrip('/')}/calls/{args.call_id}/actions"
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+
+def cmd_bans(args: argparse.Namespace) -> int:
+    """List, add or lift bans of source addresses at the edge (through the REST API, admin scope)."""
+    if args.bans_command == "list":
+        return _api_request(args, "GET", "/bans")
+    if args.bans_command == "add":
+        body = {"ip": args.ip, "for": args.duration, **({"reason": args.reason} if args.reason else {})}
+        return _api_request(args, "POST", "/bans", body)
+    return _api_request(args, "DELETE", f"/bans/{quote(args.ip, safe='')}")
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Drain one controller for a rolling upgrade: it takes no new calls, hands its media nodes
+    over to the others, writes what it queued, then exits. --wait returns once it has exited."""
+    import asyncio
+    import os
+    import time
+
+    import aiohttp
+
+    token = args.token or os.environ.get("CALLFABRIC_TOKEN", "")
+    if not token:
+        print("error: an API token with the admin scope is needed (--token or CALLFABRIC_TOKEN)", file=sys.stderr)
+        return EXIT_USAGE
+    base = args.api.rstrip("/")
+
+    async def drain() -> int:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as http:
             try:
-                async with http.post(url, json={"action": action}, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                    body = await r.text()
-                    status = r.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                print(f"error: {url}: {exc}", file=sys.stderr)
+                async with http.get(f"{base}/admin/status") as r:
+                    status, code = await r.json(content_type=None), r.status
+                if code != 200 or not isinstance(status, dict):
+                    print(f"error: {base}/admin/status answered {code}: {status}", file=sys.stderr)
+                    return EXIT_FAIL
+                instance = args.instance or status["instance"]
+                async with http.post(f"{base}/admin/drain", json={"instance": instance}) as r:
+                    text, code = await r.text(), r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                print(f"error: {base}: {exc or type(exc).__name__}", file=sys.stderr)
                 return EXIT_FAIL
-        print(body)
-        return EXIT_OK if status < 300 else EXIT_FAIL
-    return asyncio.run(send())
+            print(text)
+            if code != 202:
+                return EXIT_FAIL
+            if not args.wait:
+                return EXIT_OK
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(f"{base}/admin/status") as r:
+                        await r.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    print(f"controller {instance}: drained and stopped")
+                    return EXIT_OK
+                await asyncio.sleep(0.2)
+            print(f"error: controller {instance} still running after {args.timeout:.0f}s", file=sys.stderr)
+            return EXIT_FAIL
+    return asyncio.run(drain())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from controller.localstack.demo import run_demo
 
     return run_demo(keep=args.keep)
+
+
+def cmd_metrics_describe(args: argparse.Namespace) -> int:
+    """Every metric the controller exports: name, type, labels, help."""
+    from controller.metrics import Metrics
+
+    for name, kind, labels, doc in Metrics().describe():
+        print(f"{name}  ({kind}{'; labels: ' + ', '.join(labels) if labels else ''})\n    {doc}")
+    return EXIT_OK
 
 
 def cmd_config_describe(args: argparse.Namespace) -> int:
@@ -416,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("document")
     call.set_defaults(func=cmd_call)
 
+    bans = commands.add_parser("bans", help="sources banned at the edge: list, add, remove (REST API, admin scope)")
+    bans.add_argument("--api", default="http://127.0.0.1:9090/v1", help="the API's base URL")
+    bans.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
+    bans_commands = bans.add_subparsers(dest="bans_command", required=True)
+    bans_commands.add_parser("list", help="bans in force, with why and until when")
+    ban_add = bans_commands.add_parser("add", help="ban an address at every edge")
+    ban_add.add_argument("ip")
+    ban_add.add_argument("--for", dest="duration", default="1h", help="how long: 3600, 90s, 15m, 2h (default 1h)")
+    ban_add.add_argument("--reason")
+    ban_remove = bans_commands.add_parser("remove", help="lift a ban")
+    ban_remove.add_argument("ip")
+    bans.set_defaults(func=cmd_bans)
+
+    drain = commands.add_parser("drain", help="drain a controller (rolling upgrade): no new calls, media nodes "
+                                              "handed over, then it exits (REST API, admin scope)")
+    drain.add_argument("--api", default="http://127.0.0.1:9090/v1", help="that controller's API base URL")
+    drain.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
+    drain.add_argument("--instance", help="its instance_id (default: whatever controller answers --api)")
+    drain.add_argument("--wait", action="store_true", help="return once the controller has exited")
+    drain.add_argument("--timeout", type=float, default=60.0, help="how long --wait waits (seconds)")
+    drain.set_defaults(func=cmd_drain)
+
     demo = commands.add_parser("demo", help="start Redis, Kamailio and the controller locally, place calls, report")
     demo.add_argument("--keep", action="store_true", help="keep the working directory (logs, SIPp traces)")
     demo.set_defaults(func=cmd_demo)
@@ -423,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="the REST API")
     api_commands = api.add_subparsers(dest="api_command", required=True)
     api_commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_api_openapi)
+
+    metrics = commands.add_parser("metrics", help="the controller's Prometheus metrics")
+    metrics_commands = metrics.add_subparsers(dest="metrics_command", required=True)
+    metrics_commands.add_parser("describe", help="every metric: name, type, labels").set_defaults(
+        func=cmd_metrics_describe)
 
     config = commands.add_parser("config", help="controller settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)

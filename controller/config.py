@@ -26,11 +26,32 @@ def _setting(default: Any, doc: str) -> Any:
 class Settings:
     policy_dir: str = _setting("policies", "Directory of routing policy YAML files (hot-reloaded).")
     policy_poll_s: float = _setting(1.0, "How often the policy directory is checked for changes (seconds).")
-    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis holding call state (redis:// or unix://).")
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis holding call state (redis:// or unix://); with "
+                                                          "redis_mode cluster or sentinel, only its user, password "
+                                                          "(and Sentinel: database) are used.")
+    redis_mode: str = _setting("single", "single (redis_url), cluster (Redis Cluster: redis_nodes are seed nodes) or "
+                                         "sentinel (redis_nodes are Sentinels watching redis_master_name).")
+    redis_nodes: list = _setting([], "Redis Cluster seed nodes or Sentinels, host:port (list).")
+    redis_master_name: str = _setting("callfabric", "The master's name the Sentinels know (redis_mode sentinel).")
+    redis_outage_queue_max: int = _setting(10000, "State changes kept in memory, in order, while Redis is "
+                                                  "unreachable; beyond, they are refused with a log line and a "
+                                                  "metric.")
+    redis_outage_decisions: str = _setting("open", "Decisions while Redis is unreachable: open (the policy decides, "
+                                                   "counters read as 0, the record is queued), closed (503 + "
+                                                   "Retry-After) or edge (the edge's own fallback).")
+    lease_ttl_s: float = _setting(1.5, "Lifetime of a media node's ownership lease; renewed every third of it. A "
+                                       "dead owner's node is taken over within about lease_ttl_s + lease_poll_s.")
+    lease_poll_s: float = _setting(0.2, "How often a standby controller tries to take a media node's lease.")
+    drain_timeout_s: float = _setting(30.0, "Longest a drain (SIGTERM, callfabric drain) waits for each of its "
+                                            "steps before the controller exits anyway.")
     edge_evapi: list = _setting(["127.0.0.1:8448"], "Kamailio evapi endpoints (host:port) the controller connects to.")
     edge_max_in_flight: int = _setting(2000, "Decisions in progress at once per Kamailio; beyond, requests are "
                                              "shed and Kamailio applies its fallback.")
     edge_reconnect_max_s: float = _setting(5.0, "Longest wait between reconnection attempts to Kamailio (backoff).")
+    edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
+                                  "bans are recorded but no edge enforces them.")
+    ban_resync_s: float = _setting(30.0, "How often every ban in force is pushed to every edge again (an edge "
+                                         "that restarted gets them back).")
     http_listen: str = _setting("127.0.0.1:9090", "host:port of the controller's HTTP server (/metrics, /healthz).")
     call_retention_s: int = _setting(7 * 86400, "How long a finished call's record and timeline stay in Redis.")
     live_call_ttl_s: int = _setting(6 * 3600, "Safety expiry of a live call's record if its end is never seen.")
@@ -56,6 +77,8 @@ class Settings:
                                     "set them through the environment, not in files.")
     instance_id: str = _setting("", "Name of this controller instance (default: hostname:pid).")
     log_level: str = _setting("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
+    log_format: str = _setting("json", "json (one object per line, with call_id) or text.")
+    log_levels: list = _setting([], "Per-module levels, e.g. 'callfabric.edge=DEBUG' (list).")
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -141,3 +164,14 @@ def parse_ari_node(text: str):
         netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
     base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/') or '/ari'}"
     return AriNode(name.strip(), base, unquote(parts.username), unquote(parts.password))
+
+
+def redis_target(settings: Settings):
+    """Where the call state lives (a state.connect.RedisTarget), or ConfigError."""
+    from controller.state.connect import RedisTarget
+
+    try:
+        return RedisTarget(settings.redis_mode, settings.redis_url, tuple(settings.redis_nodes),
+                           settings.redis_master_name)
+    except ValueError as exc:
+        raise ConfigError(f"setting {exc}") from None

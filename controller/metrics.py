@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 from controller.policy.reload import ReloadOutcome
 
@@ -36,6 +37,8 @@ class Metrics:
                                     ["edge"], registry=r)
         self.edge_in_flight = Gauge("callfabric_edge_in_flight", "Decision requests being processed.", registry=r)
         self.live_calls = Gauge("callfabric_live_calls", "Calls live in the call store (all controllers).", registry=r)
+        self.redis_up = Gauge("callfabric_redis_up", "1 when the call store answered the last health check.",
+                              registry=r)
         self.redis_errors = Counter("callfabric_redis_errors_total", "Failed Redis operations.", ["operation"],
                                     registry=r)
         self.policy_reloads = Counter("callfabric_policy_reloads_total", "Policy loads by result.",
@@ -76,6 +79,43 @@ class Metrics:
                                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.webhook_decisions = Counter("callfabric_webhook_decisions_total", "Decision webhooks by result (answered, "
                                          "timeout, error, garbage, invalid).", ["result"], registry=r)
+        self.risk_findings = Counter("callfabric_risk_findings_total", "Risk detectors that fired on a new call.",
+                                     ["detector"], registry=r)
+        self.risk_outcomes = Counter("callfabric_risk_outcomes_total", "New calls with a risk score, by outcome "
+                                     "(allow, challenge, reject, ban).", ["outcome"], registry=r)
+        self.bans = Counter("callfabric_bans_total", "Sources banned at the edge, by origin (policy, api, asterisk) "
+                            "and the detector that weighed most (manual for the API).", ["origin", "detector"],
+                            registry=r)
+        self.bans_active = Gauge("callfabric_bans_active", "Bans in force (at the last resync).", registry=r)
+        self.edge_rpc_errors = Counter("callfabric_edge_rpc_errors_total", "Failed JSON-RPC calls to an edge.",
+                                       ["method"], registry=r)
+        # High availability: node leases, Redis outages, drains.
+        self.node_owned = Gauge("callfabric_node_owned", "1 while this controller owns a media node's events (holds "
+                                "its lease).", ["node"], registry=r)
+        self.node_lease_events = Counter("callfabric_node_lease_events_total", "Media node lease changes: acquired, "
+                                         "lost, released, in_doubt (Redis unreachable while owning), replaced (another "
+                                         "client took the ARI application).", ["node", "event"], registry=r)
+        self.node_takeover_seconds = Histogram("callfabric_node_takeover_duration_seconds",
+                                               "From taking a media node's lease to its live calls resynced with ARI.",
+                                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r)
+        self.media_fenced = Counter("callfabric_media_fenced_total", "Media record writes refused because another "
+                                    "controller owns the node now (fencing token).", registry=r)
+        self.commands_forwarded = Counter("callfabric_commands_forwarded_total", "API commands carried out by the "
+                                          "owner of the call's media node, by result (answered, timeout, no-owner).",
+                                          ["result"], registry=r)
+        self.redis_outages = Counter("callfabric_redis_outages_total", "Times Redis became unreachable for state "
+                                     "changes (they are queued until it is back).", registry=r)
+        self.redis_queue_depth = Gauge("callfabric_redis_outage_queue_depth", "State changes waiting for Redis.",
+                                       registry=r)
+        self.redis_queue = Counter("callfabric_redis_outage_queue_total", "State changes through the outage queue: "
+                                   "queued, flushed (written later), failed (refused by Redis), dropped (queue full).",
+                                   ["event"], registry=r)
+        self.decisions_without_state = Counter("callfabric_decisions_without_state_total", "Decisions made while "
+                                               "Redis was unreachable, by mode (open: the policy decided without "
+                                               "counters; closed: rejected 503; edge: the edge's fallback).",
+                                               ["mode"], registry=r)
+        self.draining = Gauge("callfabric_draining", "1 while this controller drains: no new calls, nodes handed over.",
+                              registry=r)
         self._version: str | None = None
 
     def policy_outcome(self, outcome: ReloadOutcome) -> None:
@@ -85,6 +125,23 @@ class Metrics:
                 self.policy_info.remove(self._version)
             self.policy_info.labels(outcome.version).set(1)
             self._version = outcome.version
+
+    def redis_outage(self, event: str, depth: int) -> None:
+        """The call store's outage queue reports here (state/outage.py events)."""
+        self.redis_queue_depth.set(depth)
+        if event == "down":
+            self.redis_outages.inc()
+        elif event in ("queued", "flushed", "failed", "dropped"):
+            self.redis_queue.labels(event).inc()
+
+    def describe(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(exported name, type, label names, help) of every metric, in declaration order."""
+        out = []
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase):
+                name = metric._name + ("_total" if metric._type == "counter" else "")
+                out.append((name, metric._type, tuple(metric._labelnames), metric._documentation))
+        return out
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

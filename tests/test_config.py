@@ -61,3 +61,28 @@ def test_split_host_port(text, expected):
 def test_split_host_port_rejects(text):
     with pytest.raises(ConfigError):
         split_host_port(text, "x")
+
+
+def test_metric_names_follow_prometheus_conventions():
+    from controller.metrics import Metrics
+    described = Metrics().describe()
+    assert len(described) >= 25
+    for name, kind, labels, doc in described:
+        assert name.startswith("callfabric_") and doc, name
+        if kind == "counter":
+            assert name.endswith("_total"), name
+        if kind == "histogram":
+            assert name.endswith("_seconds"), name
+        assert not {"call_id", "caller", "callee", "number"} & set(labels), f"{name}: unbounded label"
+
+
+def test_json_logs_carry_the_call_id(capsys):
+    import json
+    import logging
+    from controller.logs import setup_logging
+    setup_logging("INFO", "json", {"callfabric.quiet": "ERROR"})
+    logging.getLogger("callfabric.edge").warning("call abc@host: could not record %s", "x")
+    logging.getLogger("callfabric.quiet").warning("not shown")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 1 and lines[0]["call_id"] == "abc@host" and lines[0]["level"] == "warning"
+    logging.getLogger().handlers.clear()

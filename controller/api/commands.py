@@ -1,6 +1,8 @@
 """Live-call control as a service: action documents (the same verbs as policies) carried out
 on a call through the media plane, with names resolved against the serving policy, and
-idempotency keys so a retried command is not carried out twice."""
+idempotency keys so a retried command is not carried out twice. Any controller takes a
+command for any call: one whose media node another controller owns is carried out by that
+owner (forwarded through the node's inbox in Redis)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +14,11 @@ from jsonschema import Draft202012Validator
 
 from controller.actions import canonical_live_action, live_action_schema
 from controller.media.plane import Endpoint, MediaError, MediaPlane
+from controller.metrics import Metrics
 from controller.schema_errors import describe
 from controller.state.calls import CallStore
+from controller.state.inbox import InboxTimeout, NodeInbox
+from controller.state.leases import NodeLeases
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 _LIVE_ACTION = Draft202012Validator(live_action_schema())
@@ -46,13 +51,24 @@ class CommandResult:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """How to reach the owner of a media node: who holds its lease, and its inbox."""
+
+    leases: NodeLeases
+    inbox: NodeInbox
+    metrics: Metrics
+    timeout_s: float = 10.0
+
+
 class CallControl:
     def __init__(self, plane: MediaPlane, store: CallStore, current_policy: Callable[[], Any],
-                 outbound_trunk: str = ""):
+                 outbound_trunk: str = "", forwarding: Forwarding | None = None):
         self.plane = plane
         self.outbound_trunk = outbound_trunk  # host[:port] numbers are dialled at (through the edge)
         self.store = store
         self._policy = current_policy
+        self.forwarding = forwarding
 
     async def execute(self, call_id: str, action: dict[str, Any], idempotency_key: str | None = None) -> CommandResult:
         validate_action(action)
@@ -61,8 +77,11 @@ class CallControl:
             if stored is not None:
                 return stored
         try:
-            await self._check_live(call_id)
-            result = CommandResult(200, {"call_id": call_id, **await self._run(call_id, action)})
+            record = await self._check_live(call_id)
+            forwarded = await self._forward(_media_node(record), {"kind": "action", "call_id": call_id,
+                                                                  "action": action}) \
+                if call_id not in self.plane.calls else None
+            result = forwarded or CommandResult(200, {"call_id": call_id, **await self._run(call_id, action)})
         except MediaError as exc:
             result = CommandResult(exc.status, {"error": {"status": exc.status, "message": str(exc)}})
         except CommandError as exc:
@@ -74,14 +93,63 @@ class CallControl:
                                               IDEMPOTENCY_TTL_S)
         return result
 
-    async def _check_live(self, call_id: str) -> None:
-        """404 for a call we never saw, 409 (with why) for one that is over."""
+    async def _check_live(self, call_id: str) -> dict[str, Any]:
+        """The call's record; 404 for a call we never saw, 409 (with why) for one that is over."""
         record = await self.store.get(call_id)
         if record is None:
             raise CommandError(404, f"no call {call_id!r}")
         if record.get("state") in ("ended", "failed"):
             why = record.get("end_reason") or record.get("state")
             raise CommandError(409, f"call {call_id!r} has ended ({why})")
+        return record
+
+    async def _forward(self, node: str | None, request: dict[str, Any]) -> CommandResult | None:
+        """Have the owner of `node` carry out `request`; None when this controller is the owner
+        (or there is no media node yet): then it is carried out here."""
+        forwarding = self.forwarding
+        if forwarding is None or node is None:
+            return None
+        holder = await forwarding.leases.holder(node)
+        if holder is None:
+            forwarding.metrics.commands_forwarded.labels("no-owner").inc()
+            raise MediaError(f"media node {node} has no controller right now; retry", 503)
+        if holder.instance == forwarding.leases.instance:
+            return None
+        try:
+            answer = await forwarding.inbox.ask(node, request, forwarding.timeout_s)
+        except InboxTimeout as exc:
+            forwarding.metrics.commands_forwarded.labels("timeout").inc()
+            raise MediaError(f"{exc}; retry", 503) from None
+        forwarding.metrics.commands_forwarded.labels("answered").inc()
+        status, body = answer.get("status"), answer.get("body")
+        if not isinstance(status, int) or not isinstance(body, dict):
+            raise MediaError(f"the owner of media node {node} answered garbage", 502)
+        return CommandResult(status, body)
+
+    async def run_forwarded(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A command another controller took for a call on a media node this one owns (a
+        message from Redis: checked like any input)."""
+        try:
+            if request.get("kind") == "originate":
+                agent = self._names("agents", str(request.get("agent")))
+                body = await self.plane.originate(
+                    str(request.get("call_id")), str(request.get("uri")),
+                    Endpoint(agent.name, agent.endpoint, agent.transport, agent.codec),
+                    caller_id=request.get("caller_id") if isinstance(request.get("caller_id"), str) else None,
+                    context=request.get("context") if isinstance(request.get("context"), dict) else {})
+                return {"status": 201, "body": body}
+            call_id = request.get("call_id")
+            if not isinstance(call_id, str):
+                raise CommandError(400, "a forwarded command without a call id")
+            validate_action(request.get("action"))
+            if call_id not in self.plane.calls:
+                raise MediaError(f"call {call_id!r} is not handled by this controller (any more); retry", 503)
+            return {"status": 200, "body": {"call_id": call_id, **await self._run(call_id, request["action"])}}
+        except MediaError as exc:
+            return {"status": exc.status, "body": {"error": {"status": exc.status, "message": str(exc)}}}
+        except CommandError as exc:
+            return {"status": exc.status, "body": {"error": {"status": exc.status, "message": exc.message,
+                                                             "errors": exc.errors}}}
 
     async def _idempotent(self, call_id: str, key: str) -> CommandResult | None:
         if len(key) > 128 or not key.isprintable():
@@ -156,6 +224,28 @@ class CallControl:
             target = f"sip:{to}@{self.outbound_trunk}"
         if any(c in target for c in " <>\"\r\n\x00") or len(target) > 256:
             raise CommandError(422, "`to` is not a valid SIP URI", [{"path": "to", "message": "invalid SIP URI"}])
-        return await self.plane.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
-                                                                     endpoint.transport, endpoint.codec),
-                                          caller_id=caller_id, context=context or {})
+        try:
+            return await self.plane.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
+                                                                         endpoint.transport, endpoint.codec),
+                                              caller_id=caller_id, context=context or {})
+        except MediaError as exc:
+            if exc.status != 503:  # 503: no media node here; another controller may own one
+                raise
+        request = {"kind": "originate", "call_id": call_id, "uri": target, "agent": agent, "caller_id": caller_id,
+                   "context": context or {}}
+        for node in self.plane.nodes:
+            try:
+                forwarded = await self._forward(node, request)
+            except MediaError:  # this node has no owner right now: try the next
+                continue
+            if forwarded is not None:
+                if forwarded.status != 201:
+                    raise CommandError(forwarded.status, str(forwarded.body.get("error", {}).get("message", "failed")))
+                return forwarded.body
+        raise MediaError("no media node is connected to any controller", 503)
+
+
+def _media_node(record: dict[str, Any]) -> str | None:
+    media = record.get("media")
+    node = media.get("node") if isinstance(media, dict) else None
+    return node if isinstance(node, str) and node else None

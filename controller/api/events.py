@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from controller.state.calls import EVENTS_CHANNEL
@@ -59,8 +58,8 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, redis_url: str):
-        self.redis_url = redis_url
+    def __init__(self, subscriber: Callable[[], Any]):
+        self.subscriber = subscriber  # a new redis-py client to SUBSCRIBE with (the store's RedisTarget)
         self._subscribers: set[Subscription] = set()
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._task: asyncio.Task | None = None
@@ -92,7 +91,7 @@ class EventHub:
     async def _run(self) -> None:
         delay = 0.2
         while True:
-            redis = Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            redis = self.subscriber()
             try:
                 async with redis.pubsub() as pubsub:
                     await pubsub.subscribe(EVENTS_CHANNEL)

@@ -23,6 +23,12 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
     ("POST", "/policy/reload", "reload_policy", "admin"),
     ("POST", "/policy/validate", "validate_policy", "admin"),
     ("GET", "/events", "events", "read"),
+    ("GET", "/bans", "list_bans", "admin"),
+    ("POST", "/bans", "add_ban", "admin"),
+    ("GET", "/bans/{ip}", "get_ban", "admin"),
+    ("DELETE", "/bans/{ip}", "remove_ban", "admin"),
+    ("GET", "/admin/status", "admin_status", "admin"),
+    ("POST", "/admin/drain", "admin_drain", "admin"),
 ]
 _SCOPES = {(method, path): scope for method, path, _, scope in ROUTES}
 
@@ -49,6 +55,23 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "caller_id": {"type": "string", "maxLength": 128, "pattern": r"^[^\r\n\x00]*$"},
             "context": _CONTEXT,
         },
+    },
+    "ban_request": {
+        "type": "object", "required": ["ip", "for"], "additionalProperties": False,
+        "properties": {
+            "ip": {"type": "string", "minLength": 2, "maxLength": 64, "description": "An IPv4 or IPv6 address."},
+            "for": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 30 * 86400},
+                              {"type": "string", "pattern": r"^[1-9][0-9]{0,6}(s|m|h)?$"}],
+                    "description": "How long: seconds, or 90s / 15m / 2h (at most 30 days)."},
+            "reason": {"type": "string", "maxLength": 512, "pattern": r"^[^\r\n\x00]*$"},
+        },
+    },
+    "drain_request": {
+        "type": "object", "required": ["instance"], "additionalProperties": False,
+        "properties": {"instance": {"type": "string", "minLength": 1, "maxLength": 256,
+                                    "description": "The instance_id of the controller to drain (GET /admin/status "
+                                                   "says which one answers): a drain that reached another "
+                                                   "controller, e.g. through a load balancer, is refused."}},
     },
     "policy_candidate": {
         "type": "object", "required": ["files"], "additionalProperties": False,
@@ -103,14 +126,30 @@ _RESPONSES: dict[str, dict[str, Any]] = {
                                 "properties": {"valid": {"const": True}, "version": {"type": "string"},
                                                "warnings": {"type": "array", "items": {"type": "string"}}}}},
     "events": {"101": None},
+    "list_bans": {"200": {"type": "object", "required": ["bans"],
+                          "properties": {"bans": {"type": "array", "items": _OBJECT}}}},
+    "add_ban": {"201": {"type": "object", "required": ["ban"], "properties": {"ban": _OBJECT}}},
+    "get_ban": {"200": {"type": "object", "required": ["ban"], "properties": {"ban": _OBJECT}}},
+    "remove_ban": {"200": {"type": "object", "required": ["ip", "removed"],
+                           "properties": {"ip": {"type": "string"}, "removed": {"type": "boolean"}}}},
+    "admin_status": {"200": {"type": "object", "required": ["instance", "state"],
+                             "properties": {"instance": {"type": "string"},
+                                            "state": {"enum": ["serving", "draining", "drained"]},
+                                            "nodes": _OBJECT, "edges": _OBJECT, "redis": _OBJECT}}},
+    "admin_drain": {"202": {"type": "object", "required": ["instance", "state"],
+                            "properties": {"instance": {"type": "string"},
+                                           "state": {"enum": ["draining", "drained"]}}}},
 }
 _ERRORS = {  # which error statuses each route can answer, besides 401/403 for protected routes
     "list_calls": ["400", "503"], "post_call": ["400", "413", "422", "502", "503"], "get_call": ["404", "503"],
     "get_timeline": ["404", "503"], "get_forks": ["404", "503"], "get_context": ["404", "503"],
     "post_action": ["400", "404", "409", "413", "422", "502", "503"], "get_policy": ["503"],
     "reload_policy": ["422"], "validate_policy": ["400", "413", "422"], "events": ["400"], "openapi": [],
+    "list_bans": ["503"], "add_ban": ["400", "413", "422", "503"], "get_ban": ["404", "422", "503"],
+    "remove_ban": ["422", "503"], "admin_status": [], "admin_drain": ["400", "409", "413", "422"],
 }
-_BODIES = {"post_action": "action_request", "post_call": "originate_request", "validate_policy": "policy_candidate"}
+_BODIES = {"post_action": "action_request", "post_call": "originate_request", "validate_policy": "policy_candidate",
+           "add_ban": "ban_request", "admin_drain": "drain_request"}
 _SUMMARIES = {
     "openapi": "This document.",
     "list_calls": "Live calls (state=live) or the latest calls (state=recent).",
@@ -125,6 +164,15 @@ _SUMMARIES = {
     "reload_policy": "Reload the policy from disk (the last good version keeps serving if it is invalid).",
     "validate_policy": "Validate a candidate policy (files as text) without loading it.",
     "events": "Websocket of call events (JSON), filtered by call_id and types (e.g. fork.*).",
+    "list_bans": "Sources banned at the edge, with why and until when.",
+    "add_ban": "Ban a source address at every edge for a while.",
+    "get_ban": "One ban.",
+    "remove_ban": "Lift a ban (at every edge).",
+    "admin_status": "This controller: instance, state (serving, draining, drained), media nodes it owns, edges, "
+                    "Redis (mode, reachable, state changes queued).",
+    "admin_drain": "Drain this controller (rolling upgrades): it takes no new calls, hands its media nodes over to "
+                   "the other controllers, writes what it queued, then exits. Name the instance: 409 if this is "
+                   "another one.",
 }
 
 

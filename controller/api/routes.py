@@ -19,7 +19,10 @@ from controller.api.commands import CallControl, CommandError
 from controller.api.events import EventHub, matches
 from controller.media.plane import MediaError
 from controller.policy import PolicyInvalid, policy_from_texts
+from controller.actions import parse_duration_ms
 from controller.schema_errors import describe
+from controller.security.bans import normalise_ip
+from controller.state.calls import now_ms
 
 log = logging.getLogger("callfabric.api")
 
@@ -27,6 +30,8 @@ CONTROL = web.AppKey("call_control", CallControl)
 HUB = web.AppKey("event_hub", EventHub)
 STORE = web.AppKey("api_store", object)
 POLICIES = web.AppKey("api_policies", object)
+BANS = web.AppKey("api_bans", object)
+ADMIN = web.AppKey("api_admin", object)  # the controller's lifecycle: status(), drain(), state
 
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in openapi.REQUEST_SCHEMAS.items()}
 
@@ -238,19 +243,73 @@ async def events_socket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def list_bans(request: web.Request) -> web.Response:
+    bans = await request.config_dict[BANS].active(now_ms())
+    return web.json_response({"bans": [b.to_dict() for b in bans]})
+
+
+def _ban_ip(request: web.Request) -> str:
+    try:
+        return normalise_ip(request.match_info["ip"])
+    except ValueError as exc:
+        raise _Invalid([{"path": "ip", "message": str(exc)}]) from None
+
+
+async def add_ban(request: web.Request) -> web.Response:
+    body = await _json_body(request, "ban_request")
+    try:
+        ip = normalise_ip(body["ip"])
+    except ValueError as exc:
+        raise _Invalid([{"path": "ip", "message": str(exc)}]) from None
+    seconds = parse_duration_ms(body["for"]) // 1000
+    ban = await request.config_dict[BANS].add(ip, seconds, body.get("reason") or "banned through the API",
+                                              origin="api", detector="manual", now_ms=now_ms(),
+                                              by=request.get("token"))
+    return web.json_response({"ban": ban.to_dict()}, status=201)
+
+
+async def get_ban(request: web.Request) -> web.Response:
+    ip = _ban_ip(request)
+    ban = await request.config_dict[BANS].get(ip)
+    if ban is None or ban.expires_ms <= now_ms():
+        return error(404, f"{ip} is not banned")
+    return web.json_response({"ban": ban.to_dict()})
+
+
+async def remove_ban(request: web.Request) -> web.Response:
+    ip = _ban_ip(request)
+    removed = await request.config_dict[BANS].remove(ip)
+    return web.json_response({"ip": ip, "removed": removed})
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    return web.json_response(request.config_dict[ADMIN].status())
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    body = await _json_body(request, "drain_request")
+    lifecycle = request.config_dict[ADMIN]
+    instance = lifecycle.status()["instance"]
+    if body["instance"] != instance:
+        return error(409, f"this is controller {instance!r}, not {body['instance']!r}: nothing drained")
+    lifecycle.drain("api")
+    return web.json_response({"instance": instance, "state": lifecycle.state}, status=202)
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
 
 def api_app(tokens: list[str]) -> web.Application:
-    """The /v1 sub-application. Its services (CONTROL, HUB, STORE, POLICIES) are set on the
+    """The /v1 sub-application. Its services (CONTROL, HUB, STORE, POLICIES, BANS) are set on the
     parent application when it starts; handlers find them through `config_dict`."""
     app = web.Application(middlewares=[_errors, auth_middleware(parse_tokens(tokens), _scope)])
     handlers = {
         "list_calls": list_calls, "get_call": get_call, "get_timeline": get_timeline, "get_forks": get_forks,
         "get_context": get_context, "post_action": post_action, "post_call": post_call, "get_policy": get_policy,
         "reload_policy": reload_policy, "validate_policy": validate_policy, "events": events_socket,
-        "openapi": get_openapi,
+        "openapi": get_openapi, "list_bans": list_bans, "add_ban": add_ban, "get_ban": get_ban,
+        "remove_ban": remove_ban, "admin_status": admin_status, "admin_drain": admin_drain,
     }
     for method, path, name, _scope_name in openapi.ROUTES:
         app.router.add_route(method, path, handlers[name], name=name)

@@ -47,11 +47,12 @@ class EdgeChannel:
         self._tasks: set[asyncio.Task] = set()
         self._writer: asyncio.StreamWriter | None = None
         self._outgoing: list[bytes] = []
+        self._stopping = False
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with jittered exponential backoff; cancel to stop."""
+        """Connect, serve, reconnect with jittered exponential backoff; until stop() or cancelled."""
         delay = 0.05
-        while True:
+        while not self._stopping:
             try:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             except OSError as exc:
@@ -59,6 +60,9 @@ class EdgeChannel:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(self.reconnect_max_s, delay * 2)
                 continue
+            if self._stopping:  # stop() came while connecting
+                writer.close()
+                return
             delay = 0.05
             log.info("edge %s: connected", self.name)
             try:
@@ -69,7 +73,8 @@ class EdgeChannel:
                 self.connected.clear()
                 self.metrics.edge_connected.labels(self.name).set(0)
                 writer.close()
-            log.warning("edge %s: connection lost; reconnecting", self.name)
+            if not self._stopping:
+                log.warning("edge %s: connection lost; reconnecting", self.name)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
@@ -117,6 +122,8 @@ class EdgeChannel:
             self._spawn(self._answer(message, received))
         elif kind == "dialog":
             self._spawn(self.decisions.dialog(message))
+        elif kind == "ban":
+            self._spawn(self.decisions.edge_ban(message))
         else:
             log.debug("edge %s: ignored event %r", self.name, str(kind)[:32])
 
@@ -165,3 +172,16 @@ class EdgeChannel:
         """Wait for the events being handled (used at shutdown)."""
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Take no more calls from this edge (graceful drain): answer the events in progress,
+        then close the connection and stay away. Kamailio sends the next calls to another
+        controller (or applies its fallback when none is left)."""
+        self._stopping = True
+        while self._tasks:  # events read meanwhile are answered too
+            await self.drain()
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            self._write_out(writer)
+            writer.close()
+            log.info("edge %s: disconnected (draining)", self.name)

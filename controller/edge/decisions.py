@@ -7,20 +7,26 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from controller.edge import protocol
 from controller.metrics import Metrics
 from controller.policy import Decision
 from controller.policy.answers import AnswerInvalid, decision_from_answer
+from controller.security.guard import SecurityGuard
 from controller.state.batch import raise_errors
 from controller.state.calls import CallStore, CounterRequest, now_ms
 
 log = logging.getLogger("callfabric.edge")
 
 _DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
+# Redis unreachable: `open` decides with the policy (counters read as 0, the record queued),
+# `closed` answers 503 + Retry-After, `edge` asks the edge for its own fallback.
+STATE_UNAVAILABLE_MODES = ("open", "closed", "edge")
 
 
 def _target(decision: Decision) -> str:
@@ -36,12 +42,17 @@ def _target(decision: Decision) -> str:
 class EdgeDecisions:
     def __init__(self, current_policy: Callable[[], Any], store: CallStore, metrics: Metrics, instance_id: str, *,
                  ask_webhook: Callable[[str, dict, float], Awaitable[tuple[str, Any]]] | None = None,
-                 decision_budget_ms: int = 200):
+                 decision_budget_ms: int = 200, security: SecurityGuard | None = None,
+                 state_unavailable: str = "edge"):
+        if state_unavailable not in STATE_UNAVAILABLE_MODES:
+            raise ValueError(f"state_unavailable must be one of {', '.join(STATE_UNAVAILABLE_MODES)}")
+        self.state_unavailable = state_unavailable
         self._policy = current_policy
         self.store = store
         self.metrics = metrics
         self.instance_id = instance_id
         self._ask_webhook = ask_webhook
+        self.security = security
         # The edge falls back when its budget runs out: a decision webhook must answer before.
         self.webhook_budget_s = max(0.02, (decision_budget_ms - 40) / 1000)
         self._deciding: dict[str, asyncio.Event] = {}  # call id -> set when its record is written
@@ -60,14 +71,17 @@ class EdgeDecisions:
             self.metrics.decision_errors.labels("no-policy").inc()
             return protocol.fallback_answer(request.tx, "no-policy")
         call_id = request.call.call_id
+        if not self.store.available and self.state_unavailable != "open":
+            return self._without_state(request.tx)
         written = self._deciding.setdefault(call_id, asyncio.Event())
         try:
             return await self._decide(request, policy, received)
         except RedisError as exc:
             self.metrics.redis_errors.labels("create").inc()
             self.metrics.decision_errors.labels("redis").inc()
-            log.error("call %s: call store unavailable, edge fallback: %s", call_id, exc)
-            return protocol.fallback_answer(request.tx, "state-unavailable")
+            log.error("call %s: call store unavailable (%s): %s", call_id, exc,
+                      "503" if self.state_unavailable == "closed" else "edge fallback")
+            return self._without_state(request.tx)
         except Exception:  # a bug must cost one call its decision, never the controller
             self.metrics.decision_errors.labels("internal").inc()
             log.exception("call %s: decision failed", call_id)
@@ -82,13 +96,27 @@ class EdgeDecisions:
         facts = policy.compiled.facts(call)
         specs = policy.counter_specs
         counters = [CounterRequest(s.key, s.kind, s.scope, facts.scope_value(s.scope), s.window_s) for s in specs]
-        if counters:
-            facts.counters = await self.store.read_counters(counters, at_ms)
-        decision = policy.compiled.decide_facts(facts)
+        security = policy.compiled.security
+        if security is not None:
+            counters += SecurityGuard.counters(policy, facts)
         timeline_extra: dict[str, Any] = {}
+        if not self.store.available:
+            timeline_extra["state"] = "unavailable"
+        elif counters:
+            try:
+                facts.counters = await self.store.read_counters(counters, at_ms)
+            except RedisConnectionError:
+                if self.state_unavailable != "open":
+                    raise
+                timeline_extra["state"] = "unavailable"
+        if timeline_extra:  # fail-open: the policy decides without counters; the record waits for Redis
+            self.metrics.decisions_without_state.labels("open").inc()
+        decision = policy.compiled.decide_facts(facts)
         carried = decision
         if decision.outcome == "webhook":
             carried, timeline_extra["webhook"] = await self._webhook_decision(policy, decision, request, facts)
+            if security is not None:
+                carried = security.cap(carried if carried.risk else replace(carried, risk=decision.risk))
         internal = [("X-Callfabric-Policy", policy.version), ("X-Callfabric-Rule", carried.rule)]
         if carried.outcome == "agent":
             internal.insert(0, ("X-Callfabric-Agent", carried.agent.name))
@@ -109,20 +137,24 @@ class EdgeDecisions:
             "end_reason": "rejected" if rejected else None, "end_code": carried.reject_code if rejected else None,
             "ended_at_ms": at_ms if rejected else None,
         }
-        live_scopes = {s.scope: facts.scope_value(s.scope) for s in specs if s.kind == "live" and s.scope != "global"}
+        live_scopes = {c.scope: c.value for c in counters if c.kind == "live" and c.scope != "global" and c.value}
         if facts.tenant:
             live_scopes["tenant"] = facts.tenant
         event = {"event": "decided", "ts": at_ms, "outcome": carried.outcome, "rule": carried.rule,
                  "target": record["target"], "policy_version": policy.version, "decide_ms": decide_ms,
                  "counters": dict(facts.counters) if counters else None, "controller": self.instance_id,
                  **timeline_extra}
+        if carried.risk is not None:
+            event["risk"] = carried.risk.to_dict()
         # The record is in Redis's socket before the answer leaves (and ahead of anything
         # later about this call); its acknowledgement is checked without holding the call.
         written = await self.store.send_create(call.call_id, record, live_scopes=live_scopes,
-                                               window_counters=[c for c in counters if c.kind == "window"],
-                                               at_ms=at_ms, event=event)
+                                               window_counters=[c for c in counters if c.kind != "live"],
+                                               at_ms=at_ms, event=event, hold=self.state_unavailable == "open")
         written.add_done_callback(functools.partial(self._record_written, call.call_id))
         self.metrics.decisions.labels(carried.outcome, carried.rule).inc()
+        if carried.risk is not None and self.security is not None:
+            self.security.decided(carried, facts, call.call_id)
         return answer
 
     async def _webhook_decision(self, policy: Any, asked: Decision, request: protocol.DecideRequest,
@@ -155,12 +187,30 @@ class EdgeDecisions:
         log.warning("call %s: decision webhook %s (%s): fallback applies", call.call_id, webhook.url, result)
         return webhook.fallback, {**detail, "applied": "fallback"}
 
+    def _without_state(self, tx: str) -> dict[str, Any]:
+        """The answer when Redis cannot take the call (closed: 503 here; else the edge's fallback)."""
+        mode = "closed" if self.state_unavailable == "closed" else "edge"
+        self.metrics.decisions_without_state.labels(mode).inc()
+        return protocol.unavailable_answer(tx) if mode == "closed" else protocol.fallback_answer(tx, "state-unavailable")
+
     def _record_written(self, call_id: str, replies: asyncio.Future) -> None:
         try:
             raise_errors(replies.result())
         except RedisError as exc:
             self.metrics.redis_errors.labels("create").inc()
             log.error("call %s: Redis did not store its record (its dialog events will): %s", call_id, exc)
+
+    async def edge_ban(self, message: dict[str, Any]) -> None:
+        """Kamailio banned a source by itself (flood, scanner, sweep): record it with the
+        controller's bans so operators see and manage every ban in one place."""
+        try:
+            ban = protocol.parse_ban(message)
+        except protocol.BadRequest as exc:
+            self.metrics.decision_errors.labels("bad-ban-event").inc()
+            log.warning("ignored ban event: %s", exc)
+            return
+        if self.security is not None:
+            await self.security.edge_ban(ban.ip, ban.seconds, ban.reason, ban.detail)
 
     async def dialog(self, message: dict[str, Any]) -> None:
         """Follow a call's dialog: answered, ended, failed (a call the controller never
@@ -195,3 +245,5 @@ class EdgeDecisions:
             return
         if not result.applied:
             log.debug("call %s: %s after %s ignored", event.call_id, state, result.previous)
+        elif state == "ended" and self.security is not None:
+            await self.security.call_ended(result, event.ts_ms)

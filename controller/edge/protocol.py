@@ -3,6 +3,7 @@ framing, the `decide` and `dialog` events, and the answers. Everything that arri
 SIP-derived and untrusted: parsing never raises on content, it returns a clear reason."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -113,6 +114,32 @@ def parse_decide(message: dict[str, Any]) -> DecideRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeBan:
+    ip: str
+    reason: str  # flood | scanner | sweep | …
+    seconds: int
+    detail: str
+
+
+_BAN_REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def parse_ban(message: dict[str, Any]) -> EdgeBan:
+    """A ban the edge made by itself → EdgeBan (BadRequest when unusable)."""
+    try:
+        ip = str(ipaddress.ip_address(_text(message, "ip", 64)))
+    except ValueError:
+        raise BadRequest("ban without a valid ip") from None
+    reason = _text(message, "reason", 32)
+    if not _BAN_REASON.match(reason):
+        raise BadRequest(f"ban with an unusable reason {reason[:32]!r}")
+    seconds = message.get("seconds")
+    if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 < seconds <= 30 * 86400:
+        raise BadRequest("ban without a duration (seconds)")
+    return EdgeBan(ip, reason, seconds, _text(message, "detail", 256))
+
+
+@dataclass(frozen=True, slots=True)
 class DialogEvent:
     call_id: str
     state: str  # confirmed | ended | failed
@@ -176,6 +203,12 @@ def answer_for(tx: str, decision: Decision, internal_headers: list[tuple[str, st
     if decision.max_duration_s:
         answer["max_duration_s"] = decision.max_duration_s
     return answer, dropped
+
+
+def unavailable_answer(tx: str, retry_after_s: int = 5) -> dict[str, Any]:
+    """503 with Retry-After: the controller's own fail-closed answer."""
+    return {"tx": tx, "action": "reject", "code": 503, "reason": "Service Unavailable",
+            "hdrs": f"Retry-After: {retry_after_s}\r\n"}
 
 
 def fallback_answer(tx: str, reason: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from base64 import b64encode
 from pathlib import Path
 
 from controller.localstack.kamailio import free_port
+from controller.localstack.process import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_SET = REPO / "asterisk"
@@ -72,7 +73,7 @@ class Asterisk:
             "AMI_PORT": str(self.ami_port), "CONFIG_DIR": str(self.etc),
         }
         shutil.rmtree(self.etc, ignore_errors=True)
-        shutil.copytree(CONFIG_SET, self.etc, ignore=shutil.ignore_patterns("README.md"))
+        shutil.copytree(CONFIG_SET, self.etc, ignore=shutil.ignore_patterns("README.md", "Dockerfile"))
         for path in self.etc.glob("*.conf"):
             text = path.read_text()
             for key, value in values.items():
@@ -101,9 +102,8 @@ class Asterisk:
         env = {**os.environ, "ARI_USER": self.ari_user, "ARI_PASSWORD": self.ari_password,
                "AMI_USER": self.ami_user, "AMI_PASSWORD": self.ami_password}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.binary, "-f", "-vvv", "-n", "-C", str(self.etc / "asterisk.conf")],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.workdir)
+        self.proc = spawn([self.binary, "-f", "-vvv", "-n", "-C", str(self.etc / "asterisk.conf")],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

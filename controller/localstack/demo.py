@@ -1,19 +1,25 @@
-"""`callfabric demo`: the whole edge slice on this machine. Starts Redis, Kamailio (our
+"""`callfabric demo`: the whole stack on this machine. Starts Redis, Kamailio (our
 kamailio.cfg) and the controller on free loopback ports, SIPp stand-ins for the AI agents'
 media nodes and a human desk, places calls that the demo policy routes, rejects and
-decorates with headers, prints what happened, stops everything, and exits 0 only if every
-call did what the policy says."""
+decorates with headers, prints what happened, stops everything (also on Ctrl-C), and exits 0
+only if every call did what the policy says. With an `asterisk` binary (PATH or
+CALLFABRIC_ASTERISK) it also starts a real Asterisk media node with our config set and
+places a voice call with real RTP: the AI agent (an echo) hears the caller and answers, and
+a speech-to-text fork receives the caller's audio live."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.localstack.kamailio import CFG, Kamailio, free_port
+from controller.localstack.asterisk import Asterisk, asterisk_binary
+from controller.localstack.kamailio import CFG, REPO, Kamailio, free_port
 from controller.localstack.redis import RedisServer
 from controller.localstack.sipp import SippUAS, run_uac
 
@@ -47,7 +53,19 @@ rules:
 default:
   actions: [route_agent: intake, fork: stt]
 fork_targets:
-  stt: {{endpoint: "127.0.0.1:9100"}}
+  stt: {{endpoint: "127.0.0.1:{stt}"}}
+"""
+# Added when a real Asterisk runs: its node set, an agent with real RTP, the rule sending a
+# number to it with a speech-to-text fork (the fork target is the same `stt`).
+VOICE_POLICY = """\
+node_sets:
+  asterisk-nodes: {{dispatcher_set: 3}}
+agents:
+  voice-agent: {{node_set: asterisk-nodes, endpoint: "127.0.0.1:{agent}", transport: rtp, codec: ulaw}}
+rules:
+  - name: voice-line
+    match: {{ruri: "+18005550199"}}
+    actions: [route_agent: voice-agent, fork: stt]
 """
 
 
@@ -99,6 +117,9 @@ def run_demo(keep: bool = False) -> int:
     started: list = []
     try:
         return asyncio.run(_demo(workdir, started))
+    except KeyboardInterrupt:
+        _say("\ninterrupted: stopping everything the demo started")
+        return 130
     finally:
         for thing in reversed(started):
             try:
@@ -124,28 +145,55 @@ async def _demo(workdir: Path, started: list) -> int:
     from controller.config import Settings
     from controller.state.calls import CallStore
 
-    _say("callfabric demo: starting Redis, SIPp stand-ins, Kamailio and the controller on 127.0.0.1 …")
+    binary = asterisk_binary()
+    _say("callfabric demo: starting Redis, SIPp stand-ins, Kamailio" + (", Asterisk" if binary else "")
+         + " and the controller on 127.0.0.1 …")
+    if not binary:
+        _say("  (no asterisk binary: the voice call with real RTP is skipped; set CALLFABRIC_ASTERISK to include it)")
     redis_server = await _start(started, RedisServer(workdir))
     far_ends = {name: await _start(started, SippUAS(workdir, "uas_answer.xml", name))
                 for name in ("media", "billing", "desk")}
-    kamailio = await _start(started, Kamailio(workdir, {1: [far_ends["media"].addr], 2: [far_ends["billing"].addr]}))
+    kamailio = Kamailio(workdir, {1: [far_ends["media"].addr], 2: [far_ends["billing"].addr]})
+    asterisk = None
+    if binary:
+        asterisk = Asterisk(workdir, edge_port=kamailio.sip_port, binary=binary)
+        kamailio.write_dispatcher_list({1: [far_ends["media"].addr], 2: [far_ends["billing"].addr],
+                                        3: [f"127.0.0.1:{asterisk.sip_port}"]})
+    await _start(started, kamailio)
+    if asterisk is not None:
+        _say("  starting Asterisk (a few seconds) …")
+        await _start(started, asterisk)
+    voice = await _VoiceEndpoints.open() if asterisk is not None else None
     policy_dir = workdir / "policy"
     policy_dir.mkdir()
-    (policy_dir / "demo.yaml").write_text(DEMO_POLICY.format(policy_dir=policy_dir, desk=far_ends["desk"].addr))
+    stt_port = voice.ports["stt"] if voice else free_port(socket.SOCK_DGRAM)
+    (policy_dir / "demo.yaml").write_text(DEMO_POLICY.format(policy_dir=policy_dir, desk=far_ends["desk"].addr,
+                                                             stt=stt_port))
+    if voice:
+        (policy_dir / "voice.yaml").write_text(VOICE_POLICY.format(agent=voice.ports["agent"]))
     settings = Settings(policy_dir=str(policy_dir), redis_url=redis_server.url, instance_id="demo",
-                        edge_evapi=[f"127.0.0.1:{kamailio.evapi_port}"], http_listen=f"127.0.0.1:{free_port()}")
+                        edge_evapi=[f"127.0.0.1:{kamailio.evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
+                        edge_rpc=[f"http://127.0.0.1:{kamailio.http_port}/RPC"],
+                        ari_nodes=[asterisk.ari_node()] if asterisk else [])
     app = build_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", int(settings.http_listen.rsplit(":", 1)[1])).start()
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in app[EDGES])), 10)
+        if asterisk is not None:
+            await _wait_ari(app)
         _say(f"  redis {redis_server.url} | kamailio sip udp:127.0.0.1:{kamailio.sip_port} | "
-             f"controller http {settings.http_listen} | policy {policy_dir / 'demo.yaml'}\n")
+             + (f"asterisk sip udp:127.0.0.1:{asterisk.sip_port}, ari {asterisk.ari_url} | " if asterisk else "")
+             + f"controller http {settings.http_listen} | policy {policy_dir}\n")
         store = CallStore(redis_server.url)
-        ok = 0
+        ok, total = 0, len(CALLS)
         for number, call in enumerate(CALLS, 1):
             ok += await _place(number, call, workdir, kamailio, far_ends, store)
+        if voice is not None:
+            total += 1
+            ok += await _voice_call(total, kamailio, voice, store)
+            voice.close()
         await store.aclose()
         metrics = app[METRICS].exposition().decode()
         _say("metrics (excerpt of http://%s/metrics):" % settings.http_listen)
@@ -153,9 +201,9 @@ async def _demo(workdir: Path, started: list) -> int:
             if line.startswith(("callfabric_decisions_total", "callfabric_decision_duration_seconds_count",
                                 "callfabric_decision_duration_seconds_sum", "callfabric_edge_connected")):
                 _say(f"  {line}")
-        verdict = "every call did what the policy says" if ok == len(CALLS) else f"{len(CALLS) - ok} call(s) went wrong"
-        _say(f"\n{ok}/{len(CALLS)} calls OK: {verdict}")
-        return 0 if ok == len(CALLS) else 1
+        verdict = "every call did what the policy says" if ok == total else f"{total - ok} call(s) went wrong"
+        _say(f"\n{ok}/{total} calls OK: {verdict}")
+        return 0 if ok == total else 1
     finally:
         await runner.cleanup()
 
@@ -202,6 +250,80 @@ async def _place(number: int, call: DemoCall, workdir: Path, kamailio: Kamailio,
             problems.append(f"expected rule {call.expect_rule} / {call.expect_outcome}")
         if record.get("state") != final:
             problems.append(f"expected the record to be {final}")
+    _report(problems)
+    return not problems
+
+
+class _VoiceEndpoints:
+    """The AI agent (an echo of the caller) and the speech-to-text fork target (counts
+    packets), from examples/media_agent.py, on free UDP ports."""
+
+    def __init__(self, agent, stt, transports, ports):
+        self.agent, self.stt, self.transports, self.ports = agent, stt, transports, ports
+
+    @classmethod
+    async def open(cls) -> "_VoiceEndpoints":
+        spec = importlib.util.spec_from_file_location("media_agent", REPO / "examples" / "media_agent.py")
+        module = importlib.util.module_from_spec(spec)
+        await asyncio.to_thread(spec.loader.exec_module, module)
+        agent, stt = module.RtpAgent(echo=True), module.RtpAgent(echo=False)
+        loop = asyncio.get_running_loop()
+        transports, ports = [], {}
+        for name, protocol in (("agent", agent), ("stt", stt)):
+            port = free_port(socket.SOCK_DGRAM)
+            transport, _ = await loop.create_datagram_endpoint(lambda p=protocol: p, local_addr=("127.0.0.1", port))
+            transports.append(transport)
+            ports[name] = port
+        return cls(agent, stt, transports, ports)
+
+    def close(self) -> None:
+        for transport in self.transports:
+            transport.close()
+
+
+async def _wait_ari(app) -> None:
+    from controller.app import METRICS
+
+    for _ in range(200):
+        if app[METRICS].registry.get_sample_value("callfabric_ari_connected", {"node": "media1"}):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the controller could not connect to Asterisk's ARI")
+
+
+async def _voice_call(number: int, kamailio: Kamailio, voice: _VoiceEndpoints, store) -> bool:
+    from controller.localstack.sip_ua import SipCaller
+
+    _say(f"[{number}] voice call through Asterisk -> AI voice agent (real RTP both ways) + speech-to-text fork: "
+         "+15551230000 dials 18005550199, talks for 3 s")
+    result = await SipCaller(kamailio.sip_port).call("18005550199", hold_s=3.0)
+    problems = []
+    _say(f"    caller got: {result.status} {result.reason}; sent {result.rtp_sent} RTP packets, "
+         f"heard {result.rtp_received} back from the agent")
+    _say(f"    agent heard {voice.agent.received} packets of the caller; the STT fork received {voice.stt.received}")
+    if result.status != 200:
+        problems.append("the call was not answered")
+    if voice.agent.received < 100 or result.rtp_received < 100:
+        problems.append("audio did not flow both ways (expected ≥ 100 packets each way in 3 s)")
+    if voice.stt.received < 100:
+        problems.append("the fork did not deliver the caller's audio")
+    record = None
+    for _ in range(100):
+        record = await store.get(result.call_id)
+        if record and record.get("state") == "ended" and isinstance(record.get("media"), dict):
+            break
+        await asyncio.sleep(0.05)
+    media = record.get("media") if record else None
+    if not isinstance(media, dict):
+        problems.append("no media record in Redis")
+    else:
+        forks = media.get("forks") or {}
+        agent = media.get("agent") if isinstance(media.get("agent"), dict) else {}
+        _say(f"    media record: node {media.get('node')}, agent {agent.get('name')} (Asterisk sends its audio "
+             f"from {agent.get('local_rtp')}), "
+             f"{len(forks)} fork(s) {[f.get('target') for f in forks.values() if isinstance(f, dict)]}")
+    timeline = [e.get("event") for e in await store.timeline(result.call_id)]
+    _say(f"    timeline: {' → '.join(str(e) for e in timeline)}")
     _report(problems)
     return not problems
 

@@ -9,6 +9,13 @@ Usage::
 
 Everything runs in a temp dir (dispatcher list, ctl socket, runtime dir, log file); the
 process group is killed at stop() even if the test failed.
+
+Edge defence (kamailio/README.md): the local stack's own callers, media stand-ins and
+benchmarks (bench/edge.py, up to 4,000 CPS) all send from 127.0.0.1, so 127.0.0.1 is
+exempt from the pike flood check by default (`pike_trusted_net`; the environment variable
+CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET overrides it, empty = nobody exempt). Tests of the
+defences attack from other 127.0.0.x addresses. String defines in `extra_defines` need
+their double quotes: {"RPC_ALLOWED_NET": '"127.0.0.1/32"'}.
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+
+from controller.localstack.process import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = Path(os.environ.get("CALLFABRIC_KAMAILIO_CFG", REPO / "kamailio" / "kamailio.cfg"))
@@ -97,6 +106,7 @@ class Kamailio:
         log_level: int = 2,
         extra_defines: dict[str, str] | None = None,
         name: str = "kamailio",
+        pike_trusted_net: str | None = "127.0.0.1/32",
     ) -> None:
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +122,8 @@ class Kamailio:
         self.pkg_mb = pkg_mb
         self.log_level = log_level
         self.extra_defines = extra_defines or {}
+        env_trusted = os.environ.get("CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET")
+        self.pike_trusted_net = pike_trusted_net if env_trusted is None else (env_trusted or None)
         self.sip_port = free_port(socket.SOCK_DGRAM)
         self.http_port = free_port(socket.SOCK_STREAM)
         self.evapi_port = free_port(socket.SOCK_STREAM)
@@ -152,6 +164,8 @@ class Kamailio:
         }
         if self.cb_threshold is not None:
             defines["CB_THRESHOLD"] = str(self.cb_threshold)
+        if self.pike_trusted_net:
+            defines["PIKE_TRUSTED_NET"] = f'"{self.pike_trusted_net}"'
         defines.update(self.extra_defines)
         cmd = [
             KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
@@ -167,9 +181,9 @@ class Kamailio:
         if not self.ds_file.exists():
             self.write_dispatcher_list()
         self._log_fh = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir,
+            stdin=subprocess.DEVNULL, cwd=self.workdir,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,16 +10,22 @@ import time
 from pathlib import Path
 
 from controller.localstack.kamailio import free_port
+from controller.localstack.process import spawn
 
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisServer:
-    def __init__(self, workdir: Path | str, *, appendonly: bool = False, name: str = "redis"):
+    def __init__(self, workdir: Path | str, *, appendonly: bool = False, name: str = "redis",
+                 extra_args: list[str] | None = None, sentinel_of: tuple[str, int] | None = None):
+        """`extra_args`: more redis-server options (cluster mode, replicaof); `sentinel_of`:
+        run as a Sentinel watching (master name, master port) on 127.0.0.1."""
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(socket.SOCK_STREAM)
         self.appendonly = appendonly
+        self.extra_args = list(extra_args or [])
+        self.sentinel_of = sentinel_of
         self.log_path = self.workdir / "redis.log"
         self.proc: subprocess.Popen | None = None
 
@@ -30,9 +36,17 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         cmd = [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-               "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+               "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes", *self.extra_args]
+        if self.sentinel_of is not None:  # a Sentinel rewrites its config file: it needs one of its own
+            config = self.workdir / "sentinel.conf"
+            name, master_port = self.sentinel_of
+            config.write_text(f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n"
+                              f"sentinel down-after-milliseconds {name} 1000\n"
+                              f"sentinel failover-timeout {name} 5000\n")
+            cmd = [REDIS_BIN, str(config), "--sentinel", "--bind", "127.0.0.1", "--port", str(self.port),
+                   "--dir", str(self.workdir), "--logfile", str(self.log_path), "--daemonize", "no"]
+        self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -59,6 +73,12 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
+
+    def restart(self, timeout: float = 10.0) -> "RedisServer":
+        """Stop (SIGTERM: with AOF on, Redis fsyncs before it exits) and start again on the same
+        port and directory."""
+        self.stop()
+        return self.start(timeout)
 
     def log_tail(self, n: int = 20) -> str:
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.localstack.kamailio import free_port
+from controller.localstack.process import spawn
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SIPP_BIN = shutil.which("sipp") or "/usr/bin/sipp"
@@ -97,12 +98,12 @@ class SippUAS:
 
     def start(self) -> "SippUAS":
         self._out = open(self.out_file, "wb")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [SIPP_BIN, "-sf", str(SCENARIOS / self.scenario), "-i", "127.0.0.1",
              "-p", str(self.port), "-t", "u1", "-nostdin", "-trace_msg",
              "-message_file", str(self.msg_file), "-max_recv_loops", "1000"],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.workdir, start_new_session=True)
+            cwd=self.workdir)
         # SIPp binds before it starts its loop; wait until the port is taken
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -185,8 +186,13 @@ def run_uac(
     hold_ms: int = 200,
     code: int | None = None,
     from_user: str = "+15551230000",
+    source_ip: str = "127.0.0.1",
+    number_per_call: bool = False,
 ) -> UacResult:
-    """Run a SIPp UAC to completion (bounded by -m and -timeout); return counts."""
+    """Run a SIPp UAC to completion (bounded by -m and -timeout); return counts.
+
+    `source_ip`: any 127.0.0.0/8 address (calls from several "sources" on one machine);
+    `number_per_call`: each call dials `service` followed by its call number (1, 2, …)."""
     workdir = Path(workdir) / f"uac-{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
     values = {"EXTRA_HEADERS": _headers_block(headers), "HOLD_MS": str(hold_ms), "FROM_USER": from_user}
@@ -194,19 +200,22 @@ def run_uac(
         values["CODE"] = str(code)
     xml = _render(scenario, workdir, values)
     # an empty placeholder line would end the header block
-    xml.write_text(re.sub(r"\n[ \t]*\n(?=[ \t]+[A-Z][\w-]*:)", "\n", xml.read_text()))
+    text = re.sub(r"\n[ \t]*\n(?=[ \t]+[A-Z][\w-]*:)", "\n", xml.read_text())
+    if number_per_call:
+        text = text.replace("sip:[service]@", "sip:[service][call_number]@")
+    xml.write_text(text)
     stat = workdir / "stat.csv"
     msgs = workdir / "messages.log"
     cmd = [SIPP_BIN, f"127.0.0.1:{target_port}", "-sf", str(xml), "-s", service,
-           "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
+           "-i", source_ip, "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
            "-m", str(calls), "-r", str(rate), "-l", str(limit),
            "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin",
            "-trace_stat", "-stf", str(stat), "-fd", "1",
            "-trace_msg", "-message_file", str(msgs),
            "-recv_timeout", "15000", "-max_recv_loops", "1000"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=workdir)
     try:
         out, _ = proc.communicate(timeout=timeout_s + 10)
     except subprocess.TimeoutExpired:

@@ -6,7 +6,13 @@ for (snoop + ExternalMedia in their own bridge: a one-way live copy), and from t
 carries out mid-call actions: transfer to another agent (the caller never leaves the bridge),
 bring a human in through the edge with context headers, play audio, start and stop forks,
 hang up. Every change is written to Redis (the call's media record and timeline) before the
-next step, so another controller can carry on from Redis + ARI."""
+next step, so another controller can carry on from Redis + ARI.
+
+Each node's events are handled by one controller at a time (its lease owner, see
+ownership.py): `adopt_node` takes the node's live calls from Redis, `serve_node` consumes
+its events and resyncs with ARI after every (re)connection — settling whatever a previous
+owner left half done — and `release_node` lets the node go. Media records are written with
+the owner's fence, so a controller that lost a node cannot overwrite its successor's work."""
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +29,7 @@ from controller.media.model import (
     AgentLeg, CallMedia, ForkLeg, HumanLeg, call_token, parse_object_id, session_uuid,
 )
 from controller.metrics import Metrics
-from controller.state.calls import CallStore, now_ms
+from controller.state.calls import CallStore, FencedOut, now_ms
 
 log = logging.getLogger("callfabric.media")
 
@@ -72,40 +78,98 @@ class MediaPlane:
         self.instance_id = instance_id
         self.api_base_url = api_base_url.rstrip("/")
         self.calls: dict[str, CallMedia] = {}  # call id -> media (calls on nodes this controller serves)
+        self.fences: dict[str, int] = {}  # node -> the fence of our lease on it (0: no leases)
         self._by_token: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiters: dict[str, asyncio.Future] = {}  # channel id -> StasisStart (or failure)
-        self._tasks: set[asyncio.Task] = set()
+        self._created: dict[str, float] = {}  # waited-for channel id -> when Asterisk confirmed creating it
+        self._tasks: dict[str, set[asyncio.Task]] = {}  # node -> event handling in progress
+        self._arriving: set[str] = set()  # caller channels being taken in (StasisStart, or found by a resync)
+        self._adopted: set[str] = set()  # calls loaded from Redis, settled by the node's next resync
+        self._synced: dict[str, asyncio.Event] = {}  # node -> set when a resync has run since adoption
+        self._closing: set[str] = set()  # nodes being handed over: no new actions
 
     # -- node lifecycle ---------------------------------------------------------------------------
     async def serve_node(self, name: str) -> None:
-        """Consume a node's events forever; after every (re)connection, resync with ARI."""
+        """Consume a node's events until cancelled, or until another client takes the node's
+        application over (ApplicationReplaced: returns); after every (re)connection, resync."""
         client = self.nodes[name]
 
         async def connected() -> None:
             # Resync runs beside the stream: it takes calls' locks, and an action holding one
             # may be waiting for an event of this very stream.
             self.metrics.ari_connected.labels(name).set(1)
-            self._spawn(self.resync(name), "resync")
+            self._spawn(name, self.resync(name), "resync")
 
         try:
             async for event in client.events(on_connected=connected):
+                if event.get("type") == "ApplicationReplaced":
+                    log.error("ARI %s: another client took over application %r: this controller stops handling "
+                              "the node's events", name, client.app)
+                    return
                 self.on_event(name, event)
         finally:
             self.metrics.ari_connected.labels(name).set(0)
 
     async def recover(self) -> None:
-        """After a (re)start: take the live calls' media records back from Redis."""
+        """After a (re)start without leases: take every node's live calls back from Redis."""
         for name in self.nodes:
-            for call_id in await self.store.media_calls(name):
-                data = await self.store.load_media(call_id)
-                if data is None:
-                    await self.store.forget_media(name, call_id)
-                    continue
-                media = CallMedia.from_dict(data)
-                if media.state != "ended":
-                    self._track(media)
+            await self.adopt_node(name)
         log.info("media: recovered %d live call(s) from Redis", len(self.calls))
+
+    async def adopt_node(self, node: str, fence: int = 0) -> int:
+        """Take `node`'s live calls from Redis (at start, or from a controller that died or
+        handed the node over); the node's next resync settles them against ARI. Returns how
+        many calls were taken."""
+        self.fences[node] = fence
+        self._synced.setdefault(node, asyncio.Event()).clear()
+        taken = 0
+        for call_id in await self.store.media_calls(node):
+            if call_id in self.calls:
+                continue
+            data = await self.store.load_media(call_id)
+            try:
+                media = CallMedia.from_dict(data) if data is not None else None
+            except (TypeError, ValueError, AttributeError) as exc:  # garbage in Redis: say so, skip it
+                log.error("call %s: unreadable media record (%s): not taken over", call_id, exc)
+                continue
+            if media is None or media.state == "ended" or media.node != node:
+                await self.store.forget_media(node, call_id)
+                continue
+            self._track(media)
+            self.metrics.forks_active.inc(sum(1 for f in media.forks.values() if f.state in ("starting", "up")))
+            self._adopted.add(call_id)
+            taken += 1
+        return taken
+
+    async def wait_synced(self, node: str) -> None:
+        """Until a resync of `node` has run since it was adopted."""
+        await self._synced.setdefault(node, asyncio.Event()).wait()
+
+    async def quiesce(self, node: str, wait_s: float) -> None:
+        """Before handing `node` over: new actions on its calls are refused (503, retry: the
+        next owner answers) and those in progress get at most `wait_s` to finish."""
+        self._closing.add(node)
+        try:
+            async with asyncio.timeout(wait_s):
+                tasks = [t for t in self._tasks.get(node, ()) if t is not asyncio.current_task()]
+                if tasks:
+                    await asyncio.wait(tasks)
+                for media in [m for m in self.calls.values() if m.node == node]:
+                    async with self._lock(media.call_id):
+                        pass
+        except TimeoutError:
+            log.warning("media node %s: actions still running after %.1fs are abandoned", node, wait_s)
+
+    async def release_node(self, node: str) -> None:
+        """Stop acting for `node` (its events are not ours any more) and forget its calls."""
+        for task in self._tasks.pop(node, set()):
+            if task is not asyncio.current_task():
+                task.cancel()
+        for media in [m for m in self.calls.values() if m.node == node]:
+            self._forget(media)
+        self.fences.pop(node, None)
+        self._closing.discard(node)
 
     async def resync(self, node: str) -> None:
         """Compare what Asterisk has with what we think exists: calls whose caller is gone are
@@ -113,19 +177,42 @@ class MediaPlane:
         client = self.nodes[node]
         # Only calls we knew before looking can be judged by what we saw (a call arriving
         # meanwhile is not in the snapshot, and is not missing from Asterisk).
-        before = [m for m in self.calls.values() if m.node == node and m.state != "setup"]
+        before = [m for m in self.calls.values()
+                  if m.node == node and (m.state != "setup" or m.call_id in self._adopted)]
+        # A call that creates objects after the snapshot (an action waiting for its lock
+        # meanwhile) cannot be judged by it: only its caller's absence is meaningful then.
+        sequence = {m.call_id: m.sequence for m in before}
+        looked = time.monotonic()
         try:
-            channels = {c["id"]: c for c in await client.channels() if isinstance(c, dict) and "id" in c}
-            bridges = {b["id"] for b in await client.bridges() if isinstance(b, dict) and "id" in b}
+            channels = {c["id"]: c for c in await client.channels()
+                        if isinstance(c, dict) and isinstance(c.get("id"), str)}
+            bridges = {b["id"] for b in await client.bridges() if isinstance(b, dict) and isinstance(b.get("id"), str)}
         except AriError as exc:
             log.warning("ARI %s: resync failed: %s", node, exc)
             return
+        for channel_id, channel in channels.items():  # entered Stasis while we were away: no StasisStart
+            if (channel.get("dialplan") or {}).get("app_name") == "Stasis":
+                self._resolve(channel_id, channel)
+        for channel_id, created in list(self._created.items()):  # created, then gone while we were away
+            if created < looked and channel_id not in channels:
+                self._fail_waiter(channel_id, "gone while the events websocket was down")
         for media in before:
             async with self._lock(media.call_id):
+                if self.calls.get(media.call_id) is not media or media.state == "ended":
+                    continue  # ended (or forgotten) while we waited for its lock
                 if media.caller_channel not in channels:
+                    self._adopted.discard(media.call_id)
                     await self._timeline(media, "resync", detail="caller gone while disconnected")
                     await self._teardown(media, "caller-gone")
                     continue
+                if media.sequence != sequence[media.call_id]:
+                    self._adopted.discard(media.call_id)
+                    continue
+                if media.call_id in self._adopted:
+                    self._adopted.discard(media.call_id)
+                    await self._settle_adopted(media, channels, bridges)
+                    if media.state in ("setup", "ending", "ended"):
+                        continue
                 changed = False
                 if media.agent and media.agent.state in ("starting", "up") and media.agent.channel not in channels:
                     media.agent.state = "gone"
@@ -140,6 +227,15 @@ class MediaPlane:
                         changed = True
                 if changed:
                     await self._save(media, "resync", detail="legs gone while disconnected")
+        callers = {m.caller_channel for m in self.calls.values()}
+        for channel_id, channel in channels.items():  # callers whose StasisStart was missed
+            args = self._stasis_args(client, channel)
+            if args is not None and not parse_object_id(channel_id) and channel_id not in callers \
+                    and channel_id not in self._arriving:
+                log.warning("ARI %s: caller %s entered the application while nobody listened: taking it in",
+                            node, channel_id)
+                self._arriving.add(channel_id)
+                self._spawn(node, self._caller_arrived(node, channel, args), "resync-caller")
         for channel_id in channels:  # ours, of no live call: left over from a crash or a lost event
             if self._orphan(channel_id):
                 log.warning("ARI %s: hanging up orphan channel %s", node, channel_id)
@@ -147,6 +243,79 @@ class MediaPlane:
         for bridge_id in bridges:
             if self._orphan(bridge_id):
                 await self._quietly(client.destroy_bridge(bridge_id))
+        self._synced.setdefault(node, asyncio.Event()).set()
+
+    async def _settle_adopted(self, media: CallMedia, channels: dict[str, dict], bridges: set[str]) -> None:
+        """A call taken over from another controller (or from before a restart), its caller
+        still there: settle what was left half done. Objects of the call its record does not
+        name (an action cut short) are removed; an interrupted transfer is recorded as failed;
+        old agents are hung up; forks that were starting are started again; a human who
+        answered meanwhile joins; a call still being set up is set up again. Lock held."""
+        client = self.nodes[media.node]
+        named = set(media.our_channels()) | set(media.bridges())
+        for object_id_ in [*channels, *bridges]:
+            parsed = parse_object_id(object_id_)
+            if parsed and parsed[0] == media.token and object_id_ not in named:
+                log.warning("call %s: removing %s, left by an action cut short", media.call_id, object_id_)
+                await self._quietly(client.hangup(object_id_) if object_id_ in channels
+                                    else client.destroy_bridge(object_id_))
+        for old in list(media.old_agents):
+            if old.channel in channels:
+                await self._quietly(client.hangup(old.channel))
+            else:
+                media.old_agents.remove(old)
+        if media.state == "transferring":
+            media.state = "active"
+            self.metrics.transfers.labels("agent", "failed").inc()
+            await self._save(media, "transfer_failed", reason="interrupted: the controller carrying it out stopped")
+        restart = []
+        for fork in media.forks.values():
+            if fork.state == "starting":
+                fork.state, fork.reason = "failed", "interrupted: the controller starting it stopped"
+                self.metrics.forks_active.dec()
+                await self._stop_fork_objects(media, fork)
+                restart.append(fork)
+        for human in media.humans.values():
+            if human.state == "starting" and channels.get(human.channel, {}).get("state") == "Up":
+                self._spawn(media.node, self._own_leg_entered(media.node, human.channel, channels[human.channel]),
+                            "resync-human")
+        if media.state == "setup":
+            await self._set_up_again(media, channels.get(media.caller_channel, {}), bridges)
+            return
+        await self._save(media, "resync", detail="taken over", fence=self.fences.get(media.node, 0))
+        for fork in restart:
+            target = Endpoint(fork.target, fork.endpoint, fork.transport, fork.codec)
+            self._spawn(media.node, self._quietly(self.start_fork(media.call_id, target, fork.direction)), "fork")
+
+    async def _set_up_again(self, media: CallMedia, caller: dict[str, Any], bridges: set[str]) -> None:
+        """A call whose set-up was cut short: its partial objects go, then it is set up anew."""
+        client = self.nodes[media.node]
+        for bridge_id in media.bridges():
+            if bridge_id in bridges:
+                await self._quietly(client.destroy_bridge(bridge_id))
+        for fork in media.forks.values():
+            if fork.state in ("starting", "up"):
+                fork.state = "failed"
+                self.metrics.forks_active.dec()
+        media.bridge = media.next_id("bridge")
+        args = self._stasis_args(client, caller) or []
+        agent, forks = await self._agent_for(media.call_id, str(args[1]) if len(args) > 1 and args[1] else "")
+        if agent is None:
+            await self._timeline(media, "media_refused", node=media.node, reason="no agent")
+            await self._teardown(media, "no-agent", hang_up_caller=True)
+            return
+        await self._save(media, "media_start", node=media.node, channel=media.caller_channel, agent=agent.name,
+                         detail="set up again after a controller change")
+        self._spawn(media.node, self._connect_agent(media, agent, forks, time.perf_counter(), answer=True), "setup")
+
+    def _stasis_args(self, client: AriClient, channel: dict[str, Any]) -> list[str] | None:
+        """The arguments of a caller waiting in our Stasis application (from its dialplan
+        position), else None."""
+        dialplan = channel.get("dialplan") if isinstance(channel.get("dialplan"), dict) else {}
+        if dialplan.get("app_name") != "Stasis" or not isinstance(dialplan.get("app_data"), str):
+            return None
+        app, *args = dialplan["app_data"].split(",")
+        return args if app == client.app else None
 
     def _orphan(self, object_id_: str) -> bool:
         parsed = parse_object_id(object_id_)
@@ -165,55 +334,70 @@ class MediaPlane:
         if kind == "StasisStart":
             if parse_object_id(channel_id):
                 self._resolve(channel_id, channel)
-                self._spawn(self._own_leg_entered(node, channel_id, channel), kind)
-            else:
+                self._spawn(node, self._own_leg_entered(node, channel_id, channel), kind)
+            elif channel_id not in self._arriving and self._media_of_channel(channel_id) is None:
                 args = event.get("args") if isinstance(event.get("args"), list) else []
-                self._spawn(self._caller_arrived(node, channel, args), kind)
+                self._arriving.add(channel_id)
+                self._spawn(node, self._caller_arrived(node, channel, args), kind)
         elif kind in ("StasisEnd", "ChannelDestroyed"):
             self._fail_waiter(channel_id, f"{kind}: {event.get('cause_txt', 'gone')}")
             media = self._media_of_channel(channel_id)
             if media is not None:
-                self._spawn(self._gone_locked(media, channel_id, event), kind)
+                self._spawn(node, self._gone_locked(media, channel_id, event), kind)
 
     async def _gone_locked(self, media: CallMedia, channel_id: str, event: dict[str, Any]) -> None:
         async with self._lock(media.call_id):
             await self._channel_gone(media, channel_id, event)
 
-    def _spawn(self, coroutine, what: str) -> None:
+    def _spawn(self, node: str, coroutine, what: str) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._task_done(t, what))
+        self._tasks.setdefault(node, set()).add(task)
+        task.add_done_callback(lambda t: self._task_done(t, node, what))
 
-    def _task_done(self, task: asyncio.Task, what: str) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # one bad event never stops the plane
+    def _task_done(self, task: asyncio.Task, node: str, what: str) -> None:
+        self._tasks.get(node, set()).discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if isinstance(task.exception(), MediaError):
+            log.warning("media: %s: %s", what, task.exception())
+        else:  # one bad event never stops the plane
             log.error("media: handling %s failed", what, exc_info=task.exception())
 
     async def _caller_arrived(self, node: str, channel: dict[str, Any], args: list[Any]) -> None:
         channel_id = channel.get("id", "")
-        call_id = str(args[0]) if args and args[0] else str(channel.get("protocol_id") or channel_id)
-        requested_agent = str(args[1]) if len(args) > 1 and args[1] else ""
-        started = time.perf_counter()
-        client = self.nodes[node]
+        try:
+            call_id = str(args[0]) if args and args[0] else str(channel.get("protocol_id") or channel_id)
+            requested_agent = str(args[1]) if len(args) > 1 and args[1] else ""
+            started = time.perf_counter()
+            client = self.nodes[node]
+            agent, forks, decision = await self._agent_for(call_id, requested_agent, with_decision=True)
+            if agent is None:
+                log.error("call %s: no agent for this call (decision %r, requested %r): hanging up",
+                          call_id, decision.get("outcome"), requested_agent)
+                named = (decision.get("agent") or {}).get("name") or requested_agent
+                await self.store.append_event(call_id, {"event": "media_refused", "ts": now_ms(), "node": node,
+                                                        "reason": f"no agent ({named or 'none'})"})
+                await self._quietly(client.hangup(channel_id, "unallocated"))
+                return
+            media = CallMedia(call_id=call_id, token=call_token(call_id), node=node, caller_channel=channel_id,
+                              bridge="", started_ms=now_ms(), max_duration_s=decision.get("max_duration_s"))
+            media.bridge = media.next_id("bridge")
+            self._track(media)
+        finally:
+            self._arriving.discard(channel_id)
+        async with self._lock(call_id):
+            await self.store.add_media_call(node, call_id)
+            await self._save(media, "media_start", node=node, channel=channel_id, agent=agent.name)
+        await self._connect_agent(media, agent, forks, started, answer=True)
+
+    async def _agent_for(self, call_id: str, requested_agent: str, with_decision: bool = False):
+        """The agent (and forks) the call's decision names, else the one the edge asked for."""
         record = await self._record(call_id)
         decision = record.get("decision") if isinstance(record, dict) and isinstance(record.get("decision"), dict) else {}
         agent_name = (decision.get("agent") or {}).get("name") or requested_agent
         agent = self.resolve_agent(agent_name) if agent_name else None
-        if agent is None:
-            log.error("call %s: no agent for this call (decision %r, requested %r): hanging up",
-                      call_id, decision.get("outcome"), requested_agent)
-            await self.store.append_event(call_id, {"event": "media_refused", "ts": now_ms(), "node": node,
-                                                    "reason": f"no agent ({agent_name or 'none'})"})
-            await self._quietly(client.hangup(channel_id, "unallocated"))
-            return
-        media = CallMedia(call_id=call_id, token=call_token(call_id), node=node, caller_channel=channel_id, bridge="",
-                          started_ms=now_ms(), max_duration_s=decision.get("max_duration_s"))
-        media.bridge = media.next_id("bridge")
-        self._track(media)
-        async with self._lock(call_id):
-            await self.store.add_media_call(node, call_id)
-            await self._save(media, "media_start", node=node, channel=channel_id, agent=agent.name)
-        await self._connect_agent(media, agent, decision.get("forks") or [], started, answer=True)
+        forks = decision.get("forks") if isinstance(decision.get("forks"), list) else []
+        return (agent, forks, decision) if with_decision else (agent, forks)
 
     async def _connect_agent(self, media: CallMedia, agent: Endpoint, forks: list[Any], started: float, *,
                              answer: bool) -> None:
@@ -234,8 +418,9 @@ class MediaPlane:
                 if isinstance(fork, dict) and fork.get("target"):
                     target = Endpoint(fork["target"], fork.get("endpoint", ""), fork.get("transport", "rtp"),
                                       fork.get("codec", "slin16"))
-                    self._spawn(self._quietly(self.start_fork(call_id, target, fork.get("direction", "in"),
-                                                              started=started, during_setup=True)), "fork")
+                    self._spawn(media.node, self._quietly(self.start_fork(call_id, target, fork.get("direction", "in"),
+                                                                          started=started, during_setup=True)),
+                                "fork")
             leg = await self._start_agent(media, agent)
         except (AriError, MediaError, asyncio.TimeoutError) as exc:
             log.error("call %s: media setup failed: %s", call_id, exc)
@@ -425,13 +610,15 @@ class MediaPlane:
         try:
             snoop_up = self._waiter(fork.snoop)
             await asyncio.gather(
-                client.snoop(media.caller_channel, fork.snoop, spy=direction, app_args=f"fork,{fork_id}"),
+                self._confirmed(fork.snoop, client.snoop(media.caller_channel, fork.snoop, spy=direction,
+                                                         app_args=f"fork,{fork_id}")),
                 self._external_media(media, fork.channel, target),
                 client.create_bridge(fork.bridge, f"fork-{media.token}-{fork_id}"))
             await asyncio.wait_for(snoop_up, LEG_UP_TIMEOUT_S)
             await asyncio.gather(client.add_channel(fork.bridge, fork.snoop), client.add_channel(fork.bridge, fork.channel))
         except (AriError, MediaError, asyncio.TimeoutError) as exc:
             self._waiters.pop(fork.snoop, None)
+            self._created.pop(fork.snoop, None)
             async with self._lock(call_id):
                 fork.state, fork.reason = "failed", str(exc) or type(exc).__name__
                 self.metrics.forks_failed.labels("start").inc()
@@ -526,13 +713,14 @@ class MediaPlane:
         up = self._waiter(channel_id)
         params = external_media_params(target)
         try:
-            created = await self.nodes[media.node].external_media(
+            created = await self._confirmed(channel_id, self.nodes[media.node].external_media(
                 channel_id, params["external_host"], target.codec, encapsulation=params["encapsulation"],
                 transport=params["transport"],
-                data=session_uuid(channel_id) if target.transport == "audiosocket" else None)
+                data=session_uuid(channel_id) if target.transport == "audiosocket" else None))
             entered = await asyncio.wait_for(up, LEG_UP_TIMEOUT_S)
         finally:
             self._waiters.pop(channel_id, None)
+            self._created.pop(channel_id, None)
         return {**(created or {}), **(entered or {})}
 
     def _waiter(self, channel_id: str) -> asyncio.Future:
@@ -540,12 +728,21 @@ class MediaPlane:
         self._waiters[channel_id] = future
         return future
 
+    async def _confirmed(self, channel_id: str, creation) -> Any:
+        """Await a channel's creation; from then on a resync that does not see it fails its waiter."""
+        result = await creation
+        if channel_id in self._waiters:
+            self._created[channel_id] = time.monotonic()
+        return result
+
     def _resolve(self, channel_id: str, channel: dict[str, Any]) -> None:
+        self._created.pop(channel_id, None)
         future = self._waiters.pop(channel_id, None)
         if future is not None and not future.done():
             future.set_result(channel)
 
     def _fail_waiter(self, channel_id: str, reason: str) -> None:
+        self._created.pop(channel_id, None)
         future = self._waiters.pop(channel_id, None)
         if future is not None and not future.done():
             future.set_exception(MediaError(reason, 502))
@@ -583,9 +780,7 @@ class MediaPlane:
             except RedisError as exc:
                 log.error("call %s: could not record its end: %s", media.call_id, exc)
         await self.store.forget_media(media.node, media.call_id)
-        self.calls.pop(media.call_id, None)
-        self._by_token.pop(media.token, None)
-        self._locks.pop(media.call_id, None)
+        self._forget(media)
 
     async def _context_headers(self, call_id: str, context: dict[str, str]) -> dict[str, str]:
         """Validated, size-capped X- headers; a long value travels as a reference to the API."""
@@ -607,6 +802,16 @@ class MediaPlane:
         self.calls[media.call_id] = media
         self._by_token[media.token] = media.call_id
 
+    def _forget(self, media: CallMedia) -> None:
+        """Not ours any more (ended, or its node went to another controller)."""
+        if self.calls.get(media.call_id) is media:
+            del self.calls[media.call_id]
+            self._by_token.pop(media.token, None)
+            self._locks.pop(media.call_id, None)
+            self._adopted.discard(media.call_id)
+            if media.state != "ended":  # its running forks are the next owner's to count
+                self.metrics.forks_active.dec(sum(1 for f in media.forks.values() if f.state in ("starting", "up")))
+
     def _media_of_channel(self, channel_id: str) -> CallMedia | None:
         parsed = parse_object_id(channel_id)
         if parsed:
@@ -622,6 +827,8 @@ class MediaPlane:
             raise MediaError(f"call {call_id!r} has ended", 409)
         if media.state == "setup":
             raise MediaError(f"call {call_id!r} is still being set up", 409)
+        if media.node in self._closing:
+            raise MediaError(f"media node {media.node} is being handed over to another controller; retry", 503)
         return media
 
     def _lock(self, call_id: str) -> asyncio.Lock:
@@ -635,9 +842,17 @@ class MediaPlane:
             return None
 
     async def _save(self, media: CallMedia, event: str, **detail: Any) -> None:
+        """Record the call's media and a timeline event. Raises MediaError (503: retry, the
+        new owner will answer) when another controller took the call's node over."""
         entry = {"event": event, "ts": now_ms(), "node": media.node, **{k: v for k, v in detail.items() if v is not None}}
         try:
-            await self.store.save_media(media.call_id, media.to_dict(), entry)
+            await self.store.save_media(media.call_id, media.to_dict(), entry, fence=self.fences.get(media.node, 0))
+        except FencedOut:
+            self.metrics.media_fenced.inc()
+            log.error("call %s: media node %s has a newer owner: this controller stops acting on the call",
+                      media.call_id, media.node)
+            self._forget(media)
+            raise MediaError(f"call {media.call_id!r} is handled by another controller now; retry", 503) from None
         except RedisError as exc:
             self.metrics.redis_errors.labels("media").inc()
             log.error("call %s: could not record %s: %s", media.call_id, event, exc)

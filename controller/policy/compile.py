@@ -6,7 +6,7 @@ interpreter."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any, Callable
 
@@ -14,6 +14,7 @@ from controller.policy import conditions as cond
 from controller.policy.actionset import ActionSet, assemble
 from controller.policy.facts import Facts
 from controller.policy.model import Call, CounterSpec, Decision, PolicySource
+from controller.policy.risk import CompiledSecurity
 
 Matcher = Callable[[Facts], bool]
 NUMBER_FIELDS = ("caller", "callee", "ruri")
@@ -247,6 +248,7 @@ class CompiledPolicy:
         self._prefix_lengths = {f: tuple(sorted({len(p) for p in table})) for f, table in self._prefix.items()}
         self._exact_fields = tuple(f for f in NUMBER_FIELDS if self._exact[f])
         self._prefix_fields = tuple(f for f in NUMBER_FIELDS if self._prefix[f])
+        self.security = CompiledSecurity(source.security, compiler) if source.security else None
         self.counter_specs = frozenset(compiler.counters)
         self.header_names = frozenset(compiler.header_names)
         self._settings = source.settings
@@ -285,7 +287,18 @@ class CompiledPolicy:
 
     def decide_facts(self, f: Facts) -> Decision:
         """Decide from facts already derived (the edge derives them once to know which
-        counters to fetch, then sets `f.counters`)."""
+        counters to fetch, then sets `f.counters`). Risk scoring comes first: a challenge,
+        reject or ban outcome decides instead of the rules."""
+        security = self.security
+        if security is None:
+            return self._rules_decide(f)
+        risk = security.assess(f)
+        if risk is not None and risk.outcome != "allow":
+            return security.decision(risk, f, self.version)
+        decision = security.cap(self._rules_decide(f))
+        return decision if risk is None else replace(decision, risk=risk)
+
+    def _rules_decide(self, f: Facts) -> Decision:
         rules = self.rules
         applied: list[tuple[str, ActionSet]] = []
         for position in self._candidates(f):

@@ -131,6 +131,79 @@ class CounterSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterProbe:
+    """A counter one call's risk detectors read (and, when `count`, add this call to): the
+    controller fetches it from the call store before deciding."""
+
+    key: str  # where the value lands in Call.counters
+    kind: str  # "window" | "live" | "distinct"
+    scope: str  # the counter's namespace (source, tenant, global, short:source, dest …)
+    value: str  # this call's value of the scope (an address, a tenant, a prefix)
+    window_s: int = 0
+    count: bool = True  # window: this call adds one; distinct: this call adds `member`
+    member: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Detector:
+    """A validated risk detector (see schema.DETECTOR_KINDS)."""
+
+    name: str
+    kind: str
+    score: int
+    when: Mapping[str, Any] | None
+    scope: str = "source"
+    window_s: int = 60
+    baseline_s: int = 3600
+    factor: float = 5.0
+    min_calls: int = 20
+    max: int = 0
+    lists: tuple[str, ...] = ()
+    shorter_than_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityPolicy:
+    detectors: tuple[Detector, ...]
+    position: Position = Position("<policy>", 1, 1)  # of the `security:` section
+    exempt: Mapping[str, Any] | None = None
+    challenge_at: int | None = None
+    challenge: "ActionSet | None" = None
+    reject_at: int | None = None
+    reject_code: int = 403
+    reject_reason: str = "Forbidden"
+    ban_at: int | None = None
+    ban_s: int = 900
+    ban_code: int = 403
+    max_call_duration_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    detector: str
+    score: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class RiskAssessment:
+    """What the detectors found about one call and what it leads to."""
+
+    score: int
+    outcome: str  # allow | challenge | reject | ban
+    findings: tuple[Finding, ...]
+    ban_s: int | None = None  # when outcome is ban
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"score": self.score, "outcome": self.outcome,
+                               "findings": [{"detector": f.detector, "score": f.score, "why": f.why}
+                                            for f in self.findings]}
+        if self.ban_s is not None:
+            out["ban_s"] = self.ban_s
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookAsk:
     url: str
     timeout_ms: int
@@ -154,6 +227,7 @@ class Decision:
     forks: tuple[Fork, ...] = ()
     max_duration_s: int | None = None
     tenant: str | None = None
+    risk: RiskAssessment | None = None  # when the policy scores risk and something was found
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (what the decision record, explain and tests show)."""
@@ -182,6 +256,8 @@ class Decision:
             out["max_duration_s"] = self.max_duration_s
         if self.tenant is not None:
             out["tenant"] = self.tenant
+        if self.risk is not None:
+            out["risk"] = self.risk.to_dict()
         out["policy_version"] = self.policy_version
         return out
 
@@ -216,6 +292,7 @@ class PolicySource:
     rules: tuple[RuleSource, ...]
     default: "ActionSet"
     default_position: Position
+    security: SecurityPolicy | None = None
     warnings: tuple[PolicyIssue, ...] = field(default=())
 
 

@@ -5,13 +5,14 @@ of bench/policy.py, and what `callfabric policy explain` prints."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller.policy import conditions as cond
 from controller.policy.actionset import ActionSet, assemble
 from controller.policy.facts import Facts
 from controller.policy.model import Call, Decision, PolicySource, Position
+from controller.policy.risk import CompiledSecurity
 
 _LABEL = {"caller": "caller", "callee": "callee", "ruri": "dialled number (R-URI)"}
 _DAY = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -48,12 +49,39 @@ class ReferenceEvaluator:
     def __init__(self, source: PolicySource):
         self.source = source
         self.numbering = source.settings.numbering
+        self._compiled_security: CompiledSecurity | None = None
 
     def decide(self, call: Call) -> Decision:
         return self.explain(call).decision
 
     def explain(self, call: Call) -> Explanation:
         f = Facts(call, self.source.settings, self.source.tenants)
+        security = self._security()
+        if security is None:
+            return self._explain_rules(f)
+        risk = security.assess(f)
+        if risk is None:
+            explanation = self._explain_rules(f)
+            return replace(explanation, decision=security.cap(explanation.decision))
+        findings = "; ".join(f"{x.detector} (+{x.score}): {x.why}" for x in risk.findings)
+        trace = RuleTrace("security", self.source.security.position, risk.outcome != "allow",
+                          f"risk score {risk.score} → {risk.outcome}: {findings}", risk.outcome != "allow")
+        if risk.outcome != "allow":
+            return Explanation(security.decision(risk, f, self.source.version), (trace,), f)
+        explanation = self._explain_rules(f)
+        return Explanation(replace(security.cap(explanation.decision), risk=risk), (trace,) + explanation.traces, f)
+
+    def _security(self) -> CompiledSecurity | None:
+        """Risk scoring is shared code (it is not what the oracle checks): compiled once, lazily."""
+        if self.source.security is None:
+            return None
+        if self._compiled_security is None:
+            from controller.policy.compile import _Compiler
+
+            self._compiled_security = CompiledSecurity(self.source.security, _Compiler(self.source))
+        return self._compiled_security
+
+    def _explain_rules(self, f: Facts) -> Explanation:
         traces: list[RuleTrace] = []
         applied: list[tuple[str, ActionSet]] = []
         for rule in self.source.rules:

@@ -116,6 +116,64 @@ _CONDITION_PROPERTIES: dict[str, Any] = {
 
 CONDITION_KINDS = tuple(k for k in _CONDITION_PROPERTIES if k not in ("all", "any", "not"))
 
+# What each kind of risk detector measures; the fields each kind takes are checked in validate.py.
+DETECTOR_KINDS = {
+    "match": "the `when` condition holds (a risky destination, a call outside a tenant's hours …)",
+    "rate_spike": "calls per window from a source / tenant are `factor` times their learned baseline",
+    "concurrent_calls": "live calls of the source / tenant / everyone would exceed `max`",
+    "destination_rate": "calls to one prefix of the `lists` in the window would exceed `max`",
+    "short_calls": "the source's answered calls shorter than `shorter_than` in the window reached `max`",
+    "distinct_callees": "distinct numbers called by the source / tenant in the window would exceed `max`",
+    "asterisk_security": "Asterisk security events (failed auth, unknown endpoint) from the source reached `max`",
+}
+DETECTOR_SCOPES = ("source", "tenant", "global")
+_DURATION = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": DURATION_PATTERN}]}
+_SCORE = {"type": "integer", "minimum": 1, "maximum": 1000}
+_SECURITY = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "Risk scoring of every new call before the rules: detectors add scores, the total picks an "
+                   "outcome (allow, challenge, reject, ban).",
+    "properties": {
+        "exempt": {"$ref": "#/$defs/condition", "description": "Calls that are never scored (trusted trunks)."},
+        "detectors": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "kind", "score"],
+            "additionalProperties": False,
+            "properties": {
+                "name": _NAME,
+                "kind": {"enum": list(DETECTOR_KINDS)},
+                "description": _TEXT,
+                "when": {"$ref": "#/$defs/condition", "description": "Only calls matching this are measured."},
+                "score": _SCORE,
+                "scope": {"enum": list(DETECTOR_SCOPES)},
+                "window": _DURATION,
+                "baseline": _DURATION,
+                "factor": {"type": "number", "exclusiveMinimum": 1, "maximum": 1000},
+                "min_calls": {"type": "integer", "minimum": 1},
+                "max": {"type": "integer", "minimum": 0},
+                "lists": _one_or_many(_NAME),
+                "shorter_than": _DURATION,
+            },
+        }},
+        "outcomes": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "challenge": {"type": "object", "required": ["at_least", "actions"], "additionalProperties": False,
+                              "properties": {"at_least": _SCORE, "actions": {"$ref": "#/$defs/actions"}}},
+                "reject": {"type": "object", "required": ["at_least"], "additionalProperties": False,
+                           "properties": {"at_least": _SCORE, "code": {"type": "integer", "minimum": 400, "maximum": 699},
+                                          "reason": {"type": "string", "maxLength": 128}}},
+                "ban": {"type": "object", "required": ["at_least", "for"], "additionalProperties": False,
+                        "properties": {"at_least": _SCORE, "for": _DURATION,
+                                       "code": {"type": "integer", "minimum": 400, "maximum": 699}}},
+            },
+        },
+        "max_call_duration": {**_DURATION, "description": "No call lasts longer (the edge ends the dialog)."},
+    },
+}
+
 _NUMBER_LIST = {
     "anyOf": [
         {"type": "array", "items": _NUMBER},
@@ -214,6 +272,7 @@ def policy_file_schema() -> dict[str, Any]:
                 },
             }),
             "rules": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
+            "security": _SECURITY,
             "default": {
                 "type": "object", "required": ["actions"], "additionalProperties": False,
                 "properties": {"actions": {"$ref": "#/$defs/actions"}, "description": _TEXT},

@@ -18,7 +18,7 @@ from controller.policy.yamlpos import PositionedDocument, YamlSyntaxError, load_
 
 CALL_KEYS = {"from", "to", "ruri", "src", "transport", "headers", "at", "call_id", "counters"}
 EXPECT_KEYS = {"outcome", "rule", "applied_rules", "agent", "destination", "reject", "headers", "forks",
-               "max_duration", "tenant", "webhook", "fallback"}
+               "max_duration", "tenant", "webhook", "fallback", "risk", "findings"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,9 @@ def decision_view(decision_dict: dict[str, Any]) -> dict[str, Any]:
                             "headers": decision_dict.get("headers", {}),
                             "forks": [f["target"] for f in decision_dict.get("forks", [])],
                             "max_duration": decision_dict.get("max_duration_s"),
-                            "tenant": decision_dict.get("tenant")}
+                            "tenant": decision_dict.get("tenant"),
+                            "risk": decision_dict.get("risk", {}).get("outcome"),
+                            "findings": [x["detector"] for x in decision_dict.get("risk", {}).get("findings", [])]}
     if "agent" in decision_dict:
         view["agent"] = decision_dict["agent"]["name"]
     if "destination" in decision_dict:

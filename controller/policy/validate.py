@@ -18,10 +18,10 @@ from controller.actions import (
 )
 from controller.policy import conditions as cond
 from controller.schema_errors import TYPE_WORDS, describe, json_type, show
-from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, ActionSet, build_action_set
+from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, REASON_PHRASES, ActionSet, build_action_set
 from controller.policy.model import (
-    Agent, Destination, ForkTarget, NodeSet, PolicyInvalid, PolicyIssue, PolicySource, Position, RuleSource, Settings,
-    Tenant,
+    Agent, Destination, Detector, ForkTarget, NodeSet, PolicyInvalid, PolicyIssue, PolicySource, Position, RuleSource,
+    SecurityPolicy, Settings, Tenant,
 )
 from controller.policy.numbers import Numbering
 from controller.policy.schema import policy_file_schema
@@ -247,8 +247,9 @@ class _Builder:
                 seen_rules[name] = doc.position(path)
                 if not self.valid(doc, path):
                     continue
-                if name == "default":
-                    self.error(doc, path + ("name",), "'default' is reserved for the policy's default")
+                if name in ("default", "security"):
+                    self.error(doc, path + ("name",), f"{name!r} is reserved: it names decisions made by the "
+                                                      f"policy's {name}")
                 if raw.get("match") is not None and self.valid(doc, path + ("match",)):
                     self._condition(doc, path + ("match",), raw["match"], settings, numbering, number_lists,
                                     risk_lists, tenants)
@@ -266,13 +267,14 @@ class _Builder:
             return None
         default_actions = self._actions(doc, path + ("actions",), body["actions"], "default")
         self._reachability(rules)
+        security = self._security(settings, numbering, number_lists, risk_lists, tenants)
         if any(i.severity == "error" for i in self.issues) or settings is None:
             return None
         return PolicySource(
             version=self._version(), files=tuple(sorted(self.texts)), settings=settings, node_sets=node_sets,
             agents=agents, destinations=destinations, fork_targets=fork_targets, number_lists=number_lists,
             risk_lists=risk_lists, tenants=tenants, rules=tuple(rules), default=default_actions,
-            default_position=doc.position(path),
+            default_position=doc.position(path), security=security,
         )
 
     def _version(self) -> str:
@@ -482,6 +484,135 @@ class _Builder:
                 except ValueError as exc:
                     self.error(doc, path + (key,), str(exc))
 
+    # -- security --------------------------------------------------------------------------------
+    # Which optional fields each detector kind reads (the rest would be silently ignored: refused).
+    _DETECTOR_FIELDS = {
+        "match": {"when"},
+        "rate_spike": {"when", "scope", "window", "baseline", "factor", "min_calls"},
+        "concurrent_calls": {"when", "scope", "max"},
+        "destination_rate": {"when", "lists", "window", "max"},
+        "short_calls": {"when", "shorter_than", "window", "max"},
+        "distinct_callees": {"when", "scope", "window", "max"},
+        "asterisk_security": {"window", "max"},
+    }
+    _DETECTOR_REQUIRED = {"match": ("when",), "concurrent_calls": ("max",), "destination_rate": ("lists", "max"),
+                          "short_calls": ("max",), "distinct_callees": ("max",), "asterisk_security": ("max",)}
+    _DETECTOR_SCOPES = {"rate_spike": ("source", "tenant"), "concurrent_calls": ("source", "tenant", "global"),
+                        "distinct_callees": ("source", "tenant")}
+
+    def _security(self, settings, numbering, number_lists, risk_lists, tenants) -> SecurityPolicy | None:
+        found: tuple[PositionedDocument, Any] | None = None
+        for doc in self.docs:
+            if isinstance(doc.data, dict) and "security" in doc.data:
+                if found is not None:
+                    self.error(doc, ("security",), "the security section is already given at "
+                                                   f"{found[0].position(('security',), key=True)}", key=True)
+                    continue
+                found = (doc, doc.data["security"])
+        if found is None:
+            return None
+        doc, body = found
+        if not self.valid(doc, ("security",)) or not isinstance(body, dict):
+            return None
+        check = lambda p, node: self._condition(doc, p, node, settings, numbering, number_lists,  # noqa: E731
+                                                risk_lists, tenants)
+        if body.get("exempt") is not None:
+            check(("security", "exempt"), body["exempt"])
+        detectors: list[Detector] = []
+        seen: dict[str, Path] = {}
+        for i, raw in enumerate(body.get("detectors") or []):
+            path = ("security", "detectors", i)
+            detector = self._detector(doc, path, raw, check, seen)
+            if detector is not None:
+                detectors.append(detector)
+        outcomes = body.get("outcomes") or {}
+        fields: dict[str, Any] = {}
+        if "challenge" in outcomes:
+            fields.update(challenge_at=outcomes["challenge"]["at_least"],
+                          challenge=self._actions(doc, ("security", "outcomes", "challenge", "actions"),
+                                                  outcomes["challenge"]["actions"], "challenge"))
+        if "reject" in outcomes:
+            reject = outcomes["reject"]
+            fields.update(reject_at=reject["at_least"], reject_code=reject.get("code", 403))
+            reason = reject.get("reason")
+            if reason is not None and (problem := reason_problem(reason)):
+                self.error(doc, ("security", "outcomes", "reject", "reason"), problem)
+            fields["reject_reason"] = reason or REASON_PHRASES.get(fields["reject_code"], "Rejected")
+        if "ban" in outcomes:
+            ban = outcomes["ban"]
+            fields.update(ban_at=ban["at_least"], ban_code=ban.get("code", 403))
+            fields["ban_s"] = self._duration_s(doc, ("security", "outcomes", "ban", "for"), ban["for"])
+        thresholds = [(k, fields.get(f"{k}_at")) for k in ("challenge", "reject", "ban")]
+        present = [(k, v) for k, v in thresholds if v is not None]
+        for (low, low_at), (high, high_at) in zip(present, present[1:]):
+            if high_at <= low_at:
+                self.error(doc, ("security", "outcomes", high, "at_least"),
+                           f"{high} must need a higher score than {low} ({high_at} ≤ {low_at})")
+        if detectors and not present:
+            self.error(doc, ("security",), "detectors score calls but no outcome uses the score: add "
+                                           "`outcomes:` (challenge, reject and/or ban with `at_least`)")
+        if "max_call_duration" in body:
+            fields["max_call_duration_s"] = self._duration_s(doc, ("security", "max_call_duration"),
+                                                             body["max_call_duration"])
+        return SecurityPolicy(detectors=tuple(detectors), position=doc.position(("security",), key=True),
+                              exempt=body.get("exempt"), **fields)
+
+    def _duration_s(self, doc: PositionedDocument, path: Path, value: Any) -> int:
+        try:
+            parse_duration_ms(value)
+        except ValueError:
+            return 1  # the schema has said so
+        try:
+            return cond.window_seconds(value)
+        except ValueError as exc:
+            self.error(doc, path, str(exc))
+            return 1
+
+    def _detector(self, doc, path, raw, check, seen) -> Detector | None:
+        if not self.valid(doc, path) or not isinstance(raw, dict):
+            return None
+        name, kind = raw["name"], raw["kind"]
+        if name in seen:
+            self.error(doc, path + ("name",), f"detector {name!r} is already defined at {doc.position(seen[name])}")
+            return None
+        seen[name] = path
+        allowed = self._DETECTOR_FIELDS[kind] | {"name", "kind", "score", "description"}
+        for key in raw:
+            if key not in allowed:
+                self.error(doc, path + (key,), f"a {kind} detector does not use {key!r} (it reads: "
+                                               f"{', '.join(sorted(self._DETECTOR_FIELDS[kind]))})", key=True)
+        for key in self._DETECTOR_REQUIRED.get(kind, ()):
+            if key not in raw:
+                self.error(doc, path, f"a {kind} detector needs {key!r}")
+        if kind in ("short_calls", "asterisk_security") and raw.get("max") == 0:
+            self.error(doc, path + ("max",), f"a {kind} detector with max 0 would fire on every call (use ≥ 1)")
+        scope = raw.get("scope", "source")
+        if kind in self._DETECTOR_SCOPES and scope not in self._DETECTOR_SCOPES[kind]:
+            self.error(doc, path + ("scope",), f"a {kind} detector counts per "
+                                               f"{' / '.join(self._DETECTOR_SCOPES[kind])}, not {scope!r}")
+        if raw.get("when") is not None:
+            check(path + ("when",), raw["when"])
+        lists = tuple(cond.as_list(raw.get("lists", [])))
+        for i, list_name in enumerate(lists):
+            if list_name not in self.decl_names["risk_lists"]:
+                self._unknown(doc, path + ("lists",) + ((i,) if isinstance(raw["lists"], list) else ()), "risk list",
+                              list_name)
+        window_s = self._duration_s(doc, path + ("window",), raw["window"]) if "window" in raw else 60
+        baseline_s = self._duration_s(doc, path + ("baseline",), raw["baseline"]) if "baseline" in raw else 3600
+        if kind == "rate_spike" and baseline_s < 2 * window_s:
+            self.error(doc, path + ("baseline",), f"the baseline ({baseline_s}s) must be at least twice the window "
+                                                  f"({window_s}s) to learn from")
+        shorter_ms = 5000
+        if "shorter_than" in raw:
+            try:
+                shorter_ms = parse_duration_ms(raw["shorter_than"])
+            except ValueError as exc:
+                self.error(doc, path + ("shorter_than",), str(exc))
+        return Detector(name=name, kind=kind, score=raw["score"], when=raw.get("when"), scope=scope,
+                        window_s=window_s, baseline_s=baseline_s, factor=float(raw.get("factor", 5)),
+                        min_calls=raw.get("min_calls", 20), max=raw.get("max", 0), lists=lists,
+                        shorter_than_ms=shorter_ms)
+
     # -- actions ---------------------------------------------------------------------------------
     def _actions(self, doc: PositionedDocument, path: Path, actions: list[dict[str, Any]], context: str) -> ActionSet:
         terminals, continues, durations, header_names = [], [], [], {}
@@ -528,11 +659,13 @@ class _Builder:
                 except ValueError as exc:
                     self.error(doc, sub, str(exc))
             elif verb == "ask_webhook":
-                if context == "fallback":
-                    self.error(doc, sub, "a webhook's fallback cannot ask another webhook")
+                if context in ("fallback", "challenge"):
+                    self.error(doc, sub, "a webhook's fallback cannot ask another webhook" if context == "fallback"
+                               else "a challenge routes the call (to an IVR, a human); it cannot ask a webhook")
                 else:
                     self._actions(doc, sub + ("fallback",), arg["fallback"], "fallback")
-        where = {"rule": "a rule", "default": "the default", "fallback": "a webhook fallback"}[context]
+        where = {"rule": "a rule", "default": "the default", "fallback": "a webhook fallback",
+                 "challenge": "the challenge"}[context]
         if not complete:
             return ActionSet(terminal=None)  # counting verbs among broken actions would only add noise
         if len(terminals) > 1:
@@ -543,7 +676,7 @@ class _Builder:
                 f"`continue` is not allowed in {where}"
             self.error(doc, path + (continues[0],), reason)
         if not terminals and not (continues and context == "rule"):
-            options = "route_agent, route_sip, reject" + (", ask_webhook" if context != "fallback" else "")
+            options = "route_agent, route_sip, reject" + (", ask_webhook" if context in ("rule", "default") else "")
             extra = " or `continue: true`" if context == "rule" else ""
             self.error(doc, path, f"{where} needs a terminal action ({options}){extra}")
         if len(durations) > 1:
@@ -576,6 +709,9 @@ def _item_path(path: Path) -> Path:
         return path[:3]  # ('default', 'actions', i)
     if path[0] == "rules" and len(path) > 2:
         return path[:4] if path[2] == "actions" else path[:3]  # one action, or the whole match
+    if path[0] == "security" and len(path) > 2:
+        # one detector; one outcome, or one of the challenge's actions
+        return path[:5] if path[1:4] == ("outcomes", "challenge", "actions") else path[:3]
     return path[:2]
 
 

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -25,6 +25,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 Command = tuple[Any, ...]  # ("HSET", key, field, value, …) or ("EVALSHA", Script, keys, args)
+Address = Callable[[], Awaitable[tuple[str, int]]]  # where Redis is now (Sentinel: the current master)
+# Replies that mean "this server cannot take writes now" (a demoted master, a restart still
+# loading its AOF, a cluster slot in transition): the command did not run; retry later.
+_UNAVAILABLE = (b"READONLY", b"LOADING", b"MASTERDOWN", b"CLUSTERDOWN", b"TRYAGAIN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +99,22 @@ class _RespProtocol(asyncio.Protocol):
 class RespConnection:
     """One Redis connection speaking RESP2: write a pipeline, get its replies."""
 
-    def __init__(self, url: str, connect_timeout: float = 2.0):
+    def __init__(self, url: str, connect_timeout: float = 2.0, *, address: Address | None = None):
+        """`address`: asked at every (re)connection instead of the URL's host and port, and the
+        server must then say it is a master (ROLE): a Sentinel-managed Redis moves."""
         self.params = parse_url(url)
         self.connect_timeout = connect_timeout
+        self.address = address
         self._protocol: _RespProtocol | None = None
 
     async def _connect(self) -> _RespProtocol:
         p = self.params
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout):
-            if p.get("path"):
+            if self.address is not None:
+                host, port = await self.address()
+                _, protocol = await loop.create_connection(_RespProtocol, host, port)
+            elif p.get("path"):
                 _, protocol = await loop.create_unix_connection(_RespProtocol, p["path"])
             else:
                 _, protocol = await loop.create_connection(_RespProtocol, p.get("host", "127.0.0.1"),
@@ -114,11 +124,17 @@ class RespConnection:
                 setup.append(("AUTH", p["username"], p["password"]) if p.get("username") else ("AUTH", p["password"]))
             if int(p.get("db", 0) or 0):
                 setup.append(("SELECT", int(p["db"])))
+            if self.address is not None:
+                setup.append(("ROLE",))
             if setup:
-                for reply in await protocol.send(b"".join(pack(c) for c in setup), len(setup)):
+                replies = await protocol.send(b"".join(pack(c) for c in setup), len(setup))
+                for reply in replies:
                     if isinstance(reply, Exception):
                         protocol.transport.abort()
                         raise RedisConnectionError(f"Redis refused the connection setup: {reply}")
+                if self.address is not None and not (replies[-1] and replies[-1][0] == b"master"):
+                    protocol.transport.abort()
+                    raise RedisConnectionError("Redis at the announced master address is not a master (yet)")
         return protocol
 
     def close(self) -> None:
@@ -146,15 +162,19 @@ class RespConnection:
 
 
 class Batcher:
-    def __init__(self, url: str, max_batch: int = 2000, timeout_s: float = 2.0, linger_s: float = 0.005):
-        self.connection = RespConnection(url)
+    def __init__(self, url: str, max_batch: int = 2000, timeout_s: float = 2.0, linger_s: float = 0.005, *,
+                 address: Address | None = None):
+        self.connection = RespConnection(url, address=address)
+        self._loaded: set[str] = set()
+        self._init_pipelining(max_batch, timeout_s, linger_s)
+
+    def _init_pipelining(self, max_batch: int, timeout_s: float, linger_s: float) -> None:
         self.max_batch = max_batch
         self.timeout_s = timeout_s  # for a whole pipeline
         self.linger_s = linger_s  # how long a non-urgent operation may wait for company
         self._queue: deque[_Operation] = deque()
         self._flushing = False
         self._timer: asyncio.TimerHandle | None = None
-        self._loaded: set[str] = set()
 
     async def run(self, commands: list[Command], urgent: bool = True) -> list[Any]:
         """Send `commands` (in order, in one pipeline) and return their replies; a reply that
@@ -222,9 +242,15 @@ class Batcher:
                                                     self.timeout_s, sent)
             replies = replies[len(missing):]
             self._loaded.update(s.sha for s in missing)
-            if any(_is_no_script(r) for r in replies):  # Redis restarted and lost its scripts
+            errors = [r for r in replies if type(r) is ResponseError]
+            if any(_is_no_script(r) for r in errors):  # Redis restarted and lost its scripts
                 reload = [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
                 replies = (await self.connection.execute(reload + wire, self.timeout_s))[len(reload):]
+                errors = [r for r in replies if type(r) is ResponseError]
+            if any(unavailable(r) for r in errors):  # e.g. a master demoted by a failover: find the new one
+                self.connection.close()
+                replies = [RedisConnectionError(f"Redis cannot take this now: {r}") if unavailable(r) else r
+                           for r in replies]
         except Exception as exc:  # whatever happens, no caller may wait forever
             error = exc if isinstance(exc, RedisError) else RedisError(f"pipeline failed: {exc!r}")
             for op in batch:
@@ -263,3 +289,8 @@ def raise_errors(replies: list[Any]) -> list[Any]:
 
 def _is_no_script(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+
+
+def unavailable(reply: Any) -> bool:
+    """An error reply that says the server cannot serve this now (not that the command is wrong)."""
+    return isinstance(reply, ResponseError) and str(reply).encode()[:12].startswith(_UNAVAILABLE)

@@ -15,6 +15,7 @@ concurrent calls share pipelines (batch.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -23,9 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from controller.state.batch import Batcher, Script, raise_errors
+from controller.state.batch import Script, raise_errors
+from controller.state.connect import RedisTarget
+from controller.state.outage import Observer, OutageQueue
 
 PREFIX = "cf"
 LIVE_INDEX = f"{PREFIX}:live"
@@ -74,6 +77,11 @@ def window_key(scope: str, value: str, window_s: int, bucket: int) -> str:
     return f"{PREFIX}:rate:{{{scope}:{value}}}:{window_s}:{bucket}"
 
 
+def distinct_key(scope: str, value: str, window_s: int, bucket: int) -> str:
+    """A HyperLogLog of the distinct members (numbers called) of a scope in a window bucket."""
+    return f"{PREFIX}:hll:{{{scope}:{value}}}:{window_s}:{bucket}"
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -93,11 +101,17 @@ def _field(value: Any) -> str:
 
 
 # A new call. KEYS: call hash, timeline. ARGV: state, event name, event ts, event JSON,
-# timeline cap, expiry seconds, fields JSON (an object of strings, state excluded). The state
-# is only set when the call has none: dialog events seen first (another controller, a late
-# decision) keep theirs. (Fields travel as one JSON document: decoding it costs Redis less
-# than encoding dozens of arguments costs the controller.)
+# timeline cap, expiry seconds, fields JSON (an object of strings, state excluded), creation
+# time (ms). The state is only set when the call has none: dialog events seen first (another
+# controller, a late decision) keep theirs. A call is created once: when another controller
+# decided it already (Kamailio may relay a decide to every controller), nothing is written
+# and 0 is returned, so its counters are not counted twice. (Fields travel as one JSON
+# document: decoding it costs Redis less than encoding dozens of arguments costs the
+# controller.)
 _CREATE = Script("""
+if redis.call('HSETNX', KEYS[1], 'created_at_ms', ARGV[8]) == 0 then
+  return 0
+end
 local flat = {}
 for k, v in pairs(cjson.decode(ARGV[7])) do
   flat[#flat + 1] = k
@@ -115,14 +129,16 @@ return 1
 # Moves a call forward only (never back from a final state), appends to its timeline, sets
 # its retention when it ends. KEYS: call hash, timeline. ARGV: new state, event name, event
 # ts, event JSON, timeline cap, retention seconds (final states) or 0, live safety expiry,
-# fields JSON. Returns {previous state or '', applied 0/1, live scopes JSON or ''}.
+# fields JSON. Returns {previous state or '', applied 0/1, live scopes JSON or '', source
+# address:port or '', answered time (ms) or ''}.
 _TRANSITION = Script("""
 local current = redis.call('HGET', KEYS[1], 'state')
 local new = ARGV[1]
 local rank = {routing=1, answered=2, failed=3, ended=3}
-local scopes = redis.call('HGET', KEYS[1], 'live_scopes') or ''
+local info = redis.call('HMGET', KEYS[1], 'live_scopes', 'src', 'answered_at_ms')
+local scopes, src, answered = info[1] or '', info[2] or '', info[3] or ''
 if current and rank[current] and (rank[current] >= 3 or rank[new] < rank[current]) then
-  return {current, 0, scopes}
+  return {current, 0, scopes, src, answered}
 end
 local flat = {'state', new}
 for k, v in pairs(cjson.decode(ARGV[8])) do
@@ -140,36 +156,66 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-return {current or '', 1, scopes}
+return {current or '', 1, scopes, src, answered}
 """)
+
+
+# The media record of a call and a timeline event, fenced: the node owner's lease token
+# (fence) must not be older than the one that last wrote the record, so a controller that
+# lost a node (paused, partitioned) cannot overwrite what the new owner wrote. KEYS: call
+# hash, timeline. ARGV: media JSON, fence, event name, event ts, event JSON, timeline cap.
+# Returns 1, or 0 when fenced out.
+_SAVE_MEDIA = Script("""
+local stored = tonumber(redis.call('HGET', KEYS[1], 'media_fence') or '0') or 0
+if tonumber(ARGV[2]) < stored then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'media', ARGV[1], 'media_fence', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[3], 'ts', ARGV[4], 'data', ARGV[5])
+redis.call('PUBLISH', 'cf:events', ARGV[5])
+return 1
+""")
+
+
+class FencedOut(Exception):
+    """A media write refused: another controller took the node over (newer lease token)."""
 
 
 @dataclass(frozen=True, slots=True)
 class CounterRequest:
     """A counter the policy reads, bound to this call's scope value."""
 
-    key: str  # the policy's counter key (window:source:60, live:tenant)
-    kind: str
+    key: str  # the policy's counter key (window:source:60, live:tenant, risk:<detector>)
+    kind: str  # window | live | distinct
     scope: str
     value: str
     window_s: int = 0
+    count: bool = True  # window: the new call adds one; distinct: the new call adds `member`
+    member: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
     previous: str  # "" when the call was unknown
     applied: bool
+    src: str = ""  # the call's source (ip:port) as recorded at its decision
+    answered_at_ms: int | None = None
+    queued: bool = False  # Redis was unreachable: held in the outage queue, written later
 
 
 class CallStore:
-    """Owns its Redis connections: a pipelining one for the call path (batch.py), redis-py
-    for the rest."""
+    """Owns its Redis connections: a pipelining one for the call path (batch.py, or
+    cluster.py), redis-py for the rest; and the outage queue that keeps state changes while
+    Redis is unreachable."""
 
-    def __init__(self, redis_url: str, *, timeline_max_events: int = 500, call_retention_s: int = 7 * 86400,
-                 live_call_ttl_s: int = 6 * 3600, timeout_s: float = 2.0):
+    def __init__(self, target: RedisTarget | str, *, timeline_max_events: int = 500, call_retention_s: int = 7 * 86400,
+                 live_call_ttl_s: int = 6 * 3600, timeout_s: float = 2.0, outage_queue_max: int = 10_000,
+                 observe_outage: Observer | None = None):
+        self.target = RedisTarget.of(target)
         # No per-reply socket timeout on redis-py: the batcher bounds whole pipelines.
-        self.redis = Redis.from_url(redis_url, socket_connect_timeout=timeout_s)
-        self.batch = Batcher(redis_url, timeout_s=timeout_s)
+        self.redis = self.target.client(timeout_s)
+        self.batch = self.target.batcher(timeout_s)
+        self.outage = OutageQueue(self._probe, outage_queue_max, observe=observe_outage)
         self.timeline_max_events = timeline_max_events
         self.call_retention_s = call_retention_s
         self.live_call_ttl_s = live_call_ttl_s
@@ -186,24 +232,58 @@ class CallStore:
                 logging.getLogger("callfabric.state").exception("event listener failed")
 
     async def aclose(self) -> None:
+        await self.outage.close()
         self.batch.close()
         await self.redis.aclose()
 
+    @property
+    def available(self) -> bool:
+        """False while state changes wait for Redis in the outage queue."""
+        return self.outage.available
+
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    async def _probe(self) -> None:
+        await self.batch.run([("PING",)])
+
+    async def _write(self, what: str, call_id: str, write, *args: Any, queued: Any = None) -> Any:
+        """Run a state change, `write(*args)`, now — or hold it in the outage queue (in order
+        behind those held before) when Redis is unreachable; `queued` is what the caller gets
+        then."""
+        if self.outage.available:
+            try:
+                return await write(*args)
+            except RedisConnectionError:
+                pass
+        self.outage.hold(what, call_id, functools.partial(write, *args))
+        return queued
+
+    def _unavailable(self) -> None:
+        """Reads fail at once while changes wait for Redis (no connect timeout per call)."""
+        if not self.outage.available:
+            raise RedisConnectionError(f"Redis unreachable ({self.outage.depth} state changes queued)")
 
     # -- counters -----------------------------------------------------------------------------
     async def read_counters(self, requests: Iterable[CounterRequest], at_ms: int) -> dict[str, int]:
         """Current values of the counters a policy needs, in one round trip.
 
         Calls in a window use two fixed buckets weighted by the window's elapsed part (a
-        sliding-window estimate); live counts are the size of the live index of the scope."""
+        sliding-window estimate); live counts are the size of the live index of the scope;
+        distinct members are the current bucket's HyperLogLog plus the weighted part of the
+        previous one's members not in it."""
         commands: list[tuple] = []
         plan: list[tuple[str, str, float]] = []
         for r in requests:
             if r.kind == "live":
                 commands.append(("ZCARD", LIVE_INDEX if r.scope == "global" else live_scope_key(r.scope, r.value)))
                 plan.append((r.key, "live", 0.0))
+            elif r.kind == "distinct":
+                bucket, elapsed = divmod(at_ms, r.window_s * 1000)
+                current = distinct_key(r.scope, r.value, r.window_s, bucket)
+                commands.append(("PFCOUNT", current))
+                commands.append(("PFCOUNT", current, distinct_key(r.scope, r.value, r.window_s, bucket - 1)))
+                plan.append((r.key, "distinct", 1.0 - elapsed / (r.window_s * 1000)))
             else:
                 bucket, elapsed = divmod(at_ms, r.window_s * 1000)
                 commands.append(("GET", window_key(r.scope, r.value, r.window_s, bucket)))
@@ -211,11 +291,15 @@ class CallStore:
                 plan.append((r.key, "window", 1.0 - elapsed / (r.window_s * 1000)))
         if not commands:
             return {}
+        self._unavailable()
         replies = iter(await self.batch.run(commands))
         out: dict[str, int] = {}
         for key, kind, previous_weight in plan:
             if kind == "live":
                 out[key] = int(next(replies) or 0)
+            elif kind == "distinct":
+                current, union = int(next(replies) or 0), int(next(replies) or 0)
+                out[key] = int(current + max(0, union - current) * previous_weight)
             else:
                 current, previous = next(replies), next(replies)
                 out[key] = int(int(current or 0) + int(previous or 0) * previous_weight)
@@ -230,21 +314,49 @@ class CallStore:
 
     async def send_create(self, call_id: str, record: dict[str, Any], *, live_scopes: dict[str, str],
                           window_counters: Iterable[CounterRequest], at_ms: int,
-                          event: dict[str, Any]) -> asyncio.Future:
+                          event: dict[str, Any], hold: bool = True) -> asyncio.Future:
         """Send a new call (decided: routing, or failed when rejected), its first timeline
-        event, its indexes and its rate counters: one round trip. Returns once the commands
+        event, its indexes and its counters (`window_counters`: the window and distinct
+        counters this call adds to): one round trip. Returns once the commands
         are in Redis's socket — ahead of anything later about this call, since Redis runs a
         connection's commands in order — with the future of their replies (check them with
-        `raise_errors`). Raises RedisError when they could not be sent."""
+        `raise_errors`). Window counters are counted once Redis says this controller created
+        the call (not a duplicate decide), in a later pipeline. While Redis is unreachable the
+        call is held in the outage queue (the future is then done at once) — unless `hold` is
+        False. Raises RedisError when it could be neither sent nor held."""
+        if not self.outage.available:
+            if not hold:
+                raise RedisConnectionError(f"Redis unreachable ({self.outage.depth} state changes queued)")
+            return self._hold_create(call_id, record, live_scopes, window_counters, at_ms, event)
+        try:
+            return await self._send_create(call_id, record, live_scopes, window_counters, at_ms, event)
+        except RedisConnectionError:
+            if not hold:
+                raise
+            return self._hold_create(call_id, record, live_scopes, window_counters, at_ms, event)
+
+    def _hold_create(self, call_id: str, *args: Any) -> asyncio.Future:
+        async def write() -> None:
+            raise_errors(await (await self._send_create(call_id, *args)))
+        self.outage.hold("decision", call_id, write)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result([])
+        return done
+
+    async def _send_create(self, call_id: str, record: dict[str, Any], live_scopes: dict[str, str],
+                           window_counters: Iterable[CounterRequest], at_ms: int,
+                           event: dict[str, Any]) -> asyncio.Future:
         final = record.get("state") in FINAL_STATES
         fields = {k: _field(v) for k, v in record.items() if v is not None}
         state = fields.pop("state")
+        created = fields.pop("created_at_ms", str(at_ms))
         fields["call_id"] = call_id
         fields["live_scopes"] = _json(live_scopes)
         ttl = self.call_retention_s if final else self.live_call_ttl_s
         commands: list[tuple] = [
             ("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],
-             [state, *_event_args({**event, "call_id": call_id}), self.timeline_max_events, ttl, _json(fields)]),
+             [state, *_event_args({**event, "call_id": call_id}), self.timeline_max_events, ttl, _json(fields),
+              created]),
             ("ZADD", RECENT_INDEX, at_ms, call_id),
         ]
         if not final:
@@ -253,18 +365,60 @@ class CallStore:
                 commands += [("ZADD", live_scope_key(scope, value), at_ms, call_id),
                              ("EXPIRE", live_scope_key(scope, value), self.live_call_ttl_s)]
             self._live_scopes[call_id] = live_scopes
+        counted: set[str] = set()  # a policy condition and a detector may read the same counter
+        counters: list[tuple] = []  # not idempotent: only when this controller created the call
         for r in window_counters:
-            bucket_key = window_key(r.scope, r.value, r.window_s, at_ms // (r.window_s * 1000))
-            commands += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
+            if not r.count:
+                continue
+            bucket = at_ms // (r.window_s * 1000)
+            if r.kind == "distinct":
+                bucket_key = distinct_key(r.scope, r.value, r.window_s, bucket)
+                if r.member:
+                    commands += [("PFADD", bucket_key, r.member), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
+                continue
+            bucket_key = window_key(r.scope, r.value, r.window_s, bucket)
+            if bucket_key not in counted:
+                counted.add(bucket_key)
+                counters += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
         operation = await self.batch.send(commands)
         self._emit(call_id, event)
-        return operation.replies
+        if not counters:
+            return operation.replies
+        done = asyncio.get_running_loop().create_future()
+        operation.replies.add_done_callback(functools.partial(self._count_if_created, call_id, counters, done))
+        return done
+
+    def _count_if_created(self, call_id: str, counters: list[tuple], done: asyncio.Future,
+                          created: asyncio.Future) -> None:
+        """After the create's replies: count the call in its windows if this controller created
+        it; `done` gets the create's replies once that is over (a counter that could not be
+        written is logged; it does not fail the record)."""
+        if created.exception() is not None:
+            done.set_exception(created.exception())
+            return
+        replies = created.result()
+        if replies[0] != 1:  # a duplicate decide (or an error reply, which `done` carries)
+            done.set_result(replies)
+            return
+
+        def counted(result: asyncio.Future) -> None:
+            problem = result.exception() or next((r for r in result.result() if isinstance(r, Exception)), None)
+            if problem is not None:
+                logging.getLogger("callfabric.state").error("call %s: its rate counters were not counted: %s",
+                                                            call_id, problem)
+            if not done.done():
+                done.set_result(replies)
+        self.batch.submit(counters, urgent=False).replies.add_done_callback(counted)
 
     async def transition(self, call_id: str, state: str, fields: dict[str, Any], event: dict[str, Any]) -> Transition:
         """Move a call forward (answered, failed, ended); a final state removes it from the
         live indexes and starts its retention. A call we never saw is created by it."""
         if state not in STATES:
             raise ValueError(f"unknown call state {state!r}")
+        return await self._write("transition", call_id, self._transition, call_id, state, fields, event,
+                                 queued=Transition("", False, queued=True))
+
+    async def _transition(self, call_id: str, state: str, fields: dict[str, Any], event: dict[str, Any]) -> Transition:
         final = state in FINAL_STATES
         fields = {k: _field(v) for k, v in {**fields, "call_id": call_id}.items() if v is not None}
         commands: list[tuple] = [("EVALSHA", _TRANSITION, [call_key(call_id), timeline_key(call_id)],
@@ -276,6 +430,7 @@ class CallStore:
             commands += [("ZREM", live_scope_key(s, v), call_id) for s, v in (known or {}).items()]
         replies = await self.batch.run(commands, urgent=False)
         previous, applied, stored_scopes = _text(replies[0][0]), bool(int(replies[0][1])), _text(replies[0][2])
+        src, answered = _text(replies[0][3]), _text(replies[0][4])
         if applied:
             self._emit(call_id, event)
         if final and known is None and stored_scopes:  # decided elsewhere (another controller, a restart)
@@ -284,7 +439,7 @@ class CallStore:
                 await self.batch.run([("ZREM", live_scope_key(str(s), str(v)), call_id) for s, v in scopes.items()])
         elif applied and not previous and not final:  # first seen live (routed by the edge's fallback)
             await self.batch.run([("ZADD", LIVE_INDEX, now_ms(), call_id), ("ZADD", RECENT_INDEX, now_ms(), call_id)])
-        return Transition(previous, applied)
+        return Transition(previous, applied, src, int(answered) if answered.isdigit() else None)
 
     async def reconcile_live(self, older_than_ms: int, batch: int = 500) -> int:
         """Drop live-index entries whose call is over or gone (an end seen before a late
@@ -303,14 +458,18 @@ class CallStore:
         return len(stale)
 
     # -- media records (the media plane's part of a call) ---------------------------------------
-    async def save_media(self, call_id: str, media: dict[str, Any], event: dict[str, Any]) -> None:
-        """The call's media record and a timeline event, together (one slot, one round trip)."""
-        fields = _event_fields({**event, "call_id": call_id})
-        await self.batch.run([
-            ("HSET", call_key(call_id), "media", _json(media)),
-            ("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *fields),
-            ("PUBLISH", EVENTS_CHANNEL, fields[-1]),
-        ])
+    async def save_media(self, call_id: str, media: dict[str, Any], event: dict[str, Any], fence: int = 0) -> None:
+        """The call's media record and a timeline event, together (one slot, one round trip),
+        written only if `fence` (the node owner's lease token) is not older than the last
+        writer's: raises FencedOut otherwise."""
+        await self._write("media", call_id, self._save_media, call_id, _json(media), event, fence)
+
+    async def _save_media(self, call_id: str, media: str, event: dict[str, Any], fence: int) -> None:
+        (saved,) = await self.batch.run([("EVALSHA", _SAVE_MEDIA, [call_key(call_id), timeline_key(call_id)],
+                                          [media, fence, *_event_args({**event, "call_id": call_id}),
+                                           self.timeline_max_events])])
+        if saved != 1:
+            raise FencedOut(f"call {call_id}: its media record was written by a newer owner of its node")
         self._emit(call_id, event)
 
     async def load_media(self, call_id: str) -> dict[str, Any] | None:
@@ -319,20 +478,24 @@ class CallStore:
         return data if isinstance(data, dict) else None
 
     async def append_event(self, call_id: str, event: dict[str, Any]) -> None:
+        await self._write("event", call_id, self._append_event, call_id, event)
+
+    async def _append_event(self, call_id: str, event: dict[str, Any]) -> None:
         fields = _event_fields({**event, "call_id": call_id})
         await self.batch.run([("XADD", timeline_key(call_id), "MAXLEN", "~", self.timeline_max_events, "*", *fields),
                               ("PUBLISH", EVENTS_CHANNEL, fields[-1])], urgent=False)
         self._emit(call_id, event)
 
     async def set_fields(self, call_id: str, fields: dict[str, Any]) -> None:
-        await self.batch.run([("HSET", call_key(call_id), *_flat({k: _field(v) for k, v in fields.items()}))])
+        command = ("HSET", call_key(call_id), *_flat({k: _field(v) for k, v in fields.items()}))
+        await self._write("fields", call_id, self.batch.run, [command])
 
     async def add_media_call(self, node: str, call_id: str) -> None:
         """Index of the calls whose media lives on `node`, for recovery after a restart."""
-        await self.batch.run([("SADD", media_index_key(node), call_id)])
+        await self._write("media index", call_id, self.batch.run, [("SADD", media_index_key(node), call_id)])
 
     async def forget_media(self, node: str, call_id: str) -> None:
-        await self.batch.run([("SREM", media_index_key(node), call_id)])
+        await self._write("media index", call_id, self.batch.run, [("SREM", media_index_key(node), call_id)])
 
     async def media_calls(self, node: str) -> list[str]:
         (members,) = await self.batch.run([("SMEMBERS", media_index_key(node))])

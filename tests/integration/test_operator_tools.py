@@ -2,13 +2,16 @@
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from controller.cli import main
+from controller.localstack.asterisk import asterisk_binary
 from controller.state.calls import CallStore, now_ms
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,15 +23,39 @@ needs_stack = pytest.mark.skipif(
 @needs_stack
 def test_demo_places_calls_and_exits_zero():
     done = subprocess.run([sys.executable, "-m", "controller.cli", "demo"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=180, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    assert "4/4 calls OK: every call did what the policy says" in out
+    calls = 5 if asterisk_binary() else 4  # with Asterisk: a voice call with real RTP too
+    assert f"{calls}/{calls} calls OK: every call did what the policy says" in out
     assert "billing received INVITE with X-Callfabric-Agent: billing, X-Department: billing" in out
     assert "caller got: SIP/2.0 403 Destination Blocked" in out
     assert 'callfabric_decisions_total{outcome="reject",rule="block-premium"} 1.0' in out
+    if calls == 5:
+        assert "agent heard" in out and "the STT fork received" in out
     leftovers = subprocess.run(["pgrep", "-f", "callfabric-demo-"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", "the demo left processes behind"
+
+
+@needs_stack
+def test_ctrl_c_stops_everything_the_demo_started():
+    demo = subprocess.Popen([sys.executable, "-m", "controller.cli", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        seen = ""
+        deadline = time.monotonic() + 60
+        while "[1]" not in seen and time.monotonic() < deadline:  # the stack is up, calls start
+            seen += demo.stdout.readline()
+        assert "[1]" in seen, seen
+        started = subprocess.run(["pgrep", "-f", "callfabric-demo-"], capture_output=True, text=True).stdout.split()
+        assert started, "the demo's processes should be running"
+        demo.send_signal(signal.SIGINT)
+        demo.wait(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    leftovers = subprocess.run(["pgrep", "-f", "callfabric-demo-"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", f"Ctrl-C left processes behind: {leftovers.stdout}"
 
 
 def populate(redis_url: str) -> None:

@@ -21,7 +21,7 @@ from controller.localstack.asterisk import Asterisk, asterisk_binary
 from controller.localstack.kamailio import Kamailio, free_port
 from controller.localstack.sipp import SippUAS
 from controller.state.calls import CallStore
-from tests.support.sip_ua import SipCaller
+from controller.localstack.sip_ua import SipCaller
 
 BINARY = asterisk_binary()
 pytestmark = [

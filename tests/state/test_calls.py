@@ -46,8 +46,10 @@ async def test_create_is_one_round_trip_and_keys_share_a_hash_tag(store):
     await store.read_counters(counters, now_ms())
     await store.create("c2", record(), live_scopes={}, window_counters=counters, at_ms=now_ms(),
                        event={"event": "decided", "ts": 1})
-    assert len(sent) == 2  # one read round trip, one write round trip (the first also loads the script)
-    assert sent[1].count("EVALSHA") == 1
+    # one read round trip, one write round trip (the first also loads the script) before the
+    # answer; the window counters follow once Redis says this controller created the call
+    assert len(sent) == 3 and sent[1].count("EVALSHA") == 1 and "INCR" not in sent[1]
+    assert sent[2] == ["INCR", "EXPIRE"]
     tag = lambda k: k[k.index("{") + 1:k.index("}")]  # noqa: E731
     assert tag(call_key("c2")) == tag(timeline_key("c2")) == "c2"
 
@@ -172,3 +174,52 @@ async def test_redis_going_away_is_an_error_not_a_hang(redis_url):
     with pytest.raises(RedisError):
         await asyncio.wait_for(store.read_counters([CounterRequest("live:global", "live", "global", "*")], now_ms()), 5)
     await store.aclose()
+
+
+async def test_distinct_members_are_counted_once_per_window(store):
+    at = 1_700_000_000_000 - 1_700_000_000_000 % 60_000  # the start of a 60 s bucket
+    request = lambda member: CounterRequest("risk:enum", "distinct", "callees:source", "203.0.113.5", 60,  # noqa: E731
+                                            member=member)
+    for i, number in enumerate(["+1555000001", "+1555000002", "+1555000001", "+1555000003"]):
+        await store.create(f"enum-{i}", record(), live_scopes={}, window_counters=[request(number)], at_ms=at + i,
+                           event={"event": "decided", "ts": at})
+    assert (await store.read_counters([request("")], at + 10)) == {"risk:enum": 3}
+    # Half-way through the next bucket, half of the previous bucket's numbers still count.
+    await store.create("enum-next", record(), live_scopes={}, window_counters=[request("+1555000009")],
+                       at_ms=at + 60_000, event={"event": "decided", "ts": at})
+    assert (await store.read_counters([request("")], at + 90_000)) == {"risk:enum": 1 + 3 // 2}
+
+
+async def test_one_counter_read_twice_is_incremented_once(store):
+    at = now_ms()
+    policy_counter = CounterRequest("window:source:60", "window", "source", "203.0.113.5", 60)
+    detector_counter = CounterRequest("risk:spike:window", "window", "source", "203.0.113.5", 60)
+    not_counted = CounterRequest("risk:short", "window", "short:source", "203.0.113.5", 60, count=False)
+    await store.create("dup-1", record(), live_scopes={}, window_counters=[policy_counter, detector_counter, not_counted],
+                       at_ms=at, event={"event": "decided", "ts": at})
+    values = await store.read_counters([policy_counter, detector_counter, not_counted], at)
+    assert values == {"window:source:60": 1, "risk:spike:window": 1, "risk:short": 0}
+
+
+async def test_a_transition_reports_the_calls_source_and_answer_time(store):
+    await store.create("t-1", record(src="203.0.113.5:5060"), live_scopes={}, window_counters=[], at_ms=now_ms(),
+                       event={"event": "decided", "ts": 1})
+    answered = await store.transition("t-1", "answered", {"answered_at_ms": 1234}, {"event": "answered", "ts": 1234})
+    assert answered.src == "203.0.113.5:5060" and answered.answered_at_ms is None  # read before this event's write
+    ended = await store.transition("t-1", "ended", {"ended_at_ms": 2000}, {"event": "ended", "ts": 2000})
+    assert ended.applied and ended.src == "203.0.113.5:5060" and ended.answered_at_ms == 1234
+
+
+async def test_a_call_decided_by_two_controllers_is_recorded_and_counted_once(store):
+    """Kamailio may relay a decide to every controller: each writes the call, only one counts."""
+    at = now_ms()
+    counter = CounterRequest("window:source:60", "window", "source", "198.51.100.7", 60)
+    await asyncio.gather(*(store.create("twice", record(controller=name), live_scopes={"tenant": "acme"},
+                                        window_counters=[counter], at_ms=at,
+                                        event={"event": "decided", "ts": at, "controller": name})
+                           for name in ("ctl-a", "ctl-b")))
+    assert await store.read_counters([counter], at) == {"window:source:60": 1}
+    timeline = await store.timeline("twice")
+    assert [e["event"] for e in timeline] == ["decided"]
+    assert (await store.get("twice"))["controller"] == timeline[0]["controller"]  # one writer, whole
+    assert await store.live_calls() == ["twice"]

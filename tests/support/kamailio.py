@@ -56,6 +56,7 @@ class FakeDecider:
         self.events: list[dict] = []
         self.decides: list[dict] = []
         self.decide_rx: dict[str, float] = {}     # tx -> time.time() the decide was read
+        self.answered: list[str] = []              # tx of every answer written
         self.cond = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -115,6 +116,8 @@ class FakeDecider:
             payload = json.dumps(ans).encode()
         self._writer.write(netstring(payload))
         await self._writer.drain()
+        with self.cond:
+            self.answered.append(str(ev.get("tx")))
 
     def send_raw(self, data: bytes) -> None:
         async def _send() -> None:

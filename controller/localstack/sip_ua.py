@@ -1,4 +1,4 @@
-"""A minimal SIP caller with real RTP, for the real-Asterisk suite: INVITE with an SDP offer
+"""A minimal SIP caller with real RTP, for the demo and the real-Asterisk suite: INVITE with an SDP offer
 (PCMU), ACK along the Record-Route, RTP at 50 packets/s from its own socket while it counts
 what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
 from __future__ import annotations

@@ -1,0 +1,15 @@
+# The callfabric controller.
+FROM python:3.11-slim-bookworm
+RUN useradd --system --uid 10001 --home-dir /srv/callfabric --create-home callfabric
+WORKDIR /srv/callfabric
+COPY pyproject.toml README.md ./
+COPY controller ./controller
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
+COPY policies ./policies
+USER callfabric
+ENV CALLFABRIC_POLICY_DIR=/srv/callfabric/policies \
+    CALLFABRIC_HTTP_LISTEN=0.0.0.0:9090
+EXPOSE 9090
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2).status != 200)"
+CMD ["callfabric", "run"]

@@ -1,0 +1,1 @@
+"""The SIP edge: the decision channel to Kamailio and its management endpoint."""

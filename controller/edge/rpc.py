@@ -1,0 +1,65 @@
+"""Kamailio's JSON-RPC management endpoint (xhttp + jsonrpcs, `POST /RPC`): what the controller
+changes at the edge outside calls — the blocklist of banned sources."""
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import aiohttp
+
+BLOCKLIST = "blocklist"  # the htable kamailio.cfg checks before anything else
+
+
+class RpcError(Exception):
+    pass
+
+
+class KamailioRpc:
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeout_s: float = 2.0):
+        self.url = url
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._ids = itertools.count(1)
+
+    async def call(self, method: str, *params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": next(self._ids)}
+        try:
+            async with self._session.post(self.url, data=json.dumps(body), timeout=self._timeout,
+                                          headers={"Content-Type": "application/json"}) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise RpcError(f"{self.url}: HTTP {response.status} {text[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RpcError(f"{self.url}: {type(exc).__name__} {exc}") from None
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            raise RpcError(f"{self.url}: not JSON: {text[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise RpcError(f"{self.url}: unexpected reply {text[:200]!r}")
+        if "error" in reply:
+            error = reply["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise RpcError(f"{self.url}: {method}: {message}")
+        return reply.get("result")
+
+    async def block(self, ip: str, seconds: int) -> None:
+        await self.call("htable.setxi", BLOCKLIST, ip, 1, max(1, int(seconds)))
+
+    async def unblock(self, ip: str) -> None:
+        try:
+            await self.call("htable.delete", BLOCKLIST, ip)
+        except RpcError as exc:
+            if "not found" not in str(exc).lower():  # already gone (expired) is what we wanted
+                raise
+
+    async def blocked(self) -> dict[str, int]:
+        """The blocklist as the edge holds it: {ip: seconds left (0 when unknown)}."""
+        result = await self.call("htable.dump", BLOCKLIST)
+        out: dict[str, int] = {}
+        for slot in result if isinstance(result, list) else []:
+            for item in slot.get("slot", []) if isinstance(slot, dict) else []:
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    out[item["name"]] = int(item.get("expires") or 0) if str(item.get("expires", "")).isdigit() else 0
+        return out

@@ -1,0 +1,37 @@
+"""Logs as one JSON object per line (time, level, logger, message, and the call it is about
+when there is one), or plain text for people at a terminal; a level per module."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+_CALL = re.compile(r"\bcall (\S+?):? ")  # our messages say "call <id>: …" when they are about one
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "logger": record.name, "message": message}
+        call_id = getattr(record, "call_id", None)
+        if call_id is None:
+            found = _CALL.search(message)
+            call_id = found.group(1) if found else None
+        if call_id:
+            entry["call_id"] = call_id
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "json", levels: dict[str, str] | None = None) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for name, module_level in (levels or {}).items():
+        logging.getLogger(name).setLevel(getattr(logging, str(module_level).upper(), logging.INFO))

@@ -1,0 +1,1 @@
+"""Fraud and flood defence: risk outcomes, bans, signals counted for the detectors."""

@@ -1,0 +1,138 @@
+"""The security side of the call path: the counters a call's risk detectors read, what a
+risk outcome sets in motion (a ban pushed to the edge), and the signals that arrive after a
+decision — calls ending very short, Asterisk security events — counted where the detectors
+read them."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from redis.exceptions import RedisError
+
+from controller.media.ami import SecurityEvent
+from controller.metrics import Metrics
+from controller.policy import Decision
+from controller.policy.facts import Facts
+from controller.policy.risk import ASTERISK_SECURITY_SCOPE, SHORT_CALLS_SCOPE
+from controller.security.bans import BanList, normalise_ip
+from controller.state.calls import CallStore, CounterRequest, Transition, now_ms, window_key
+
+log = logging.getLogger("callfabric.security")
+
+
+class SecurityGuard:
+    def __init__(self, store: CallStore, bans: BanList, metrics: Metrics, current_policy: Callable[[], Any],
+                 instance_id: str):
+        self.store = store
+        self.bans = bans
+        self.metrics = metrics
+        self._policy = current_policy
+        self.instance_id = instance_id
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- at decision time --------------------------------------------------------------------
+    @staticmethod
+    def counters(policy: Any, facts: Facts) -> list[CounterRequest]:
+        security = policy.compiled.security
+        if security is None:
+            return []
+        return [CounterRequest(p.key, p.kind, p.scope, p.value, p.window_s, p.count, p.member)
+                for p in security.probes(facts)]
+
+    def decided(self, decision: Decision, facts: Facts, call_id: str) -> None:
+        """Count what the detectors found; a ban outcome bans the call's source (in the
+        background: the call's answer, a reject, does not wait for it)."""
+        risk = decision.risk
+        if risk is None:
+            return
+        self.metrics.risk_outcomes.labels(risk.outcome).inc()
+        for finding in risk.findings:
+            self.metrics.risk_findings.labels(finding.detector).inc()
+        if risk.outcome == "ban" and facts.src_ip is not None:
+            top = max(risk.findings, key=lambda x: x.score)
+            reason = "; ".join(f"{x.detector}: {x.why}" for x in risk.findings)
+            self._background(self.bans.add(str(facts.src_ip), risk.ban_s or 900, f"risk score {risk.score}: {reason}",
+                                           origin="policy", detector=top.detector, now_ms=now_ms(), call_id=call_id,
+                                           by=self.instance_id))
+
+    # -- after the decision ------------------------------------------------------------------
+    async def call_ended(self, transition: Transition, ended_ms: int) -> None:
+        """A call answered and ended sooner than a short_calls detector's limit counts for its source."""
+        policy = self._policy()
+        security = policy.compiled.security if policy is not None else None
+        if security is None or transition.answered_at_ms is None or not transition.src:
+            return
+        detectors = security.ends_short_calls()
+        if not detectors:
+            return
+        talked_ms = ended_ms - transition.answered_at_ms
+        ip = transition.src.rsplit(":", 1)[0].strip("[]")
+        windows = {d.window_s for d in detectors if 0 <= talked_ms < d.shorter_than_ms}
+        if windows:
+            await self._bump(SHORT_CALLS_SCOPE, ip, windows, ended_ms)
+
+    def asterisk_event(self, event: SecurityEvent) -> None:
+        """Asterisk saw a failed authentication / unknown endpoint … from an address."""
+        try:
+            ip = normalise_ip(event.remote_ip)
+        except ValueError:
+            return
+        self._background(self._asterisk_event(ip, event))
+
+    async def _asterisk_event(self, ip: str, event: SecurityEvent) -> None:
+        policy = self._policy()
+        security = policy.compiled.security if policy is not None else None
+        detectors = security.watches_asterisk() if security is not None else ()
+        if not detectors:
+            return
+        at = now_ms()
+        await self._bump(ASTERISK_SECURITY_SCOPE, ip, {d.window_s for d in detectors}, at)
+        # The source may never send a call through the edge: a detector that alone reaches the
+        # ban score bans it now.
+        ban_at = security.policy.ban_at
+        for d in detectors:
+            if ban_at is None or d.score < ban_at:
+                continue
+            current = await self.store.read_counters(
+                [CounterRequest(d.name, "window", ASTERISK_SECURITY_SCOPE, ip, d.window_s, count=False)], at)
+            if current.get(d.name, 0) >= d.max:
+                await self.bans.add(ip, security.policy.ban_s,
+                                    f"{current[d.name]} Asterisk security events ({event.event} on {event.node}) in "
+                                    f"{d.window_s}s", origin="asterisk", detector=d.name, now_ms=at, by=self.instance_id)
+                return
+
+    async def edge_ban(self, ip: str, seconds: int, reason: str, detail: str) -> None:
+        """A ban the edge made by itself (flood, scanner, sweep): recorded, and pushed to the
+        other edges too (a scanner seen at one edge is banned at all of them)."""
+        text = f"banned by the edge ({reason})" + (f": {detail}" if detail else "")
+        await self.bans.add(ip, seconds, text, origin="edge", detector=reason, now_ms=now_ms(), by=self.instance_id)
+
+    async def _bump(self, scope: str, value: str, windows: set[int], at_ms: int) -> None:
+        commands: list[tuple] = []
+        for window_s in windows:
+            key = window_key(scope, value, window_s, at_ms // (window_s * 1000))
+            commands += [("INCR", key), ("EXPIRE", key, 2 * window_s + 1)]
+        try:
+            await self.store.batch.run(commands, urgent=False)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("security").inc()
+            log.error("could not count a %s signal for %s: %s", scope, value, exc)
+
+    def _background(self, work) -> None:
+        task = asyncio.create_task(self._guarded(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, work) -> None:
+        try:
+            await work
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("security").inc()
+            log.error("security: Redis: %s", exc)
+        except Exception:  # never let a signal's bug reach the loop's exception handler unseen
+            log.exception("security: background work failed")
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,207 @@
+"""The operators' stack (no docker engine here): compose.yaml against the Compose
+Specification's JSON Schema and against the repository (files, ports, variables), the
+images' files, Prometheus scrape config and alert rules (promtool when Debian's is
+installed), and the Grafana dashboard: current, well-formed, every metric a panel uses
+exported by the controller or a real Kamailio."""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft7Validator
+
+from controller.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = json.loads((ROOT.parent / "shared" / "compose-spec" / "compose-spec.json").read_text()) \
+    if (ROOT.parent / "shared" / "compose-spec" / "compose-spec.json").exists() else None
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+ENV_EXAMPLE = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#")}
+CONTAINER_PORTS = {"controller": 9090, "kamailio": 8090, "asterisk": 8088}
+
+
+@pytest.mark.skipif(SPEC is None, reason="the Compose Specification schema (../shared/compose-spec) is not here")
+def test_compose_file_is_valid_against_the_compose_specification():
+    errors = sorted(Draft7Validator(SPEC).iter_errors(COMPOSE), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+def test_every_build_context_and_mounted_file_exists():
+    for name, service in COMPOSE["services"].items():
+        if "build" in service:
+            context = ROOT / (service["build"] if isinstance(service["build"], str) else service["build"]["context"])
+            assert (context / "Dockerfile").is_file(), f"{name}: no Dockerfile in {context}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: mounted {source} does not exist"
+            else:
+                assert source in COMPOSE.get("volumes", {}), f"{name}: volume {source} is not declared"
+        for dependency in service.get("depends_on", []):
+            assert dependency in COMPOSE["services"], f"{name}: depends on unknown service {dependency}"
+        for network in service.get("networks", []):
+            assert network in COMPOSE["networks"]
+
+
+def test_every_variable_has_an_example_or_a_default():
+    text = (ROOT / "compose.yaml").read_text()
+    for name, operator in re.findall(r"\$\{([A-Z_]+)(:-|:\?|\})", text):
+        if operator != ":-":
+            assert name in ENV_EXAMPLE, f"${{{name}}} is required by compose.yaml but missing from .env.example"
+    assert not re.search(r"(?i)(password|secret)\s*[:=]\s*['\"]?[a-z0-9]{6,}", text), "a secret is committed"
+
+
+def test_published_host_ports_do_not_collide():
+    seen = {}
+    for name, service in COMPOSE["services"].items():
+        for port in service.get("ports", []):
+            host = re.sub(r"\$\{[A-Z_]+:-([0-9-]+)\}", r"\1", port.rsplit(":", 1)[0])
+            proto = port.rsplit("/", 1)[1] if "/" in port else "tcp"
+            key = (host, proto)
+            assert key not in seen, f"{name} and {seen.get(key)} both publish {host}/{proto}"
+            seen[key] = name
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "kamailio/Dockerfile", "asterisk/Dockerfile"])
+def test_dockerfiles_copy_files_that_exist(dockerfile):
+    context = (ROOT / dockerfile).parent
+    for line in (ROOT / dockerfile).read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            for source in sources:
+                assert (context / source).exists(), f"{dockerfile}: COPY {source} not in {context}"
+    text = (ROOT / dockerfile).read_text()
+    assert "\nUSER " in text, f"{dockerfile}: the image must not run as root"
+
+
+def test_the_controller_image_checks_its_health():
+    assert "HEALTHCHECK" in (ROOT / "Dockerfile").read_text() and "/healthz" in (ROOT / "Dockerfile").read_text()
+
+
+def test_asterisk_placeholders_are_all_filled_by_the_entrypoint_and_the_local_runner():
+    used = set()
+    for conf in (ROOT / "asterisk").glob("*.conf"):
+        used |= set(re.findall(r"@@([A-Z_]+)@@", conf.read_text()))
+    entrypoint = (ROOT / "asterisk" / "bin" / "docker-entrypoint.sh").read_text()
+    runner = (ROOT / "controller" / "localstack" / "asterisk.py").read_text()
+    for name in used:
+        assert f"@@{name}@@" in entrypoint, f"docker-entrypoint.sh does not fill @@{name}@@"
+        assert f'"{name}"' in runner, f"localstack/asterisk.py does not fill @@{name}@@"
+
+
+def test_kamailio_entrypoint_uses_defines_the_config_knows():
+    config = (ROOT / "kamailio" / "kamailio.cfg").read_text()
+    entrypoint = (ROOT / "kamailio" / "docker-entrypoint.sh").read_text()
+    for define in set(re.findall(r'-A "([A-Z_]+)=', entrypoint)):
+        assert re.search(rf"#!(try)?def(ine)? {define}\b|#!ifdef {define}\b", config), f"kamailio.cfg has no {define}"
+
+
+def test_prometheus_scrapes_every_service_on_its_port():
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    for service, port in CONTAINER_PORTS.items():
+        assert f"{service}:{port}" in targets
+        assert service in COMPOSE["services"]
+    assert COMPOSE["services"]["controller"]["environment"]["CALLFABRIC_HTTP_LISTEN"].endswith(":9090")
+    assert COMPOSE["services"]["kamailio"]["environment"]["HTTP_PORT"] == "8090"
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:callfabric|kamailio)_[a-z0-9_]+)\b", expr))
+
+
+def _controller_metrics() -> set[str]:
+    names = set()
+    for name, kind, _, _ in Metrics().describe():
+        names.add(name)
+        if kind == "histogram":
+            names |= {name + "_bucket", name + "_sum", name + "_count"}
+    return names
+
+
+def test_alert_rules(tmp_path):
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    controller = _controller_metrics()
+    for rule in (r for g in rules["groups"] for r in g["rules"]):
+        assert rule["alert"] and rule["expr"] and rule["annotations"]["summary"]
+        for name in _metric_names(rule["expr"]):
+            assert name in controller or name.startswith("kamailio_callfabric_"), f"{rule['alert']}: {name}"
+    promtool = shutil.which("promtool")
+    if promtool:
+        done = subprocess.run([promtool, "check", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.yml")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        config = tmp_path / "prometheus.yml"
+        config.write_text((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+                          .replace("/etc/prometheus/alerts.yml", str(ROOT / "deploy" / "prometheus" / "alerts.yml")))
+        done = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+DASHBOARD = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "callfabric.json").read_text())
+
+
+def test_the_dashboard_is_current_and_well_formed():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_dashboard", ROOT / "deploy" / "grafana" / "build_dashboard.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    assert DASHBOARD == builder.build(), "run: python deploy/grafana/build_dashboard.py > deploy/grafana/dashboards/callfabric.json"
+    ids = [p["id"] for p in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids)) and DASHBOARD["uid"] and DASHBOARD["schemaVersion"] >= 36
+    datasource = yaml.safe_load((ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
+                                .read_text())["datasources"][0]["uid"]
+    for panel in DASHBOARD["panels"]:
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == datasource and panel["targets"]
+            assert all(t["expr"] and t["refId"] for t in panel["targets"])
+    wanted = {"Calls active", "Calls per second by outcome", "Decision latency", "Rejects by rule", "Forks active",
+              "One-way audio alarms", "Transfers", "Webhook latency p95", "Webhook deliveries",
+              "Policy version serving", "Policy reloads", "ARI connected per media node", "Redis", "Kamailio edge"}
+    assert wanted <= {p["title"] for p in DASHBOARD["panels"]}
+
+
+def test_every_metric_a_panel_uses_is_exported(tmp_path):
+    exprs = [t["expr"] for p in DASHBOARD["panels"] for t in p.get("targets", [])]
+    used = set().union(*(_metric_names(e) for e in exprs))
+    controller = _controller_metrics()
+    missing = {n for n in used if n.startswith("callfabric_") and n not in controller}
+    assert not missing, f"panels use metrics the controller does not export: {missing}"
+    kamailio_used = {n for n in used if n.startswith("kamailio_")}
+    if shutil.which("kamailio") is None:
+        pytest.skip("kamailio is not installed: the panels' Kamailio metrics cannot be checked")
+    from controller.localstack.kamailio import Kamailio
+    from controller.localstack.sipp import SippUAS, run_uac
+    from tests.support.kamailio import FakeDecider, wait_clients
+    # Kamailio shows its own metrics once they have a value: one decided call, one fallback.
+    with SippUAS(tmp_path, "uas_answer.xml") as uas, Kamailio(tmp_path, {1: [uas.addr]}) as kamailio:
+        decider = FakeDecider(kamailio.evapi_port).start()
+        wait_clients(kamailio, 1)
+        assert run_uac(tmp_path, kamailio.sip_port, calls=1).successful == 1
+        decider.stop()
+        wait_clients(kamailio, 0)
+        assert run_uac(tmp_path, kamailio.sip_port, calls=1).successful == 1
+        exposed = set(re.findall(r"^([a-z_:][a-z0-9_:]*)", kamailio.metrics(), re.M))
+    missing = {n for n in kamailio_used if n not in exposed}
+    assert not missing, f"panels use metrics Kamailio does not export: {missing}"
+
+
+def test_the_architecture_picture_is_rendered_from_its_source():
+    source = (ROOT / "docs" / "architecture.dot").read_text()
+    picture = (ROOT / "docs" / "architecture.svg").read_text()
+    for node, label in re.findall(r"^\s*(\w+) \[label=\"([^\\\"]+)", source, re.M):
+        assert label in html.unescape(picture), f"{node} is not in the SVG: re-render it"
+    if shutil.which("dot"):
+        rendered = subprocess.run(["dot", "-Tsvg", str(ROOT / "docs" / "architecture.dot")], capture_output=True,
+                                  text=True, timeout=60, check=True).stdout
+        strip = lambda svg: re.sub(r"<!--.*?-->", "", svg, flags=re.S)  # noqa: E731 - generator comments differ
+        assert strip(rendered) == strip(picture), "docs/architecture.svg is stale: dot -Tsvg docs/architecture.dot"

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 
 from controller.actions import canonical_live_action, live_action_schema
+from controller.media.ari import AriError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
 from controller.schema_errors import describe
@@ -84,6 +85,8 @@ class CallControl:
             result = forwarded or CommandResult(200, {"call_id": call_id, **await self._run(call_id, action)})
         except MediaError as exc:
             result = CommandResult(exc.status, {"error": {"status": exc.status, "message": str(exc)}})
+        except AriError as exc:  # a media node's refusal the media plane passed on as is (e.g. play)
+            result = CommandResult(502, {"error": {"status": 502, "message": str(exc)}})
         except CommandError as exc:
             result = CommandResult(exc.status, {"error": {"status": exc.status, "message": exc.message,
                                                            "errors": exc.errors}})
@@ -147,6 +150,8 @@ class CallControl:
             return {"status": 200, "body": {"call_id": call_id, **await self._run(call_id, request["action"])}}
         except MediaError as exc:
             return {"status": exc.status, "body": {"error": {"status": exc.status, "message": str(exc)}}}
+        except AriError as exc:
+            return {"status": 502, "body": {"error": {"status": 502, "message": str(exc)}}}
         except CommandError as exc:
             return {"status": exc.status, "body": {"error": {"status": exc.status, "message": exc.message,
                                                              "errors": exc.errors}}}

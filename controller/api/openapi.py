@@ -77,7 +77,9 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object", "required": ["files"], "additionalProperties": False,
         "properties": {"files": {"type": "object", "minProperties": 1, "maxProperties": 200,
                                  "propertyNames": {"pattern": r"^[A-Za-z0-9_.\-]+\.ya?ml$"},
-                                 "additionalProperties": {"type": "string", "maxLength": 4_000_000}}},
+                                 "additionalProperties": {"type": "string", "maxLength": 1_000_000},
+                                 "description": "File name → YAML text; the whole request body is at most "
+                                                "1 MiB (413 past it)."}},
     },
 }
 

@@ -1,5 +1,6 @@
 """Kamailio's JSON-RPC management endpoint (xhttp + jsonrpcs, `POST /RPC`): what the controller
-changes at the edge outside calls — the blocklist of banned sources."""
+changes at the edge outside calls — the blocklist of banned sources, and lifting the bans the
+edge made by itself (`floodban`)."""
 from __future__ import annotations
 
 import itertools
@@ -9,6 +10,7 @@ from typing import Any
 import aiohttp
 
 BLOCKLIST = "blocklist"  # the htable kamailio.cfg checks before anything else
+FLOODBAN = "floodban"  # the edge's own bans (flood, scanner, sweep): source IP => reason
 
 
 class RpcError(Exception):
@@ -48,11 +50,24 @@ class KamailioRpc:
         await self.call("htable.setxi", BLOCKLIST, ip, 1, max(1, int(seconds)))
 
     async def unblock(self, ip: str) -> None:
-        try:
-            await self.call("htable.delete", BLOCKLIST, ip)
-        except RpcError as exc:
-            if "not found" not in str(exc).lower():  # already gone (expired) is what we wanted
-                raise
+        """Lift every ban of `ip` at this edge: the controller's (`blocklist`) and the one the
+        edge made by itself (`floodban`), so an operator's "lift" is a lift whoever banned."""
+        for table in (BLOCKLIST, FLOODBAN):
+            try:
+                await self.call("htable.delete", table, ip)
+            except RpcError as exc:
+                if "not found" not in str(exc).lower():  # already gone (expired) is what we wanted
+                    raise
+
+    async def edge_banned(self) -> dict[str, str]:
+        """The bans the edge made by itself: {ip: reason (flood, scanner, sweep)}."""
+        result = await self.call("htable.dump", FLOODBAN)
+        out: dict[str, str] = {}
+        for slot in result if isinstance(result, list) else []:
+            for item in slot.get("slot", []) if isinstance(slot, dict) else []:
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    out[item["name"]] = str(item.get("value", ""))
+        return out
 
     async def blocked(self) -> dict[str, int]:
         """The blocklist as the edge holds it: {ip: seconds left (0 when unknown)}."""

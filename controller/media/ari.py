@@ -4,6 +4,7 @@ so it can resync live channels and bridges."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -42,6 +43,11 @@ def _param(value: Any) -> str:
     return str(value)
 
 
+def basic_authorization(username: str, password: str) -> str:
+    """The Authorization header value ARI expects (HTTP Basic, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 class AriClient:
     def __init__(self, node: AriNode, app: str, *, timeout_s: float = 5.0,
                  observe: Callable[[str, float, int], None] | None = None):
@@ -55,7 +61,7 @@ class AriClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                auth=aiohttp.BasicAuth(self.node.username, self.node.password),
+                headers={"Authorization": basic_authorization(self.node.username, self.node.password)},
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=64))
         return self._session

@@ -38,8 +38,8 @@ def normalise_ip(text: str) -> str:
 class Ban:
     ip: str
     reason: str
-    origin: str  # policy | api | asterisk
-    detector: str  # the detector that weighed most, or "manual"
+    origin: str  # policy | api | asterisk | edge
+    detector: str  # the detector that weighed most, "manual", or the edge's reason (flood, scanner, sweep)
     created_ms: int
     expires_ms: int
     call_id: str | None = None
@@ -85,6 +85,9 @@ class BanList:
         return ban
 
     async def remove(self, ip: str) -> bool:
+        """Lift the ban of `ip` everywhere: Redis, and at every edge both the blocklist and the
+        ban the edge may have made by itself (flood, scanner, sweep — also when the controller
+        never recorded it). True when Redis had a ban for it."""
         ip = normalise_ip(ip)
         deleted, _ = await self.batch.run([("DEL", ban_key(ip)), ("ZREM", BANS_INDEX, ip)])
         await self._push(lambda edge: edge.unblock(ip), "unblock")

@@ -324,16 +324,53 @@ class CallStore:
         the call (not a duplicate decide), in a later pipeline. While Redis is unreachable the
         call is held in the outage queue (the future is then done at once) — unless `hold` is
         False. Raises RedisError when it could be neither sent nor held."""
+        args = (record, live_scopes, window_counters, at_ms, event)
         if not self.outage.available:
             if not hold:
                 raise RedisConnectionError(f"Redis unreachable ({self.outage.depth} state changes queued)")
-            return self._hold_create(call_id, record, live_scopes, window_counters, at_ms, event)
+            return self._hold_create(call_id, *args)
         try:
-            return await self._send_create(call_id, record, live_scopes, window_counters, at_ms, event)
+            sent = await self._send_create(call_id, *args)
         except RedisConnectionError:
             if not hold:
                 raise
-            return self._hold_create(call_id, record, live_scopes, window_counters, at_ms, event)
+            return self._hold_create(call_id, *args)
+        return self._held_if_lost(call_id, sent, args)
+
+    def _held_if_lost(self, call_id: str, sent: asyncio.Future, args: tuple) -> asyncio.Future:
+        """The replies of a create that is already in Redis's socket. When the connection dies
+        before Redis answers (a restart, a failover), or Redis answers that it cannot take
+        writes now (loading its AOF, demoted), the call may or may not be stored: the create
+        is held and written again when Redis is back. Writing it twice is harmless (a call's
+        first create wins), and it is held before any later change of the call, which comes
+        after this reply."""
+        result = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future) -> None:
+            if done.cancelled():
+                result.cancel()
+                return
+            problem = done.exception()
+            replies = [] if problem is not None else done.result()
+            lost = problem if isinstance(problem, RedisConnectionError) else next(
+                (r for r in replies[:1] if isinstance(r, RedisConnectionError)), None)
+            if lost is None:
+                if problem is not None:
+                    result.set_exception(problem)
+                else:
+                    result.set_result(replies)
+                return
+            try:
+                self._hold_create(call_id, *args)
+            except RedisConnectionError as full:  # the outage queue is full: said and counted there
+                result.set_exception(full)
+                return
+            logging.getLogger("callfabric.state").warning(
+                "call %s: Redis did not confirm its record (%s): held and written again when Redis is back",
+                call_id, lost)
+            result.set_result([])
+        sent.add_done_callback(settle)
+        return result
 
     def _hold_create(self, call_id: str, *args: Any) -> asyncio.Future:
         async def write() -> None:

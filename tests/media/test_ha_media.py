@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from controller.api.commands import CallControl, Forwarding
 from controller.localstack.redis import RedisServer
-from controller.media.ari import AriClient, AriNode
+from controller.media.ari import AriClient, AriNode, basic_authorization
 from controller.media.ownership import NodeOwnership
 from controller.media.plane import MediaError, MediaPlane
 from controller.metrics import Metrics
@@ -227,7 +227,7 @@ async def test_an_ari_websocket_cut_mid_transfer_is_resynced_without_doing_anyth
 
 async def test_a_caller_whose_stasis_start_nobody_handled_is_taken_in_by_the_resync(fake, controllers, redis_url):
     # A controller that dies after Asterisk handed it the StasisStart, before it did anything.
-    async with aiohttp.ClientSession(auth=aiohttp.BasicAuth("callfabric", "secret")) as http:
+    async with aiohttp.ClientSession(headers={"Authorization": basic_authorization("callfabric", "secret")}) as http:
         ws = await http.ws_connect(f"{fake.ws_url}?app={APP}")
         store = CallStore(redis_url)
         decision = {"outcome": "agent", "rule": "r", "agent": {"name": "intake"}, "forks": []}

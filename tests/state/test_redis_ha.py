@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -64,6 +67,42 @@ async def test_changes_made_while_redis_is_down_are_written_in_order_when_it_is_
         assert (await store.get("before@x"))["state"] == "ended"
         assert await store.read_counters([counter], now_ms()) == {"window:source:60": 1}  # counted once, later
         assert await store.live_calls() == []
+    finally:
+        await store.aclose()
+
+
+async def test_a_create_redis_never_confirmed_is_written_again_when_it_is_back(own_redis, caplog):
+    """The create is in Redis's socket when Redis dies (kill -9) before running it: the call
+    must not be left without its decision (its dialog events would otherwise create a record
+    with no rule, no target and no `decided` entry)."""
+    store = CallStore(own_redis.url, timeout_s=2.0)
+    try:
+        await store.create("warm@x", decided("warm@x"), live_scopes={}, window_counters=[], at_ms=now_ms(),
+                           event={"event": "decided", "ts": 1})  # connected, scripts loaded
+
+        def pause_redis() -> None:
+            with socket.create_connection(("127.0.0.1", own_redis.port), timeout=2) as s:
+                s.sendall(b"CLIENT PAUSE 20000 ALL\r\n")
+                assert s.recv(16).startswith(b"+OK")
+        await asyncio.to_thread(pause_redis)
+        written = await store.send_create("unconfirmed@x", decided("unconfirmed@x"), live_scopes={},
+                                          window_counters=[], at_ms=now_ms(), event={"event": "decided", "ts": 2})
+        await asyncio.sleep(0.1)
+        assert not written.done()  # sent, not run: Redis is paused
+
+        def kill_redis() -> None:
+            os.killpg(own_redis.proc.pid, signal.SIGKILL)
+            own_redis.proc.wait(5)
+        await asyncio.to_thread(kill_redis)
+        assert await asyncio.wait_for(written, 5) == []  # held, not failed
+        assert not store.available
+        await store.transition("unconfirmed@x", "answered", {"answered_at_ms": 3}, {"event": "answered", "ts": 3})
+        await asyncio.to_thread(own_redis.start)
+        assert await store.outage.wait_empty(10)
+        record = await store.get("unconfirmed@x")
+        assert record["rule"] == "r" and record["state"] == "answered"
+        assert [e["event"] for e in await store.timeline("unconfirmed@x")] == ["decided", "answered"]
+        assert "unconfirmed@x: Redis did not confirm its record" in caplog.text
     finally:
         await store.aclose()
 

@@ -1,10 +1,13 @@
 """Automatic pipelining on the decision path: the Redis commands of every call in flight
 share one pipeline.
 
-Each operation (a few commands) is queued; one pipeline carries everything queued, and while
-it is out, new operations queue for the next one. At low load an operation goes out at once;
-under load, batches grow by themselves and round trips, syscalls and client work per call
-fall. Scripts go as EVALSHA (loaded once, reloaded after a Redis restart).
+Each operation (a few commands) is queued; one pipeline carries everything queued. Up to
+`max_in_flight` pipelines are out at once (Redis answers a connection's pipelines in order), so
+a call waiting for its decision does not wait behind another pipeline's round trip; when that
+many are out, new operations queue for the next one. At low load an operation goes out at
+once; under load, batches grow by themselves and round trips, syscalls and client work per
+call fall. Scripts go as EVALSHA, loaded once per connection (ahead of the first pipeline that
+uses them on it) and reloaded if Redis answers NOSCRIPT.
 
 The pipelines travel on a dedicated connection that writes RESP and parses replies with
 hiredis (redis-py's own parser) directly: measured on this machine, a 4-command pipeline
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import hiredis
@@ -34,10 +37,10 @@ _UNAVAILABLE = (b"READONLY", b"LOADING", b"MASTERDOWN", b"CLUSTERDOWN", b"TRYAGA
 @dataclass(frozen=True, slots=True)
 class Script:
     source: str
+    sha: str = field(init=False, compare=False)  # computed once: it is on every EVALSHA
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
 def _encode(arg: Any) -> bytes:
@@ -142,6 +145,31 @@ class RespConnection:
             self._protocol.transport.close()
         self._protocol = None
 
+    def drop(self, protocol: "_RespProtocol") -> None:
+        """Abandon `protocol` (a connection that can no longer be trusted); the next pipeline
+        connects again. Everything still waiting on it fails with a connection error."""
+        if protocol is self._protocol:
+            self._protocol = None
+        if protocol.transport is not None:
+            protocol.transport.abort()
+
+    @staticmethod
+    def write(protocol: "_RespProtocol", commands: list[tuple]) -> asyncio.Future:
+        """Write a pipeline on `protocol` (from ready()) now; the future of its replies."""
+        return protocol.send(b"".join(pack(c) for c in commands), len(commands))
+
+    async def ready(self) -> "_RespProtocol":
+        """The live connection, connected first if there is none."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            try:
+                protocol = self._protocol = await self._connect()
+            except TimeoutError:
+                raise RedisConnectionError(f"Redis did not accept a connection within {self.connect_timeout}s") from None
+            except OSError as exc:
+                raise RedisConnectionError(f"Redis connection failed: {exc}") from None
+        return protocol
+
     async def execute(self, commands: list[tuple], timeout: float, on_sent: Callable[[], None] | None = None) -> list[Any]:
         """Send a pipeline and wait for its replies; `on_sent` runs once it is in the socket."""
         try:
@@ -163,9 +191,14 @@ class RespConnection:
 
 class Batcher:
     def __init__(self, url: str, max_batch: int = 2000, timeout_s: float = 2.0, linger_s: float = 0.005, *,
-                 address: Address | None = None):
+                 address: Address | None = None, max_in_flight: int = 4):
         self.connection = RespConnection(url, address=address)
         self._loaded: set[str] = set()
+        self._loaded_for: _RespProtocol | None = None  # the connection `_loaded` is true of
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._slot_free = asyncio.Event()
+        self._settling: set[asyncio.Task] = set()
         self._init_pipelining(max_batch, timeout_s, linger_s)
 
     def _init_pipelining(self, max_batch: int, timeout_s: float, linger_s: float) -> None:
@@ -229,33 +262,58 @@ class Batcher:
             self._flushing = False
 
     async def _send(self, batch: list["_Operation"]) -> None:
+        """Write one pipeline and return once it is in the socket (or has failed); its replies
+        are settled by a task of its own, so the next pipeline need not wait for them."""
+        while self._in_flight >= self.max_in_flight:
+            self._slot_free.clear()
+            await self._slot_free.wait()
         scripts = {cmd[1].sha: cmd[1] for op in batch for cmd in op.commands if cmd[0] == "EVALSHA"}
         wire = [self._wire(cmd) for op in batch for cmd in op.commands]
-
-        def sent() -> None:
-            for op in batch:
-                if not op.sent.done():
-                    op.sent.set_result(None)
         try:
+            protocol = await self.connection.ready()
+            if protocol is not self._loaded_for:  # a new connection (maybe a restarted Redis): load again
+                self._loaded, self._loaded_for = set(), protocol
             missing = [s for sha, s in scripts.items() if sha not in self._loaded]
-            replies = await self.connection.execute([("SCRIPT", "LOAD", s.source) for s in missing] + wire,
-                                                    self.timeout_s, sent)
-            replies = replies[len(missing):]
-            self._loaded.update(s.sha for s in missing)
+            self._loaded.update(s.sha for s in missing)  # later pipelines follow this one on the wire
+            replies = self.connection.write(protocol, [("SCRIPT", "LOAD", s.source) for s in missing] + wire)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        for op in batch:
+            if not op.sent.done():
+                op.sent.set_result(None)
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._settle(batch, protocol, replies, len(missing), wire,
+                                                                   scripts))
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self._settling.discard(task)
+        self._in_flight -= 1
+        self._slot_free.set()
+
+    async def _settle(self, batch: list["_Operation"], protocol: "_RespProtocol", pending: asyncio.Future,
+                      loaded: int, wire: list[tuple], scripts: dict[str, Script]) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    replies = (await pending)[loaded:]
+            except TimeoutError:
+                self.connection.drop(protocol)  # replies may still come: this connection can't be trusted
+                raise RedisConnectionError(f"Redis did not answer {len(wire)} command(s) within "
+                                           f"{self.timeout_s}s") from None
             errors = [r for r in replies if type(r) is ResponseError]
-            if any(_is_no_script(r) for r in errors):  # Redis restarted and lost its scripts
+            if any(_is_no_script(r) for r in errors):  # scripts flushed behind our back: load them, run again
                 reload = [("SCRIPT", "LOAD", s.source) for s in scripts.values()]
                 replies = (await self.connection.execute(reload + wire, self.timeout_s))[len(reload):]
                 errors = [r for r in replies if type(r) is ResponseError]
             if any(unavailable(r) for r in errors):  # e.g. a master demoted by a failover: find the new one
-                self.connection.close()
+                self.connection.drop(protocol)
                 replies = [RedisConnectionError(f"Redis cannot take this now: {r}") if unavailable(r) else r
                            for r in replies]
         except Exception as exc:  # whatever happens, no caller may wait forever
-            error = exc if isinstance(exc, RedisError) else RedisError(f"pipeline failed: {exc!r}")
-            for op in batch:
-                if not op.replies.done():
-                    op.replies.set_exception(error)
+            self._fail(batch, exc)
             return
         position = 0
         for op in batch:
@@ -263,6 +321,13 @@ class Batcher:
                 op.replies.set_result([NoScriptError(str(r)) if _is_no_script(r) else r
                                        for r in replies[position:position + len(op.commands)]])
             position += len(op.commands)
+
+    @staticmethod
+    def _fail(batch: list["_Operation"], exc: BaseException) -> None:
+        error = exc if isinstance(exc, RedisError) else RedisError(f"pipeline failed: {exc!r}")
+        for op in batch:
+            if not op.replies.done():
+                op.replies.set_exception(error)
 
     @staticmethod
     def _wire(cmd: Command) -> tuple:

@@ -36,12 +36,12 @@ async def test_create_writes_record_timeline_and_indexes(store):
 
 async def test_create_is_one_round_trip_and_keys_share_a_hash_tag(store):
     sent = []
-    execute = store.batch.connection.execute
+    write = store.batch.connection.write
 
-    async def counting(commands, *args):
+    def counting(protocol, commands):
         sent.append([c[0] for c in commands])
-        return await execute(commands, *args)
-    store.batch.connection.execute = counting
+        return write(protocol, commands)
+    store.batch.connection.write = counting
     counters = [CounterRequest("window:source:60", "window", "source", "1.2.3.4", 60)]
     await store.read_counters(counters, now_ms())
     await store.create("c2", record(), live_scopes={}, window_counters=counters, at_ms=now_ms(),
@@ -56,12 +56,12 @@ async def test_create_is_one_round_trip_and_keys_share_a_hash_tag(store):
 
 async def test_concurrent_calls_share_pipelines(store):
     sent = []
-    execute = store.batch.connection.execute
+    write = store.batch.connection.write
 
-    async def counting(commands, *args):
+    def counting(protocol, commands):
         sent.append(len(commands))
-        return await execute(commands, *args)
-    store.batch.connection.execute = counting
+        return write(protocol, commands)
+    store.batch.connection.write = counting
     await asyncio.gather(*(store.create(f"p{i}", record(), live_scopes={}, window_counters=[], at_ms=now_ms(),
                                         event={"event": "decided", "ts": 1}) for i in range(100)))
     assert sum(sent) >= 300 and len(sent) <= 3  # 100 calls' commands in a couple of pipelines

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.app import BANS, EDGES, METRICS, build_app
-from controller.config import Settings
+from controller.app import BANS, EDGES
 from controller.localstack.kamailio import Kamailio, free_port
 from controller.localstack.process import spawn
-from controller.localstack.sipp import SCENARIOS, SIPP_BIN, run_uac
-from tests.support.kamailio import wait_clients
+from controller.localstack.sipp import SCENARIOS, SIPP_BIN
+from tests.integration.test_security_edge import SecureStack
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(b) is None for b in ("kamailio", "sipp", "redis-server", "svmap", "svwar")),
@@ -73,37 +72,22 @@ OPTIONS_FLOOD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 """
 
 
-class DefenceStack:
+class DefenceStack(SecureStack):
     """Kamailio (UDP + TCP SIP) + a SIPp media node + the controller app, with a spy on
     everything the controller receives from the edge."""
 
     def __init__(self, tmp_path: Path, procs, redis_url: str, **kamailio_kw):
-        self.tmp = tmp_path
         scenario = tmp_path / "uas_leaky.xml"
         scenario.write_text(LEAKY_UAS)
-        self.media = procs.uas(str(scenario), "media")
         self.tcp_port = free_port(socket.SOCK_STREAM)
-        defines = {"SIP_LISTEN_TCP": f"tcp:127.0.0.1:{self.tcp_port}"}
-        defines.update(kamailio_kw.pop("extra_defines", {}))
-        self.kamailio: Kamailio = procs.kamailio({1: [self.media.addr]}, extra_defines=defines, **kamailio_kw)
-        policy_dir = tmp_path / "policy"
-        policy_dir.mkdir()
-        (policy_dir / "policy.yaml").write_text(POLICY)
-        self.settings = Settings(policy_dir=str(policy_dir), policy_poll_s=0.5, redis_url=redis_url,
-                                 edge_evapi=[f"127.0.0.1:{self.kamailio.evapi_port}"],
-                                 edge_rpc=[f"http://127.0.0.1:{self.kamailio.http_port}/RPC"],
-                                 http_listen=f"127.0.0.1:{free_port()}", instance_id="defence-controller")
-        self.app = build_app(self.settings)
-        self.runner = None
+        defines = {"SIP_LISTEN_TCP": f"tcp:127.0.0.1:{self.tcp_port}", **kamailio_kw.pop("extra_defines", {})}
+        super().__init__(tmp_path, procs, redis_url, policy=POLICY, media_scenario=str(scenario),
+                         instance_id="defence-controller", extra_defines=defines, **kamailio_kw)
         self.frames: list[bytes] = []
         self.decides: list[dict] = []
 
     async def start(self) -> DefenceStack:
-        from aiohttp import web
-        self.runner = web.AppRunner(self.app)
-        await self.runner.setup()
-        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in self.app[EDGES])), 10)
-        await asyncio.to_thread(wait_clients, self.kamailio, 1)
+        await super().start()
         for channel in self.app[EDGES]:
             self._spy(channel)
         return self
@@ -122,14 +106,7 @@ class DefenceStack:
         channel._dispatch = spy_dispatch
         channel.decisions.decide = spy_decide
 
-    async def stop(self) -> None:
-        if self.runner:
-            await self.runner.cleanup()
-
     # -- what the parties see ------------------------------------------------------------------
-    def metric(self, name: str, **labels) -> float:
-        return self.app[METRICS].registry.get_sample_value(name, labels) or 0.0
-
     async def edge_metric(self, name: str, label: str = "") -> float:
         return await asyncio.to_thread(self.kamailio.metric, f"kamailio_callfabric_{name}", label)
 
@@ -143,8 +120,7 @@ class DefenceStack:
         return await asyncio.to_thread(self.media.messages)
 
     async def call(self, source: str = LEGIT, service: str = "18005550100", **kw):
-        return await asyncio.to_thread(run_uac, self.tmp, self.kamailio.sip_port, "uac_call.xml",
-                                       service=service, source_ip=source, **kw)
+        return await super().call(service, source, **kw)
 
     async def edge_ban_recorded(self, ip: str, timeout: float = 10.0):
         deadline = time.monotonic() + timeout

@@ -24,9 +24,10 @@ from controller.state.calls import CallStore
 from controller.localstack.sip_ua import SipCaller
 
 BINARY = asterisk_binary()
+REQUIRES_ASTERISK = pytest.mark.skipif(
+    BINARY is None, reason="no asterisk binary: install Asterisk or set CALLFABRIC_ASTERISK to run the real-Asterisk suite")
 pytestmark = [
-    pytest.mark.skipif(BINARY is None, reason="no asterisk binary: install Asterisk or set CALLFABRIC_ASTERISK "
-                                                "to run the real-Asterisk suite"),
+    REQUIRES_ASTERISK,
     pytest.mark.skipif(any(shutil.which(b) is None for b in ("kamailio", "sipp", "redis-server")),
                        reason="kamailio, sipp and redis-server are required"),
 ]

@@ -13,17 +13,15 @@ import time
 
 import pytest
 
-from controller.localstack.asterisk import Asterisk, asterisk_binary
+from controller.localstack.asterisk import Asterisk
 from controller.localstack.kamailio import Kamailio, free_port
 from controller.localstack.sip_ua import SipCaller
 from controller.state.calls import CallStore
-from tests.media.test_real_asterisk import POLICY, media_agent
+from tests.media.test_real_asterisk import POLICY, REQUIRES_ASTERISK, media_agent
 from tests.support.ha import ControllerProcess
 
-BINARY = asterisk_binary()
 pytestmark = [
-    pytest.mark.skipif(BINARY is None, reason="no asterisk binary: install Asterisk or set CALLFABRIC_ASTERISK "
-                                                "to run the real-Asterisk suite"),
+    REQUIRES_ASTERISK,
     pytest.mark.skipif(any(shutil.which(b) is None for b in ("kamailio", "redis-server")),
                        reason="kamailio and redis-server are required"),
 ]

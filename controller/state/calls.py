@@ -126,8 +126,9 @@ redis.call('EXPIRE', KEYS[2], ARGV[6])
 return 1
 """)
 
-# Moves a call forward only (never back from a final state), appends to its timeline, sets
-# its retention when it ends. KEYS: call hash, timeline. ARGV: new state, event name, event
+# Moves a call forward only (never back, never to the state it is in: a change written
+# twice — replayed after a lost reply — is applied once), appends to its timeline, sets its
+# retention when it ends. KEYS: call hash, timeline. ARGV: new state, event name, event
 # ts, event JSON, timeline cap, retention seconds (final states) or 0, live safety expiry,
 # fields JSON. Returns {previous state or '', applied 0/1, live scopes JSON or '', source
 # address:port or '', answered time (ms) or ''}.
@@ -137,7 +138,7 @@ local new = ARGV[1]
 local rank = {routing=1, answered=2, failed=3, ended=3}
 local info = redis.call('HMGET', KEYS[1], 'live_scopes', 'src', 'answered_at_ms')
 local scopes, src, answered = info[1] or '', info[2] or '', info[3] or ''
-if current and rank[current] and (rank[current] >= 3 or rank[new] < rank[current]) then
+if current and rank[current] and (rank[current] >= 3 or rank[new] <= rank[current]) then
   return {current, 0, scopes, src, answered}
 end
 local flat = {'state', new}

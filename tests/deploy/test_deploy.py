@@ -1,8 +1,8 @@
 """The operators' stack (no docker engine here): compose.yaml against the Compose
 Specification's JSON Schema and against the repository (files, ports, variables), the
 images' files, Prometheus scrape config and alert rules (promtool when Debian's is
-installed), and the Grafana dashboard: current, well-formed, every metric a panel uses
-exported by the controller or a real Kamailio."""
+installed), and the Grafana dashboard: current, well-formed, valid for Grafana's own schema
+types (tsc), every metric a panel uses exported by the controller or a real Kamailio."""
 from __future__ import annotations
 
 import html
@@ -168,6 +168,39 @@ def test_the_dashboard_is_current_and_well_formed():
               "One-way audio alarms", "Transfers", "Webhook latency p95", "Webhook deliveries",
               "Policy version serving", "Policy reloads", "ARI connected per media node", "Redis", "Kamailio edge"}
     assert wanted <= {p["title"] for p in DASHBOARD["panels"]}
+
+
+SCHEMA_CHECK = ROOT / "deploy" / "grafana" / "schema-check"
+TSC = SCHEMA_CHECK / "node_modules" / ".bin" / "tsc"
+
+
+def _grafana_type_errors(tmp_path: Path, dashboards: dict[str, dict]) -> str:
+    """tsc's complaints about each dashboard as a literal of Grafana's `Dashboard` type."""
+    schema = (SCHEMA_CHECK / "node_modules" / "@grafana" / "schema").as_posix()
+    files = []
+    for name, dashboard in dashboards.items():
+        path = tmp_path / f"{name}.ts"
+        path.write_text(f'import type {{ Dashboard }} from "{schema}";\n'
+                        f"export const dashboard: Dashboard = {json.dumps(dashboard, indent=1)};\n")
+        files.append(str(path))
+    done = subprocess.run([str(TSC), "--noEmit", "--strict", "--skipLibCheck", "--moduleResolution", "node",
+                           "--module", "commonjs", "--target", "es2020", *files],
+                          capture_output=True, text=True, timeout=120)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not TSC.exists(), reason="Grafana's schema types are not installed: "
+                                             "npm ci --prefix deploy/grafana/schema-check (.ci/run does it)")
+def test_the_dashboard_passes_grafanas_own_schema(tmp_path):
+    """Grafana publishes its dashboard schema as TypeScript types (@grafana/schema, the version
+    of the grafana image in compose.yaml): the dashboard must type-check as a `Dashboard`."""
+    image = COMPOSE["services"]["grafana"]["image"].split(":")[1]
+    assert json.loads((SCHEMA_CHECK / "package.json").read_text())["devDependencies"]["@grafana/schema"] == image
+    broken = json.loads(json.dumps(DASHBOARD))
+    broken["panels"][1]["gridPos"]["x"] = "left"  # the check must be able to fail
+    errors = _grafana_type_errors(tmp_path, {"callfabric": DASHBOARD, "broken": broken})
+    assert "callfabric.ts" not in errors, errors
+    assert "broken.ts" in errors and "not assignable" in errors, errors
 
 
 def test_every_metric_a_panel_uses_is_exported(tmp_path):

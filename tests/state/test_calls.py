@@ -104,6 +104,10 @@ async def test_transitions_only_move_forward(store):
     await store.create("t1", record(), live_scopes={}, window_counters=[], at_ms=now_ms(),
                        event={"event": "decided", "ts": 1})
     assert (await store.transition("t1", "answered", {"answered_at_ms": 5}, {"event": "answered", "ts": 5})).applied
+    # the same change written again (replayed after its reply was lost) is applied once
+    replayed = await store.transition("t1", "answered", {"answered_at_ms": 6}, {"event": "answered", "ts": 6})
+    assert not replayed.applied and replayed.previous == "answered"
+    assert (await store.get("t1"))["answered_at_ms"] == 5
     result = await store.transition("t1", "ended", {"end_reason": "bye-callee"}, {"event": "ended", "ts": 9})
     assert result.applied and result.previous == "answered"
     late = await store.transition("t1", "answered", {}, {"event": "answered", "ts": 10})

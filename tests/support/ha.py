@@ -362,19 +362,18 @@ class HaStack:
         store = CallStore(self.redis_url)
         try:
             deadline = time.monotonic() + timeout
-            while True:
+            while True:  # the media side's last steps may be written after the dialog's end
                 records = await store.get_many(call_ids)
-                if all(r and r.get("state") == "ended" for r in records) or time.monotonic() > deadline:
-                    break
+                problems = {}
+                for call_id, record in zip(call_ids, records):
+                    events = [e["event"] for e in await store.timeline(call_id)]
+                    missing = REQUIRED_EVENTS - set(events)
+                    if not record or record.get("state") != "ended" or missing or events.count("media_start") != 1 \
+                            or events.count("decided") != 1:
+                        problems[call_id] = (record.get("state") if record else None, sorted(missing), events)
+                if not problems or time.monotonic() > deadline:
+                    return problems
                 await asyncio.sleep(0.1)
-            problems = {}
-            for call_id, record in zip(call_ids, records):
-                events = [e["event"] for e in await store.timeline(call_id)]
-                missing = REQUIRED_EVENTS - set(events)
-                if not record or record.get("state") != "ended" or missing or events.count("media_start") != 1 \
-                        or events.count("decided") != 1:
-                    problems[call_id] = (record.get("state") if record else None, sorted(missing), events)
-            return problems
         finally:
             await store.aclose()
 

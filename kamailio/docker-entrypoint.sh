@@ -2,8 +2,10 @@
 # Starts Kamailio with callfabric's config; every address comes from the environment.
 #   SIP_LISTEN (udp:0.0.0.0:5060), SIP_ADVERTISE (public ip[:port], optional),
 #   EVAPI_BIND (0.0.0.0:8448), EVAPI_ALLOWED_NET (the controllers' subnet),
-#   HTTP_PORT (8090), MEDIA_NODES (space-separated sip:host:port of the Asterisk nodes: set 1),
-#   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), CHILDREN (4)
+#   HTTP_PORT (8090), HTTP_ALLOWED_NET (who may read /metrics and /health: Prometheus),
+#   RPC_ALLOWED_NET (who may use JSON-RPC /RPC: the controllers, which push bans there),
+#   MEDIA_NODES (space-separated sip:host:port of the Asterisk nodes: set 1),
+#   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4)
 set -eu
 run=/run/callfabric
 : > "$run/dispatcher.list"
@@ -12,6 +14,7 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
   -A "SIP_LISTEN=${SIP_LISTEN:-udp:0.0.0.0:5060}" \
   -A "HTTP_ADDR=${HTTP_ADDR:-0.0.0.0}" -A "HTTP_PORT=${HTTP_PORT:-8090}" \
   -A "EVAPI_BIND=\"${EVAPI_BIND:-0.0.0.0:8448}\"" -A "EVAPI_ALLOWED_NET=\"${EVAPI_ALLOWED_NET:-127.0.0.0/8}\"" \
+  -A "HTTP_ALLOWED_NET=\"${HTTP_ALLOWED_NET:-127.0.0.0/8}\"" -A "RPC_ALLOWED_NET=\"${RPC_ALLOWED_NET:-127.0.0.1/32}\"" \
   -A "DS_LIST=\"$run/dispatcher.list\"" -A "CTL_SOCKET=\"unix:$run/kamailio_ctl\"" \
   -A "FALLBACK=${FALLBACK:-open}" -A "DECISION_TIMEOUT_MS=${DECISION_TIMEOUT_MS:-200}" \
   -A "CHILDREN=${CHILDREN:-4}"

@@ -103,6 +103,21 @@ def test_kamailio_entrypoint_uses_defines_the_config_knows():
         assert re.search(rf"#!(try)?def(ine)? {define}\b|#!ifdef {define}\b", config), f"kamailio.cfg has no {define}"
 
 
+def test_the_controller_and_prometheus_may_use_kamailios_management_port():
+    """Kamailio answers /RPC and /metrics only from RPC_ALLOWED_NET / HTTP_ALLOWED_NET (loopback
+    by default): in compose, the controller (bans) and Prometheus come from the core network."""
+    entrypoint = (ROOT / "kamailio" / "docker-entrypoint.sh").read_text()
+    kamailio = COMPOSE["services"]["kamailio"]["environment"]
+    for variable in ("HTTP_ALLOWED_NET", "RPC_ALLOWED_NET", "EVAPI_ALLOWED_NET"):
+        assert f'-A "{variable}=' in entrypoint and f"${{{variable}:-" in entrypoint, variable
+        assert kamailio[variable] == "${CORE_SUBNET:-172.28.0.0/16}", variable
+    subnet = COMPOSE["networks"]["core"]["ipam"]["config"][0]["subnet"]
+    assert subnet == "${CORE_SUBNET:-172.28.0.0/16}"
+    controller = COMPOSE["services"]["controller"]["environment"]
+    assert controller["CALLFABRIC_EDGE_RPC"] == f"http://kamailio:{kamailio['HTTP_PORT']}/RPC"
+    assert controller["CALLFABRIC_EDGE_EVAPI"] == f"kamailio:{kamailio['EVAPI_BIND'].split(':')[1]}"
+
+
 def test_prometheus_scrapes_every_service_on_its_port():
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}

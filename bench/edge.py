@@ -10,7 +10,7 @@ For each offered rate (bounded count of calls, every process on 127.0.0.1) it pr
 failures, achieved rate and setup latency p50/p95 per mode (INVITE sent → 200 OK received, in
 µs from the message trace of a low-rate probe SIPp placing calls beside the load), then the ratios and the milliseconds the controller adds.
 
-    python bench/edge.py [--rates 600,2000,4000] [--seconds 4] [--rounds 2] [--hold-ms 0]
+    python bench/edge.py [--rates 600,2000,4000] [--seconds 4] [--rounds 2] [--hold-ms 0] [--controllers 1]
 
 Last line: RESULT p50_ratio=… p95_ratio=… p50_added_ms=… p95_added_ms=… max_cps_static=…
 max_cps_controller=… cps_ratio=… (ratios and added ms at the reference rate, 2,000 CPS).
@@ -77,45 +77,63 @@ def injection_file(path: Path, count: int, rng: random.Random) -> None:
 
 
 class ControllerProcess:
-    def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, evapi_port: int):
-        self.config = workdir / "controller.yaml"
-        self.http = f"127.0.0.1:{free_port()}"
-        self.config.write_text(json.dumps({
-            "policy_dir": str(policy_dir), "redis_url": redis_url, "edge_evapi": [f"127.0.0.1:{evapi_port}"],
-            "http_listen": self.http, "log_level": "WARNING", "instance_id": "bench"}))
+    """`count` controller processes sharing the work (Kamailio sends each decide to one of
+    them, round robin), like a scaled-out deployment."""
+
+    def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, evapi_port: int, count: int = 1):
+        self.configs, self.https = [], []
+        for index in range(count):
+            config, http = workdir / f"controller-{index}.yaml", f"127.0.0.1:{free_port()}"
+            config.write_text(json.dumps({
+                "policy_dir": str(policy_dir), "redis_url": redis_url, "edge_evapi": [f"127.0.0.1:{evapi_port}"],
+                "http_listen": http, "log_level": "WARNING", "instance_id": f"bench-{index}"}))
+            self.configs.append(config)
+            self.https.append(http)
         self.log = workdir / "controller.log"
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.procs[0] if self.procs else None
 
     def start(self, kamailio: Kamailio) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        wait_clients(kamailio, 1)
+            self.procs = [subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(config)],
+                                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                          for config in self.configs]
+        wait_clients(kamailio, len(self.procs))
 
     def stop(self, kamailio: Kamailio | None = None) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(timeout=15)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs = []
         if kamailio:
             wait_clients(kamailio, 0)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
-            return r.read().decode()
+        """Every controller's /metrics, one after the other."""
+        texts = []
+        for http in self.https:
+            with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
+                texts.append(r.read().decode())
+        return "\n".join(texts)
 
 
 def decision_buckets(metrics: str) -> dict[float, float]:
-    """The controller's decision-duration histogram: cumulative count per bucket bound (ms)."""
+    """The controllers' decision-duration histogram: cumulative count per bucket bound (ms)."""
     buckets: dict[float, float] = {}
     for line in metrics.splitlines():
         if line.startswith("callfabric_decision_duration_seconds_bucket{"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float("inf") if bound == "+Inf" else float(bound) * 1000] = float(line.rsplit(" ", 1)[1])
+            bound_ms = float("inf") if bound == "+Inf" else float(bound) * 1000
+            buckets[bound_ms] = buckets.get(bound_ms, 0.0) + float(line.rsplit(" ", 1)[1])
     return buckets
 
 
@@ -215,6 +233,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="static/controller alternations per rate")
     parser.add_argument("--hold-ms", type=int, default=0, help="how long each call stays up before BYE")
     parser.add_argument("--probe-rate", type=int, default=50, help="CPS of the latency probe running beside the load")
+    parser.add_argument("--controllers", type=int, default=1, help="controller processes sharing the decides")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -245,7 +264,7 @@ def main() -> None:
             # read, spikes / distinct callees counted) but one busy source is not an attack here
             text = re.sub(r"\b(max|min_calls): [0-9]+", r"\1: 1000000000", text)
             path.write_text(text)
-        controller = ControllerProcess(workdir, policy_dir, redis.url, kamailio.evapi_port)
+        controller = ControllerProcess(workdir, policy_dir, redis.url, kamailio.evapi_port, args.controllers)
         things.append(controller)
         rng = random.Random(11)
         results: dict[tuple[int, str], list[dict]] = {}

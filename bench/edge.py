@@ -117,6 +117,15 @@ class ControllerProcess:
         if kamailio:
             wait_clients(kamailio, 0)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the controller processes have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
+
     def metrics(self) -> str:
         """Every controller's /metrics, one after the other."""
         texts = []
@@ -284,14 +293,16 @@ def main() -> None:
                     probe_inf = workdir / f"probe-{rate}-{round_no}-{mode}.csv"
                     injection_file(probe_inf, 1000, rng)
                     before = decision_buckets(controller.metrics()) if mode == "controller" else None
+                    cpu_before = controller.cpu_seconds() if mode == "controller" else 0.0
                     run = run_load(workdir, kamailio, rate, count, args.hold_ms, inf, probe_inf, args.probe_rate)
                     results.setdefault((rate, mode), []).append(run)
                     inside = ""
                     if before is not None:
                         after = decision_buckets(controller.metrics())
                         delta = [(le, after.get(le, 0) - before.get(le, 0)) for le in sorted(after)]
+                        cpu_us = (controller.cpu_seconds() - cpu_before) * 1e6 / max(1, run["successful"])
                         inside = (f"  in the controller p50 ≤{bucket_quantile(delta, .5)} ms "
-                                  f"p99 ≤{bucket_quantile(delta, .99)} ms")
+                                  f"p99 ≤{bucket_quantile(delta, .99)} ms, {cpu_us:.0f} µs CPU/call")
                     print(f"  {rate:>5} CPS {mode:<10} ok {run['successful']:>6} failed {run['failed']:>5} "
                           f"achieved {run['achieved_cps']:7.0f} CPS  setup p50 {percentile(run['setups'], .5):6.2f} ms "
                           f"p95 {percentile(run['setups'], .95):6.2f} ms{inside}", flush=True)

@@ -44,6 +44,7 @@ class Script:
 
 
 def _encode(arg: Any) -> bytes:
+    """One argument as Redis receives it (also how a cluster key is hashed to its slot)."""
     kind = type(arg)
     if kind is str:
         return arg.encode("utf-8", "surrogatepass")
@@ -55,8 +56,12 @@ def _encode(arg: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    encoded = [_encode(arg) for arg in args]
-    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(data), data) for data in encoded)
+    """One command in RESP (a plain loop: it runs for every command of every call)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = _encode(arg)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 class _RespProtocol(asyncio.Protocol):

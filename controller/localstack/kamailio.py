@@ -176,25 +176,39 @@ class Kamailio:
         return cmd
 
     # ------------------------------------------------------------- lifecycle
-    def start(self, timeout: float = 15.0) -> "Kamailio":
+    def start(self, timeout: float = 15.0, attempts: int = 3) -> "Kamailio":
+        """Start and wait until it answers. Its free ports may be taken by another process
+        before Kamailio binds them: then it starts again on other ones."""
         self.rundir.mkdir(parents=True, exist_ok=True)
         if not self.ds_file.exists():
             self.write_dispatcher_list()
-        self._log_fh = open(self.log_path, "ab")
-        self.proc = spawn(
-            self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.workdir,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"kamailio exited with {self.proc.returncode}\n{self.log_tail(60)}")
-            if self._http_ready() and options_ping(self.sip_port, 0.3):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"kamailio not ready after {timeout}s\n{self.log_tail(60)}")
+        for attempt in range(attempts):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._log_fh = open(self.log_path, "ab")
+            self.proc = spawn(
+                self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.workdir,
+            )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if self._http_ready() and options_ping(self.sip_port, 0.3):
+                    return self
+                time.sleep(0.1)
+            else:
+                self.stop()
+                raise RuntimeError(f"kamailio not ready after {timeout}s\n{self.log_tail(60)}")
+            self.stop()
+            with open(self.log_path, "rb") as log:
+                log.seek(logged)
+                port_taken = b"Address already in use" in log.read()
+            if not port_taken or attempt == attempts - 1:
+                raise RuntimeError(f"kamailio exited with {self.proc.returncode}\n{self.log_tail(60)}")
+            self.sip_port = free_port(socket.SOCK_DGRAM)
+            self.http_port = free_port(socket.SOCK_STREAM)
+            self.evapi_port = free_port(socket.SOCK_STREAM)
+        raise RuntimeError(f"kamailio could not be started in {attempts} attempts")
 
     def _http_ready(self) -> bool:
         try:

@@ -96,7 +96,16 @@ class SippUAS:
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "SippUAS":
+    def start(self, attempts: int = 5) -> "SippUAS":
+        """Start SIPp on a free port; another process may take that port between our check
+        and SIPp's bind (it then exits with "Unable to bind"): try again on another one."""
+        for _ in range(attempts):
+            if self._start_once():
+                return self
+            self.port = free_port(socket.SOCK_DGRAM)
+        raise RuntimeError(f"sipp UAS could not bind a port in {attempts} attempts: {self._output()}")
+
+    def _start_once(self) -> bool:
         self._out = open(self.out_file, "wb")
         self.proc = spawn(
             [SIPP_BIN, "-sf", str(SCENARIOS / self.scenario), "-i", "127.0.0.1",
@@ -108,16 +117,18 @@ class SippUAS:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sipp UAS died: {self.out_file.read_text(errors='replace')[-2000:]}")
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                s.bind(("127.0.0.1", self.port))
-            except OSError:
-                return self
-            finally:
-                s.close()
-            time.sleep(0.05)
+                self._out.close()
+                if "Unable to bind" in self._output():
+                    return False
+                raise RuntimeError(f"sipp UAS died: {self._output()}")
+            if _holds_udp_port(self.proc.pid, self.port):
+                return True
+            time.sleep(0.02)
         raise RuntimeError("sipp UAS did not bind")
+
+    def _output(self) -> str:
+        text = self.out_file.read_text(errors="replace")
+        return text if len(text) <= 2000 else text[:600] + " … " + text[-1400:]
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -172,6 +183,34 @@ class UacResult:
         return [m.first_line for m in self.responses()]
 
 
+def _holds_udp_port(pid: int, port: int) -> bool:
+    """Whether process `pid` has a UDP socket bound to `port` (not just anyone: another
+    process may hold the port, and SIPp then exits with "Unable to bind")."""
+    inodes = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def run_uac(
     workdir: Path | str,
     target_port: int,
@@ -206,21 +245,24 @@ def run_uac(
     xml.write_text(text)
     stat = workdir / "stat.csv"
     msgs = workdir / "messages.log"
-    cmd = [SIPP_BIN, f"127.0.0.1:{target_port}", "-sf", str(xml), "-s", service,
-           "-i", source_ip, "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
-           "-m", str(calls), "-r", str(rate), "-l", str(limit),
-           "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin",
-           "-trace_stat", "-stf", str(stat), "-fd", "1",
-           "-trace_msg", "-message_file", str(msgs),
-           "-recv_timeout", "15000", "-max_recv_loops", "1000"]
     t0 = time.monotonic()
-    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=workdir)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s + 10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    for _ in range(5):  # another process may take the free port before SIPp binds it: try another
+        cmd = [SIPP_BIN, f"127.0.0.1:{target_port}", "-sf", str(xml), "-s", service,
+               "-i", source_ip, "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
+               "-m", str(calls), "-r", str(rate), "-l", str(limit),
+               "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin",
+               "-trace_stat", "-stf", str(stat), "-fd", "1",
+               "-trace_msg", "-message_file", str(msgs),
+               "-recv_timeout", "15000", "-max_recv_loops", "1000"]
+        proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL, cwd=workdir)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s + 10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        if b"Unable to bind main socket" not in (out or b""):
+            break
     elapsed = time.monotonic() - t0
     ok, failed = _read_stat(stat)
     try:

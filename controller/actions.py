@@ -260,22 +260,9 @@ def live_action_schema() -> dict[str, Any]:
     }
 
 
-def canonical_live_action(action: dict[str, Any]) -> tuple[str, Any]:
-    """(verb, argument) of a schema-valid live action, shorthand forms expanded."""
-    ((verb, arg),) = action.items()
-    if verb == "route_agent" and isinstance(arg, str):
-        arg = {"agent": arg}
-    elif verb == "route_sip" and isinstance(arg, str):
-        arg = {"destination": arg}
-    elif verb == "fork" and isinstance(arg, str):
-        arg = {"target": arg}
-    elif verb == "play" and isinstance(arg, str):
-        arg = {"media": arg}
-    return verb, arg
-
-
 def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
-    """(verb, argument) with shorthand forms expanded; `action` must be schema-valid."""
+    """(verb, argument) with shorthand forms expanded; `action` must be schema-valid (a policy
+    action or a live one: the shorthands are the same)."""
     ((verb, arg),) = action.items()
     if verb == "route_agent" and isinstance(arg, str):
         arg = {"agent": arg}
@@ -285,4 +272,6 @@ def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
         arg = {"code": arg}
     elif verb == "fork" and isinstance(arg, str):
         arg = {"target": arg}
+    elif verb == "play" and isinstance(arg, str):
+        arg = {"media": arg}
     return verb, arg

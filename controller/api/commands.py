@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from jsonschema import Draft202012Validator
 
-from controller.actions import canonical_live_action, live_action_schema
+from controller.actions import canonical_action, live_action_schema
 from controller.media.ari import AriError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
@@ -184,7 +184,7 @@ class CallControl:
         return {**await self.store.metadata(call_id), **(extra or {})}
 
     async def _run(self, call_id: str, action: dict[str, Any]) -> dict[str, Any]:
-        verb, arg = canonical_live_action(action)
+        verb, arg = canonical_action(action)
         plane = self.plane
         if verb == "route_agent":
             self._names("agents", arg["agent"])

@@ -80,6 +80,7 @@ class MediaPlane:
         self.calls: dict[str, CallMedia] = {}  # call id -> media (calls on nodes this controller serves)
         self.fences: dict[str, int] = {}  # node -> the fence of our lease on it (0: no leases)
         self._by_token: dict[str, str] = {}
+        self._by_caller: dict[str, str] = {}  # caller channel id -> call id (events name the channel)
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiters: dict[str, asyncio.Future] = {}  # channel id -> StasisStart (or failure)
         self._created: dict[str, float] = {}  # waited-for channel id -> when Asterisk confirmed creating it
@@ -801,12 +802,15 @@ class MediaPlane:
     def _track(self, media: CallMedia) -> None:
         self.calls[media.call_id] = media
         self._by_token[media.token] = media.call_id
+        self._by_caller[media.caller_channel] = media.call_id
 
     def _forget(self, media: CallMedia) -> None:
         """Not ours any more (ended, or its node went to another controller)."""
         if self.calls.get(media.call_id) is media:
             del self.calls[media.call_id]
             self._by_token.pop(media.token, None)
+            if self._by_caller.get(media.caller_channel) == media.call_id:
+                del self._by_caller[media.caller_channel]
             self._locks.pop(media.call_id, None)
             self._adopted.discard(media.call_id)
             if media.state != "ended":  # its running forks are the next owner's to count
@@ -817,7 +821,8 @@ class MediaPlane:
         if parsed:
             call_id = self._by_token.get(parsed[0])
             return self.calls.get(call_id) if call_id else None
-        return next((m for m in self.calls.values() if m.caller_channel == channel_id), None)
+        call_id = self._by_caller.get(channel_id)
+        return self.calls.get(call_id) if call_id else None
 
     def _live(self, call_id: str) -> CallMedia:
         media = self.calls.get(call_id)

@@ -3,14 +3,18 @@ media-node stand-ins, in two modes interleaved in one run:
 
 - static: no controller connected; the same config routes every call at once to the media
   node set (its no-controller path: one counter check, then the dispatcher);
-- controller: the controller in the loop, deciding every call with the example policies in
-  policies/ (real Redis writes, dialog events followed to the end of each call).
+- controller: the controller in the loop with the example policies in policies/ (real Redis
+  writes, dialog events followed to the end of each call). With `--decide edge` (default, the
+  shipped configuration) the edge decides the common calls itself with the policy the
+  controller writes (edge_policy_file) and the controller records them; with `--decide
+  controller` every call is asked over evapi.
 
 For each offered rate (bounded count of calls, every process on 127.0.0.1) it prints success,
 failures, achieved rate and setup latency p50/p95 per mode (INVITE sent → 200 OK received, in
 µs from the message trace of a low-rate probe SIPp placing calls beside the load), then the ratios and the milliseconds the controller adds.
 
     python bench/edge.py [--rates 600,2000,4000] [--seconds 4] [--rounds 2] [--hold-ms 0] [--controllers 1]
+                         [--decide edge|controller]
 
 Last line: RESULT p50_ratio=… p95_ratio=… p50_added_ms=… p95_added_ms=… max_cps_static=…
 max_cps_controller=… cps_ratio=… (ratios and added ms at the reference rate, 2,000 CPS).
@@ -80,12 +84,15 @@ class ControllerProcess:
     """`count` controller processes sharing the work (Kamailio sends each decide to one of
     them, round robin), like a scaled-out deployment."""
 
-    def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, evapi_port: int, count: int = 1):
+    def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, kamailio: Kamailio, count: int = 1):
         self.configs, self.https = [], []
         for index in range(count):
             config, http = workdir / f"controller-{index}.yaml", f"127.0.0.1:{free_port()}"
             config.write_text(json.dumps({
-                "policy_dir": str(policy_dir), "redis_url": redis_url, "edge_evapi": [f"127.0.0.1:{evapi_port}"],
+                "policy_dir": str(policy_dir), "redis_url": redis_url,
+                "edge_evapi": [f"127.0.0.1:{kamailio.evapi_port}"],
+                "edge_rpc": [f"http://127.0.0.1:{kamailio.http_port}/RPC"],
+                "edge_policy_file": str(kamailio.edge_policy or ""),
                 "http_listen": http, "log_level": "WARNING", "instance_id": f"bench-{index}"}))
             self.configs.append(config)
             self.https.append(http)
@@ -102,6 +109,11 @@ class ControllerProcess:
                                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
                           for config in self.configs]
         wait_clients(kamailio, len(self.procs))
+        deadline = time.monotonic() + 20
+        while kamailio.edge_policy is not None and not kamailio.edge_policy.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the controller did not write {kamailio.edge_policy}")
+            time.sleep(0.05)
 
     def stop(self, kamailio: Kamailio | None = None) -> None:
         for proc in self.procs:
@@ -133,6 +145,10 @@ class ControllerProcess:
             with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as r:
                 texts.append(r.read().decode())
         return "\n".join(texts)
+
+
+def metric_sum(metrics: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name + "{"))
 
 
 def decision_buckets(metrics: str) -> dict[float, float]:
@@ -243,6 +259,9 @@ def main() -> None:
     parser.add_argument("--hold-ms", type=int, default=0, help="how long each call stays up before BYE")
     parser.add_argument("--probe-rate", type=int, default=50, help="CPS of the latency probe running beside the load")
     parser.add_argument("--controllers", type=int, default=1, help="controller processes sharing the decides")
+    parser.add_argument("--decide", choices=("edge", "controller"), default="edge",
+                        help="edge: the edge decides the common calls itself (edge_policy_file, the shipped "
+                             "configuration); controller: every call is asked over evapi")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -257,8 +276,13 @@ def main() -> None:
         media = [SippUAS(workdir, "uas_answer.xml", f"media{i}").start() for i in (1, 2)]
         pbx = SippUAS(workdir, "uas_answer.xml", "pbx").start()
         things += media + [pbx]
-        kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, shm_mb=1024, pkg_mb=16, children=4,
-                            fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1).start()
+        # one Kamailio per mode: the static one has no policy at all; the controller's one
+        # decides the common calls itself when --decide edge (the shipped configuration)
+        edge_kw = dict(shm_mb=1024, pkg_mb=16, children=4, fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1)
+        static_kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, name="kamailio-static", **edge_kw).start()
+        things.append(static_kamailio)
+        kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, name="kamailio-controller",
+                            edge_policy=workdir / "edge.policy" if args.decide == "edge" else None, **edge_kw).start()
         things.append(kamailio)
         policy_dir = workdir / "policies"
         shutil.copytree(ROOT / "policies", policy_dir, ignore=shutil.ignore_patterns("tests"))
@@ -273,11 +297,12 @@ def main() -> None:
             # read, spikes / distinct callees counted) but one busy source is not an attack here
             text = re.sub(r"\b(max|min_calls): [0-9]+", r"\1: 1000000000", text)
             path.write_text(text)
-        controller = ControllerProcess(workdir, policy_dir, redis.url, kamailio.evapi_port, args.controllers)
+        controller = ControllerProcess(workdir, policy_dir, redis.url, kamailio, args.controllers)
         things.append(controller)
         rng = random.Random(11)
         results: dict[tuple[int, str], list[dict]] = {}
-        print(f"edge bench: rates {rates} CPS, {args.seconds:g}s per run, {args.rounds} round(s), hold {args.hold_ms} ms; "
+        print(f"edge bench: decided at the {args.decide}; rates {rates} CPS, {args.seconds:g}s per run, "
+              f"{args.rounds} round(s), hold {args.hold_ms} ms; "
               f"work dir {workdir}", flush=True)
         for rate in rates:
             count = int(rate * args.seconds)
@@ -292,17 +317,26 @@ def main() -> None:
                     injection_file(inf, min(count, 20000), rng)
                     probe_inf = workdir / f"probe-{rate}-{round_no}-{mode}.csv"
                     injection_file(probe_inf, 1000, rng)
-                    before = decision_buckets(controller.metrics()) if mode == "controller" else None
+                    metrics_before = controller.metrics() if mode == "controller" else ""
+                    before = decision_buckets(metrics_before) if mode == "controller" else None
                     cpu_before = controller.cpu_seconds() if mode == "controller" else 0.0
-                    run = run_load(workdir, kamailio, rate, count, args.hold_ms, inf, probe_inf, args.probe_rate)
+                    target = kamailio if mode == "controller" else static_kamailio
+                    run = run_load(workdir, target, rate, count, args.hold_ms, inf, probe_inf, args.probe_rate)
                     results.setdefault((rate, mode), []).append(run)
                     inside = ""
                     if before is not None:
-                        after = decision_buckets(controller.metrics())
+                        time.sleep(0.5)  # the last calls' records and dialog events
+                        metrics_after = controller.metrics()
+                        after = decision_buckets(metrics_after)
                         delta = [(le, after.get(le, 0) - before.get(le, 0)) for le in sorted(after)]
                         cpu_us = (controller.cpu_seconds() - cpu_before) * 1e6 / max(1, run["successful"])
-                        inside = (f"  in the controller p50 ≤{bucket_quantile(delta, .5)} ms "
-                                  f"p99 ≤{bucket_quantile(delta, .99)} ms, {cpu_us:.0f} µs CPU/call")
+                        at_edge = (metric_sum(metrics_after, "callfabric_edge_made_decisions_total")
+                                   - metric_sum(metrics_before, "callfabric_edge_made_decisions_total"))
+                        recorded = (metric_sum(metrics_after, "callfabric_decisions_total")
+                                    - metric_sum(metrics_before, "callfabric_decisions_total"))
+                        inside = (f"  decided at the edge {at_edge:.0f}/{recorded:.0f} recorded; asked: p50 "
+                                  f"≤{bucket_quantile(delta, .5)} ms p99 ≤{bucket_quantile(delta, .99)} ms; "
+                                  f"controller {cpu_us:.0f} µs CPU/call")
                     print(f"  {rate:>5} CPS {mode:<10} ok {run['successful']:>6} failed {run['failed']:>5} "
                           f"achieved {run['achieved_cps']:7.0f} CPS  setup p50 {percentile(run['setups'], .5):6.2f} ms "
                           f"p95 {percentile(run['setups'], .95):6.2f} ms{inside}", flush=True)

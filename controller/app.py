@@ -21,6 +21,7 @@ from controller.api.webhooks import WebhookSender
 from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
+from controller.edge.publish import EdgePolicyPublisher
 from controller.edge.rpc import KamailioRpc
 from controller.media.ami import AmiWatcher, parse_ami_node
 from controller.media.ari import AriClient
@@ -29,8 +30,9 @@ from controller.media.health import MediaHealth
 from controller.media.ownership import NodeOwnership
 from controller.media.plane import Endpoint, MediaPlane
 from controller.metrics import Metrics
-from controller.policy.reload import PolicyHolder, reload_on_sighup
+from controller.policy.reload import PolicyHolder, ReloadOutcome, reload_on_sighup
 from controller.security.bans import BanList
+from controller.security.hot import HotScopes
 from controller.security.guard import SecurityGuard
 from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import NodeInbox
@@ -46,6 +48,7 @@ EDGES = web.AppKey("edges", list)
 MEDIA = web.AppKey("media", MediaPlane)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 BANS = web.AppKey("bans", BanList)
+HOT = web.AppKey("hot", HotScopes)
 GUARD = web.AppKey("guard", SecurityGuard)
 LEASES = web.AppKey("leases", NodeLeases)
 INBOX = web.AppKey("inbox", NodeInbox)
@@ -77,7 +80,16 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
-    holder = PolicyHolder(settings.policy_dir, metrics.policy_outcome)
+    publisher: EdgePolicyPublisher | None = None
+
+    def on_outcome(outcome: ReloadOutcome) -> None:
+        metrics.policy_outcome(outcome)
+        if publisher is not None:
+            publisher.outcome(outcome)
+
+    holder = PolicyHolder(settings.policy_dir, on_outcome)
+    if settings.edge_policy_file:
+        publisher = EdgePolicyPublisher(settings.edge_policy_file, holder, metrics)
     app[POLICIES] = holder
     outcome = await holder.reload("start")
     if not outcome.accepted:
@@ -88,6 +100,8 @@ async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
+    if publisher is not None:
+        await publisher.close()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
@@ -138,8 +152,10 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
     session = aiohttp.ClientSession()
-    bans = BanList(store.batch, metrics, [KamailioRpc(url, session) for url in settings.edge_rpc])
-    guard = SecurityGuard(store, bans, metrics, lambda: app[POLICIES].policy, settings.instance_id)
+    edges = [KamailioRpc(url, session) for url in settings.edge_rpc]
+    bans = BanList(store.batch, metrics, edges)
+    app[HOT] = HotScopes(edges, metrics)
+    guard = SecurityGuard(store, bans, metrics, lambda: app[POLICIES].policy, settings.instance_id, hot=app[HOT])
     app[BANS], app[GUARD] = bans, guard
     if not settings.edge_rpc:
         log.warning("edge_rpc is empty: bans are recorded but no edge enforces them")
@@ -158,6 +174,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await guard.close()
+    await app[HOT].close()
     await session.close()
 
 
@@ -167,7 +184,8 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
         raise ConfigError(f"setting redis_outage_decisions: expected one of {', '.join(STATE_UNAVAILABLE_MODES)}")
     decisions = EdgeDecisions(lambda: holder.policy, app[STORE], metrics, settings.instance_id,
                               ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms,
-                              security=app[GUARD], state_unavailable=settings.redis_outage_decisions)
+                              security=app[GUARD], state_unavailable=settings.redis_outage_decisions,
+                              hot=app[HOT])
     channels = []
     for endpoint in settings.edge_evapi:
         host, port = split_host_port(endpoint, "edge_evapi")

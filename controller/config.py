@@ -48,6 +48,9 @@ class Settings:
     edge_max_in_flight: int = _setting(2000, "Decisions in progress at once per Kamailio; beyond, requests are "
                                              "shed and Kamailio applies its fallback.")
     edge_reconnect_max_s: float = _setting(5.0, "Longest wait between reconnection attempts to Kamailio (backoff).")
+    edge_policy_file: str = _setting("", "Where the policy is written for the edges' own decisions (Kamailio's "
+                                         "EDGE_POLICY: the same file, e.g. on a shared volume). Empty: the edges "
+                                         "ask a controller for every call.")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
                                   "bans are recorded but no edge enforces them.")
     ban_resync_s: float = _setting(30.0, "How often every ban in force is pushed to every edge again (an edge "

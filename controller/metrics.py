@@ -20,8 +20,20 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.decisions = Counter("callfabric_decisions_total", "Routing decisions answered to the edge.",
-                                 ["outcome", "rule"], registry=r)
+        self.decisions = Counter("callfabric_decisions_total", "Routing decisions: answered to the edge, or made "
+                                 "by the edge itself and recorded here.", ["outcome", "rule"], registry=r)
+        self.edge_made_decisions = Counter("callfabric_edge_made_decisions_total", "Decisions the edge made itself "
+                                           "(its own copy of the policy) and this controller recorded.", ["outcome"],
+                                           registry=r)
+        self.edge_policy_mismatch = Counter("callfabric_edge_policy_mismatch_total", "Calls the edge decided with "
+                                            "another policy version than this controller serves (briefly during a "
+                                            "reload; lasting: an edge reading a file no controller updates).",
+                                            registry=r)
+        self.hot_scopes = Counter("callfabric_hot_scopes_total", "Scopes marked hot at the edges (their calls are "
+                                  "decided here, with exact counters), by result: pushed, failed, dropped.",
+                                  ["result"], registry=r)
+        self.edge_policy_writes = Counter("callfabric_edge_policy_writes_total", "Policy files written for the "
+                                          "edges' own decisions, by result (ok, error).", ["result"], registry=r)
         self.decision_seconds = Histogram("callfabric_decision_duration_seconds",
                                           "Time from reading a decision request to writing its answer.",
                                           buckets=DECISION_BUCKETS, registry=r)

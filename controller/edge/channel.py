@@ -122,6 +122,8 @@ class EdgeChannel:
             self._spawn(self._answer(message, received))
         elif kind == "dialog":
             self._spawn(self.decisions.dialog(message))
+        elif kind == "decided":
+            self._spawn(self.decisions.recorded(message))
         elif kind == "ban":
             self._spawn(self.decisions.edge_ban(message))
         else:

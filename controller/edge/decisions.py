@@ -14,12 +14,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from controller.edge import protocol
+from controller.edge.verdict import call_counters, verdict
 from controller.metrics import Metrics
 from controller.policy import Decision
 from controller.policy.answers import AnswerInvalid, decision_from_answer
+from controller.policy.model import CounterProbe
 from controller.security.guard import SecurityGuard
+from controller.security.hot import HotScopes
 from controller.state.batch import raise_errors
-from controller.state.calls import CallStore, CounterRequest, now_ms
+from controller.state.calls import CallStore, now_ms
 
 log = logging.getLogger("callfabric.edge")
 
@@ -29,21 +32,11 @@ _DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
 STATE_UNAVAILABLE_MODES = ("open", "closed", "edge")
 
 
-def _target(decision: Decision) -> str:
-    if decision.outcome == "agent":
-        return decision.agent.name
-    if decision.outcome == "sip":
-        return decision.destination.name
-    if decision.outcome == "reject":
-        return str(decision.reject_code)
-    return decision.webhook.url if decision.webhook else ""
-
-
 class EdgeDecisions:
     def __init__(self, current_policy: Callable[[], Any], store: CallStore, metrics: Metrics, instance_id: str, *,
                  ask_webhook: Callable[[str, dict, float], Awaitable[tuple[str, Any]]] | None = None,
                  decision_budget_ms: int = 200, security: SecurityGuard | None = None,
-                 state_unavailable: str = "edge"):
+                 state_unavailable: str = "edge", hot: HotScopes | None = None):
         if state_unavailable not in STATE_UNAVAILABLE_MODES:
             raise ValueError(f"state_unavailable must be one of {', '.join(STATE_UNAVAILABLE_MODES)}")
         self.state_unavailable = state_unavailable
@@ -56,6 +49,13 @@ class EdgeDecisions:
         # The edge falls back when its budget runs out: a decision webhook must answer before.
         self.webhook_budget_s = max(0.02, (decision_budget_ms - 40) / 1000)
         self._deciding: dict[str, asyncio.Event] = {}  # call id -> set when its record is written
+        self.hot = hot
+        # counters of calls the edge decided, read once per batch to find hot scopes
+        self._unchecked: dict[tuple, CounterProbe] = {}
+        self._uncounted: list[asyncio.Future] = []  # their records (and counters) being written
+        self._check_task: asyncio.Task | None = None  # the next check (not yet started)
+        self._checks: set[asyncio.Task] = set()
+        self._mismatch_logged = -60.0
 
     async def decide(self, message: dict[str, Any], received: float) -> dict[str, Any] | None:
         """The answer to a decide event (None when it cannot be matched to a transaction)."""
@@ -94,68 +94,109 @@ class EdgeDecisions:
         call = request.call
         at_ms = now_ms()
         facts = policy.compiled.facts(call)
-        specs = policy.counter_specs
-        counters = [CounterRequest(s.key, s.kind, s.scope, facts.scope_value(s.scope), s.window_s) for s in specs]
-        security = policy.compiled.security
-        if security is not None:
-            counters += SecurityGuard.counters(policy, facts)
+        counters = call_counters(policy, facts)
         timeline_extra: dict[str, Any] = {}
         if not self.store.available:
             timeline_extra["state"] = "unavailable"
         elif counters:
             try:
-                facts.counters = await self.store.read_counters(counters, at_ms)
+                values = await self.store.read_counter_values(counters, at_ms)
             except RedisConnectionError:
                 if self.state_unavailable != "open":
                     raise
                 timeline_extra["state"] = "unavailable"
+            else:
+                facts.counters = {c.key: v for c, v in zip(counters, values)}
+                if self.hot is not None:  # as they stand once this call is counted
+                    self.hot.observe(policy, counters, [v + c.count for c, v in zip(counters, values)])
         if timeline_extra:  # fail-open: the policy decides without counters; the record waits for Redis
             self.metrics.decisions_without_state.labels("open").inc()
         decision = policy.compiled.decide_facts(facts)
         carried = decision
         if decision.outcome == "webhook":
             carried, timeline_extra["webhook"] = await self._webhook_decision(policy, decision, request, facts)
+            security = policy.compiled.security
             if security is not None:
                 carried = security.cap(carried if carried.risk else replace(carried, risk=decision.risk))
-        internal = [("X-Callfabric-Policy", policy.version), ("X-Callfabric-Rule", carried.rule)]
-        if carried.outcome == "agent":
-            internal.insert(0, ("X-Callfabric-Agent", carried.agent.name))
-        answer, dropped = protocol.answer_for(request.tx, carried, internal)
-        if dropped:
-            timeline_extra["headers_dropped"] = dropped
         decide_ms = round((time.perf_counter() - received) * 1000, 3)
-        rejected = carried.outcome == "reject"
-        record = {
-            "state": "failed" if rejected else "routing",
-            "outcome": carried.outcome, "rule": carried.rule, "applied_rules": list(carried.applied_rules),
-            "target": _target(carried), "policy_version": policy.version, "decision": carried.to_dict(),
-            "from_uri": request.from_uri, "to_uri": request.to_uri, "ruri": request.ruri,
-            "caller": facts.caller, "callee": facts.callee, "dialled": facts.ruri,
-            "src": f"{call.src_ip}:{call.src_port}", "transport": call.transport, "tenant": facts.tenant,
-            "user_agent": request.user_agent, "tx": request.tx, "created_at_ms": at_ms,
-            "controller": self.instance_id,
-            "end_reason": "rejected" if rejected else None, "end_code": carried.reject_code if rejected else None,
-            "ended_at_ms": at_ms if rejected else None,
-        }
-        live_scopes = {c.scope: c.value for c in counters if c.kind == "live" and c.scope != "global" and c.value}
-        if facts.tenant:
-            live_scopes["tenant"] = facts.tenant
-        event = {"event": "decided", "ts": at_ms, "outcome": carried.outcome, "rule": carried.rule,
-                 "target": record["target"], "policy_version": policy.version, "decide_ms": decide_ms,
-                 "counters": dict(facts.counters) if counters else None, "controller": self.instance_id,
-                 **timeline_extra}
-        if carried.risk is not None:
-            event["risk"] = carried.risk.to_dict()
+        result = verdict(policy, request, facts, carried, counters, at_ms=at_ms, decide_ms=decide_ms,
+                         decided_by="controller", timeline_extra=timeline_extra)
+        result.record["controller"] = result.event["controller"] = self.instance_id
         # The record is in Redis's socket before the answer leaves (and ahead of anything
         # later about this call); its acknowledgement is checked without holding the call.
-        written = await self.store.send_create(call.call_id, record, live_scopes=live_scopes,
-                                               window_counters=[c for c in counters if c.kind != "live"],
-                                               at_ms=at_ms, event=event, hold=self.state_unavailable == "open")
+        written = await self.store.send_create(call.call_id, result.record, live_scopes=result.live_scopes,
+                                               window_counters=result.window_counters, at_ms=at_ms,
+                                               event=result.event, hold=self.state_unavailable == "open")
         written.add_done_callback(functools.partial(self._record_written, call.call_id))
         self.metrics.decisions.labels(carried.outcome, carried.rule).inc()
         if carried.risk is not None and self.security is not None:
             self.security.decided(carried, facts, call.call_id)
-        return answer
+        return result.answer
+
+    async def recorded(self, message: dict[str, Any]) -> None:
+        """Record a call the edge decided itself (its answer is already carried out): the same
+        record, timeline and counters as a decision made here."""
+        try:
+            decided = protocol.parse_decided(message)
+        except protocol.BadRequest as exc:
+            self.metrics.decision_errors.labels("bad-decided-event").inc()
+            log.warning("ignored decided event: %s", exc)
+            return
+        call_id = decided.call_id
+        written = self._deciding.setdefault(call_id, asyncio.Event())  # its dialog events wait for it
+        record, event = decided.record, decided.timeline
+        record["controller"] = event["controller"] = self.instance_id
+        try:
+            sent = await self.store.send_create(
+                call_id, record, live_scopes=decided.live_scopes,
+                window_counters=[c for c in decided.counters if c.kind != "live"], at_ms=record["created_at_ms"],
+                event=event)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("create").inc()
+            log.error("call %s (decided by the edge): could not record it: %s", call_id, exc)
+            return
+        finally:
+            written.set()
+            self._deciding.pop(call_id, None)
+        sent.add_done_callback(functools.partial(self._record_written, call_id))
+        outcome = str(record["outcome"])
+        self.metrics.decisions.labels(outcome, str(record["rule"])).inc()
+        self.metrics.edge_made_decisions.labels(outcome).inc()
+        policy = self._policy()
+        if policy is not None and record["policy_version"] != policy.version:
+            self.metrics.edge_policy_mismatch.inc()
+            now = time.monotonic()
+            if now - self._mismatch_logged >= 60:
+                self._mismatch_logged = now
+                log.warning("call %s was decided at the edge with policy %s while this controller serves %s "
+                            "(a reload in progress, or an edge whose EDGE_POLICY file no controller writes)",
+                            call_id, record["policy_version"], policy.version)
+        if self.hot is not None and decided.counters:
+            for c in decided.counters:
+                self._unchecked[(c.key, c.kind, c.scope, c.value, c.window_s)] = c
+            self._uncounted.append(sent)
+            if self._check_task is None:
+                self._check_task = asyncio.get_running_loop().create_task(self._check_hot())
+                self._checks.add(self._check_task)
+                self._check_task.add_done_callback(self._checks.discard)
+
+    async def _check_hot(self) -> None:
+        """Read the counters of the edge-decided calls recorded since the last check (once per
+        distinct counter) and tell the edges which scopes are hot."""
+        await asyncio.sleep(0)  # let the rest of this read's events join the batch
+        probes, self._unchecked, self._check_task = list(self._unchecked.values()), {}, None
+        counted, self._uncounted = self._uncounted, []
+        await asyncio.gather(*counted, return_exceptions=True)  # the calls are in their counters
+        policy = self._policy()
+        if policy is None or self.hot is None or not probes:
+            return
+        try:
+            values = await self.store.read_counter_values(probes, now_ms())
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("counters").inc()
+            log.warning("hot scope check skipped: %s", exc)
+            return
+        self.hot.observe(policy, probes, values)
 
     async def _webhook_decision(self, policy: Any, asked: Decision, request: protocol.DecideRequest,
                                 facts: Any) -> tuple[Decision, dict[str, Any]]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.policy import Call, Decision
+from controller.policy.model import CounterProbe
 
 MAX_FRAME_BYTES = 256 * 1024  # far above anything Kamailio sends; beyond is a broken stream
 MAX_ANSWER_BYTES = 16 * 1024  # Kamailio drops answers above 16 KB (32 KB kills the connection)
@@ -170,6 +171,65 @@ def parse_dialog(message: dict[str, Any], now_ms: int) -> DialogEvent:
         ts_ms=ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else now_ms,
         fallback=fallback if _TOKEN.match(fallback) else "", tx=_text(message, "tx", 32),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeDecided:
+    """A call the edge decided itself (controller/edge/local.py), for the controller to record."""
+
+    call_id: str
+    record: dict[str, Any]
+    timeline: dict[str, Any]
+    live_scopes: dict[str, str]
+    counters: list[CounterProbe]
+
+
+_RECORD_FIELDS = frozenset((
+    "state", "outcome", "rule", "applied_rules", "target", "policy_version", "decision", "from_uri", "to_uri", "ruri",
+    "caller", "callee", "dialled", "src", "transport", "tenant", "user_agent", "tx", "created_at_ms", "decided_by",
+    "end_reason", "end_code", "ended_at_ms"))
+_COUNTER_KINDS = ("window", "live", "distinct")
+
+
+def _short_text(value: Any, limit: int) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def parse_decided(message: dict[str, Any]) -> EdgeDecided:
+    """A `decided` event → EdgeDecided (BadRequest when unusable: nothing is recorded)."""
+    call_id = _text(message, "call_id", 512)
+    if not call_id:
+        raise BadRequest("decided without a Call-ID")
+    record, timeline = message.get("record"), message.get("timeline")
+    if not isinstance(record, dict) or record.get("state") not in ("routing", "failed"):
+        raise BadRequest("decided without a usable record")
+    if not isinstance(timeline, dict) or timeline.get("event") != "decided":
+        raise BadRequest("decided without its timeline event")
+    if not all(_short_text(record.get(k), 512) for k in ("outcome", "rule", "policy_version")):
+        raise BadRequest("decided record without outcome, rule or policy version")
+    created = record.get("created_at_ms")
+    if not isinstance(created, int) or isinstance(created, bool) or created <= 0:
+        raise BadRequest("decided record without created_at_ms")
+    scopes = message.get("live_scopes")
+    if not isinstance(scopes, dict) or len(scopes) > 8 or not all(
+            _short_text(k, 32) and _short_text(v, 512) for k, v in scopes.items()):
+        raise BadRequest("decided with unusable live_scopes")
+    raw = message.get("counters")
+    if not isinstance(raw, list) or len(raw) > 64:
+        raise BadRequest("decided with unusable counters")
+    counters = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 7):
+            raise BadRequest("decided with an unusable counter")
+        key, kind, scope, value, window_s, count, member = item
+        if not (_short_text(key, 128) and kind in _COUNTER_KINDS and _short_text(scope, 64)
+                and _short_text(value, 512) and isinstance(window_s, int) and not isinstance(window_s, bool)
+                and 0 <= window_s <= 31 * 86400 and (window_s > 0 or kind == "live") and isinstance(count, bool)
+                and _short_text(member, 512)):
+            raise BadRequest("decided with an unusable counter")
+        counters.append(CounterProbe(key, kind, scope, value, window_s, count, member))
+    return EdgeDecided(call_id, {k: v for k, v in record.items() if k in _RECORD_FIELDS}, timeline,
+                       dict(scopes), counters)
 
 
 def header_block(headers: list[tuple[str, str]]) -> tuple[str, list[str]]:

@@ -35,6 +35,7 @@ from controller.localstack.process import spawn
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = Path(os.environ.get("CALLFABRIC_KAMAILIO_CFG", REPO / "kamailio" / "kamailio.cfg"))
+EDGE_SCRIPT = CFG.parent / "edge_decide.py"
 KAMAILIO_BIN = shutil.which("kamailio") or "/usr/sbin/kamailio"
 KAMCMD_BIN = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
 
@@ -107,6 +108,7 @@ class Kamailio:
         extra_defines: dict[str, str] | None = None,
         name: str = "kamailio",
         pike_trusted_net: str | None = "127.0.0.1/32",
+        edge_policy: Path | str | None = None,
     ) -> None:
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,8 @@ class Kamailio:
         self.pkg_mb = pkg_mb
         self.log_level = log_level
         self.extra_defines = extra_defines or {}
+        # where the controller writes the policy for the edge's own decisions (None: off)
+        self.edge_policy = Path(edge_policy) if edge_policy is not None else None
         env_trusted = os.environ.get("CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET")
         self.pike_trusted_net = pike_trusted_net if env_trusted is None else (env_trusted or None)
         self.sip_port = free_port(socket.SOCK_DGRAM)
@@ -166,6 +170,9 @@ class Kamailio:
             defines["CB_THRESHOLD"] = str(self.cb_threshold)
         if self.pike_trusted_net:
             defines["PIKE_TRUSTED_NET"] = f'"{self.pike_trusted_net}"'
+        if self.edge_policy is not None:
+            defines["EDGE_POLICY"] = f'"{self.edge_policy}"'
+            defines["EDGE_SCRIPT"] = f'"{EDGE_SCRIPT}"'
         defines.update(self.extra_defines)
         cmd = [
             KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),

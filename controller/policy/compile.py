@@ -78,6 +78,7 @@ class _Compiler:
         self.source = source
         self.numbering = source.settings.numbering
         self.counters: set[CounterSpec] = set()
+        self.counter_limits: dict[str, int] = {}  # counter key -> the smallest `at_least` reading it
         self.header_names: set[str] = {t.header_name for t in source.tenants if t.header_name}
 
     def condition(self, node: dict[str, Any] | None) -> Matcher:
@@ -126,6 +127,7 @@ class _Compiler:
     def counter(self, spec: CounterSpec, at_least: int) -> Matcher:
         self.counters.add(spec)
         key = spec.key
+        self.counter_limits[key] = min(at_least, self.counter_limits.get(key, at_least))
         return lambda f: f.counter(key) >= at_least
 
     def number(self, get: Callable[[Facts], str], value: Any) -> Matcher:
@@ -250,6 +252,11 @@ class CompiledPolicy:
         self._prefix_fields = tuple(f for f in NUMBER_FIELDS if self._prefix[f])
         self.security = CompiledSecurity(source.security, compiler) if source.security else None
         self.counter_specs = frozenset(compiler.counters)
+        # counter key -> the value from which a condition or a detector reading it can fire
+        self.counter_limits = dict(compiler.counter_limits)
+        if self.security is not None:
+            for key, limit in self.security.limits().items():
+                self.counter_limits[key] = min(limit, self.counter_limits.get(key, limit))
         self.header_names = frozenset(compiler.header_names)
         self._settings = source.settings
         self._tenants = source.tenants

@@ -32,7 +32,7 @@ def _headers(raw: Any) -> dict[str, tuple[str, ...]]:
 
 
 class Facts:
-    __slots__ = ("call_id", "caller", "callee", "ruri", "src_ip", "transport", "headers", "at",
+    __slots__ = ("call_id", "caller", "callee", "ruri", "src_ip", "source", "transport", "headers", "at",
                  "counters", "tenant", "_local", "_buckets")
 
     def __init__(self, call: Call, settings: Settings, tenants: tuple[Tenant, ...]):
@@ -43,6 +43,7 @@ class Facts:
         ruri = _text(call.ruri_user)
         self.ruri = numbering.normalise(ruri) if ruri else self.callee
         self.src_ip = parse_ip(call.src_ip)
+        self.source = str(self.src_ip) if self.src_ip is not None else ""  # the address as counters key it
         self.transport = _text(call.transport, 8).lower()
         self.headers = _headers(call.headers)
         at = call.at if isinstance(call.at, datetime) else datetime.now(timezone.utc)
@@ -86,7 +87,7 @@ class Facts:
     def scope_value(self, scope: str) -> str:
         """The value a counter scope keys on for this call (what the edge counts by)."""
         if scope == "source":
-            return str(self.src_ip) if self.src_ip is not None else ""
+            return self.source
         if scope == "tenant":
             return self.tenant or ""
         if scope == "caller":

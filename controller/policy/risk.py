@@ -41,6 +41,8 @@ class _Measure:
         self.prefixes = risk_prefixes  # destination_rate: prefix -> list name
         self.lengths = tuple(sorted({len(p) for p in risk_prefixes}, reverse=True))
         self.key = f"risk:{detector.name}"
+        # the counter and the value below which the detector cannot fire: most calls stop there
+        self.gate: tuple[str, int] | None = next(iter(self.limits().items()), None)
 
     def _value(self, f: Facts) -> str:
         d = self.d
@@ -73,11 +75,23 @@ class _Measure:
             return [CounterProbe(self.key, "distinct", f"callees:{d.scope}", value, d.window_s, member=f.ruri)]
         return [CounterProbe(self.key, "window", ASTERISK_SECURITY_SCOPE, value, d.window_s, count=False)]
 
+    def limits(self) -> dict[str, int]:
+        """The counter values (as `finding` reads them) from which this detector fires."""
+        d = self.d
+        if d.kind == "match":
+            return {}
+        if d.kind == "rate_spike":  # the baseline alone never fires it
+            return {self.key + ":window": max(0, d.min_calls - 1)}
+        return {self.key: d.max}
+
     def finding(self, f: Facts) -> str | None:
         """Why the detector fires for this call, or None."""
         d = self.d
         if d.kind == "match":
             return f"matched {_compact(d.when)}"
+        gate = self.gate
+        if gate is not None and f.counter(gate[0]) < gate[1]:
+            return None
         value = self._value(f)
         if not value:
             return None
@@ -185,6 +199,12 @@ class CompiledSecurity:
         if webhook is not None:
             webhook = replace(webhook, fallback=self.cap(webhook.fallback))
         return replace(decision, max_duration_s=cap, webhook=webhook)
+
+    def limits(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.measures:
+            out.update(m.limits())
+        return out
 
     def ends_short_calls(self) -> tuple[Detector, ...]:
         return tuple(m.d for m in self.measures if m.d.kind == "short_calls")

@@ -1,7 +1,6 @@
-"""The security side of the call path: the counters a call's risk detectors read, what a
-risk outcome sets in motion (a ban pushed to the edge), and the signals that arrive after a
-decision — calls ending very short, Asterisk security events — counted where the detectors
-read them."""
+"""The security side of the call path: what a risk outcome sets in motion (a ban pushed to
+the edge), and the signals that arrive after a decision — calls ending very short, Asterisk
+security events — counted where the detectors read them."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +15,7 @@ from controller.policy import Decision
 from controller.policy.facts import Facts
 from controller.policy.risk import ASTERISK_SECURITY_SCOPE, SHORT_CALLS_SCOPE
 from controller.security.bans import BanList, normalise_ip
+from controller.security.hot import HotScopes
 from controller.state.calls import CallStore, CounterRequest, Transition, now_ms, window_key
 
 log = logging.getLogger("callfabric.security")
@@ -23,23 +23,16 @@ log = logging.getLogger("callfabric.security")
 
 class SecurityGuard:
     def __init__(self, store: CallStore, bans: BanList, metrics: Metrics, current_policy: Callable[[], Any],
-                 instance_id: str):
+                 instance_id: str, hot: HotScopes | None = None):
         self.store = store
         self.bans = bans
         self.metrics = metrics
         self._policy = current_policy
         self.instance_id = instance_id
+        self.hot = hot
         self._tasks: set[asyncio.Task] = set()
 
     # -- at decision time --------------------------------------------------------------------
-    @staticmethod
-    def counters(policy: Any, facts: Facts) -> list[CounterRequest]:
-        security = policy.compiled.security
-        if security is None:
-            return []
-        return [CounterRequest(p.key, p.kind, p.scope, p.value, p.window_s, p.count, p.member)
-                for p in security.probes(facts)]
-
     def decided(self, decision: Decision, facts: Facts, call_id: str) -> None:
         """Count what the detectors found; a ban outcome bans the call's source (in the
         background: the call's answer, a reject, does not wait for it)."""
@@ -68,9 +61,10 @@ class SecurityGuard:
             return
         talked_ms = ended_ms - transition.answered_at_ms
         ip = transition.src.rsplit(":", 1)[0].strip("[]")
-        windows = {d.window_s for d in detectors if 0 <= talked_ms < d.shorter_than_ms}
-        if windows:
-            await self._bump(SHORT_CALLS_SCOPE, ip, windows, ended_ms)
+        counted = [d for d in detectors if 0 <= talked_ms < d.shorter_than_ms]
+        if counted:
+            await self._bump(SHORT_CALLS_SCOPE, ip, {d.window_s for d in counted}, ended_ms)
+            await self._observe_hot(policy, SHORT_CALLS_SCOPE, ip, counted, ended_ms)
 
     def asterisk_event(self, event: SecurityEvent) -> None:
         """Asterisk saw a failed authentication / unknown endpoint … from an address."""
@@ -88,6 +82,7 @@ class SecurityGuard:
             return
         at = now_ms()
         await self._bump(ASTERISK_SECURITY_SCOPE, ip, {d.window_s for d in detectors}, at)
+        await self._observe_hot(policy, ASTERISK_SECURITY_SCOPE, ip, detectors, at)
         # The source may never send a call through the edge: a detector that alone reaches the
         # ban score bans it now.
         ban_at = security.policy.ban_at
@@ -118,6 +113,19 @@ class SecurityGuard:
         except RedisError as exc:
             self.metrics.redis_errors.labels("security").inc()
             log.error("could not count a %s signal for %s: %s", scope, value, exc)
+
+    async def _observe_hot(self, policy: Any, scope: str, value: str, detectors, at_ms: int) -> None:
+        """After counting a signal: its source may now be hot for the edges (security/hot.py)."""
+        if self.hot is None:
+            return
+        probes = [CounterRequest(f"risk:{d.name}", "window", scope, value, d.window_s, count=False) for d in detectors]
+        try:
+            values = await self.store.read_counter_values(probes, at_ms)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("security").inc()
+            log.warning("hot scope check of %s %s skipped: %s", scope, value, exc)
+            return
+        self.hot.observe(policy, probes, values)
 
     def _background(self, work) -> None:
         task = asyncio.create_task(self._guarded(work))

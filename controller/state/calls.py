@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from controller.policy.model import CounterProbe as CounterRequest  # a counter bound to a call's scope value
 from controller.state.batch import Script, raise_errors
 from controller.state.connect import RedisTarget
 from controller.state.outage import Observer, OutageQueue
@@ -183,19 +184,6 @@ class FencedOut(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class CounterRequest:
-    """A counter the policy reads, bound to this call's scope value."""
-
-    key: str  # the policy's counter key (window:source:60, live:tenant, risk:<detector>)
-    kind: str  # window | live | distinct
-    scope: str
-    value: str
-    window_s: int = 0
-    count: bool = True  # window: the new call adds one; distinct: the new call adds `member`
-    member: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class Transition:
     previous: str  # "" when the call was unknown
     applied: bool
@@ -267,7 +255,13 @@ class CallStore:
 
     # -- counters -----------------------------------------------------------------------------
     async def read_counters(self, requests: Iterable[CounterRequest], at_ms: int) -> dict[str, int]:
-        """Current values of the counters a policy needs, in one round trip.
+        """read_counter_values keyed by each request's `key`."""
+        requests = list(requests)
+        return dict(zip((r.key for r in requests), await self.read_counter_values(requests, at_ms)))
+
+    async def read_counter_values(self, requests: Iterable[CounterRequest], at_ms: int) -> list[int]:
+        """Current values of counters (in the order asked: several scope values may share a
+        key), in one round trip.
 
         Calls in a window use two fixed buckets weighted by the window's elapsed part (a
         sliding-window estimate); live counts are the size of the live index of the scope;
@@ -291,19 +285,19 @@ class CallStore:
                 commands.append(("GET", window_key(r.scope, r.value, r.window_s, bucket - 1)))
                 plan.append((r.key, "window", 1.0 - elapsed / (r.window_s * 1000)))
         if not commands:
-            return {}
+            return []
         self._unavailable()
         replies = iter(await self.batch.run(commands))
-        out: dict[str, int] = {}
-        for key, kind, previous_weight in plan:
+        out: list[int] = []
+        for _key, kind, previous_weight in plan:
             if kind == "live":
-                out[key] = int(next(replies) or 0)
+                out.append(int(next(replies) or 0))
             elif kind == "distinct":
                 current, union = int(next(replies) or 0), int(next(replies) or 0)
-                out[key] = int(current + max(0, union - current) * previous_weight)
+                out.append(int(current + max(0, union - current) * previous_weight))
             else:
                 current, previous = next(replies), next(replies)
-                out[key] = int(int(current or 0) + int(previous or 0) * previous_weight)
+                out.append(int(int(current or 0) + int(previous or 0) * previous_weight))
         return out
 
     # -- lifecycle ------------------------------------------------------------------------------

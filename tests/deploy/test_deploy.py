@@ -33,11 +33,23 @@ def test_compose_file_is_valid_against_the_compose_specification():
     assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
+def build_of(service: dict) -> tuple[Path, Path]:
+    """(context, Dockerfile) of a service built by compose."""
+    build = service["build"]
+    if isinstance(build, str):
+        return ROOT / build, ROOT / build / "Dockerfile"
+    context = ROOT / build["context"]
+    return context, context / build.get("dockerfile", "Dockerfile")
+
+
+BUILT = {name: build_of(service) for name, service in COMPOSE["services"].items() if "build" in service}
+
+
 def test_every_build_context_and_mounted_file_exists():
     for name, service in COMPOSE["services"].items():
         if "build" in service:
-            context = ROOT / (service["build"] if isinstance(service["build"], str) else service["build"]["context"])
-            assert (context / "Dockerfile").is_file(), f"{name}: no Dockerfile in {context}"
+            context, dockerfile = BUILT[name]
+            assert context.is_dir() and dockerfile.is_file(), f"{name}: no {dockerfile} for context {context}"
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
             if source.startswith("."):
@@ -69,16 +81,45 @@ def test_published_host_ports_do_not_collide():
             seen[key] = name
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "kamailio/Dockerfile", "asterisk/Dockerfile"])
-def test_dockerfiles_copy_files_that_exist(dockerfile):
-    context = (ROOT / dockerfile).parent
-    for line in (ROOT / dockerfile).read_text().splitlines():
+def copied(dockerfile: Path) -> list[tuple[str, str]]:
+    """(source, destination) of every COPY line."""
+    out = []
+    for line in dockerfile.read_text().splitlines():
         if line.startswith("COPY "):
-            *sources, _ = line.split()[1:]
-            for source in sources:
-                assert (context / source).exists(), f"{dockerfile}: COPY {source} not in {context}"
-    text = (ROOT / dockerfile).read_text()
-    assert "\nUSER " in text, f"{dockerfile}: the image must not run as root"
+            *sources, destination = line.split()[1:]
+            out += [(source, destination) for source in sources]
+    return out
+
+
+@pytest.mark.parametrize("service", sorted(BUILT))
+def test_dockerfiles_copy_files_that_exist(service):
+    context, dockerfile = BUILT[service]
+    for source, _ in copied(dockerfile):
+        assert (context / source).exists(), f"{dockerfile}: COPY {source} not in {context}"
+    assert "\nUSER " in dockerfile.read_text(), f"{dockerfile}: the image must not run as root"
+
+
+def test_the_edge_image_runs_the_deciding_code_and_reads_the_controllers_policy_file():
+    """Kamailio's embedded Python decides with the same code as the controller (the policy
+    file carries that code's fingerprint) and reads the file the controller writes."""
+    from controller.edge import bundle
+    context, dockerfile = BUILT["kamailio"]
+    assert context == ROOT
+    sources = [ROOT / source for source, _ in copied(dockerfile)]
+    for path in bundle._DECIDING_CODE + [ROOT / "kamailio" / "edge_decide.py"]:
+        assert any(path == s or s in path.parents for s in sources), f"kamailio image lacks {path.relative_to(ROOT)}"
+    assert "kamailio-python3-modules" in dockerfile.read_text() and "tzdata" in dockerfile.read_text()
+    written = COMPOSE["services"]["controller"]["environment"]["CALLFABRIC_EDGE_POLICY_FILE"]
+    read = COMPOSE["services"]["kamailio"]["environment"]["EDGE_POLICY"]
+
+    def mount(service: str, path: str) -> str:
+        for volume in COMPOSE["services"][service]["volumes"]:
+            name, target = volume.split(":")[:2]
+            if path.startswith(target + "/"):
+                return name
+        raise AssertionError(f"{service}: {path} is on no volume")
+    assert mount("controller", written) == mount("kamailio", read) == "edge-policy"
+    assert written.rsplit("/", 1)[1] == read.rsplit("/", 1)[1]
 
 
 def test_the_controller_image_checks_its_health():
@@ -181,7 +222,8 @@ def test_the_dashboard_is_current_and_well_formed():
             assert all(t["expr"] and t["refId"] for t in panel["targets"])
     wanted = {"Calls active", "Calls per second by outcome", "Decision latency", "Rejects by rule", "Forks active",
               "One-way audio alarms", "Transfers", "Webhook latency p95", "Webhook deliveries",
-              "Policy version serving", "Policy reloads", "ARI connected per media node", "Redis", "Kamailio edge"}
+              "Policy version serving", "Policy reloads", "ARI connected per media node", "Redis", "Kamailio edge",
+              "Where calls are decided"}
     assert wanted <= {p["title"] for p in DASHBOARD["panels"]}
 
 
@@ -230,8 +272,10 @@ def test_every_metric_a_panel_uses_is_exported(tmp_path):
     from controller.localstack.kamailio import Kamailio
     from controller.localstack.sipp import SippUAS, run_uac
     from tests.support.kamailio import FakeDecider, wait_clients
-    # Kamailio shows its own metrics once they have a value: one decided call, one fallback.
-    with SippUAS(tmp_path, "uas_answer.xml") as uas, Kamailio(tmp_path, {1: [uas.addr]}) as kamailio:
+    # Kamailio shows its own metrics once they have a value: one decided call, one fallback,
+    # calls its edge policy (not written yet) leaves to a controller.
+    with SippUAS(tmp_path, "uas_answer.xml") as uas, \
+            Kamailio(tmp_path, {1: [uas.addr]}, edge_policy=tmp_path / "not-yet.policy") as kamailio:
         decider = FakeDecider(kamailio.evapi_port).start()
         wait_clients(kamailio, 1)
         assert run_uac(tmp_path, kamailio.sip_port, calls=1).successful == 1

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.edge import protocol
+from controller.edge import bundle, protocol
 from controller.edge.decisions import EdgeDecisions
+from controller.edge.local import EdgeDecider
 from controller.metrics import Metrics
 from controller.policy import PolicyInvalid, policy_from_texts
 from controller.state.calls import CallStore
@@ -111,6 +112,67 @@ def test_any_decide_event_gets_an_answer_or_is_dropped_never_an_exception(redis_
         for record in loop.run_until_complete(store.get_many(ids)):
             assert record is not None and record["state"] in ("routing", "failed")
             assert record["outcome"] in ("agent", "sip", "reject", "webhook")
+    finally:
+        loop.run_until_complete(store.aclose())
+
+
+def test_the_edge_decides_or_leaves_any_decide_event_to_the_controller(tmp_path_factory):
+    path = tmp_path_factory.mktemp("edge") / "edge.policy"
+    bundle.write(path, POLICY.source)
+    decider = EdgeDecider(str(path), lambda level, message: None)
+
+    @settings(max_examples=300, deadline=None)
+    @given(decide_messages(), st.booleans())
+    def run(message, hot):
+        outcome = decider.decide(json.dumps(message), lambda key: hot)
+        if outcome.deferred:
+            assert outcome.deferred in ("bad-request", "exact-counter", "hot", "webhook", "risk", "too-big"), outcome
+            assert not outcome.answer and not outcome.event
+            return
+        answer = json.loads(outcome.answer)
+        _check_answer(message, answer)
+        assert answer["action"] != "fallback"
+        assert protocol.parse_decided(json.loads(outcome.event)).call_id  # the controller takes what it sends
+
+    run()
+
+
+@st.composite
+def decided_messages(draw):
+    """`decided` events as the edge sends them, then broken in one place (or replaced by anything)."""
+    if draw(st.booleans()):
+        return draw(st.dictionaries(TEXT, ANY_JSON, max_size=6)) | {"event": "decided"}
+    message = {"event": "decided", "call_id": draw(TEXT), "tx": "1:2",
+               "record": {"state": "routing", "outcome": "agent", "rule": "r", "policy_version": "v",
+                          "created_at_ms": 1700000000000, "decision": {"x": [1]}, "src": draw(TEXT)},
+               "timeline": {"event": "decided", "ts": 1, "note": draw(TEXT)},
+               "live_scopes": {"tenant": "acme"},
+               "counters": [["window:source:60", "window", "source", "192.0.2.1", 60, True, ""]]}
+    where = draw(st.sampled_from(["record", "timeline", "live_scopes", "counters", "call_id", None]))
+    if where == "counters":
+        message["counters"] = [draw(st.lists(ANY_JSON, max_size=8))]
+    elif where is not None:
+        message[where] = draw(ANY_JSON)
+    return message
+
+
+def test_any_decided_event_is_recorded_or_refused_never_an_exception(redis_url, loop):
+    store = CallStore(redis_url)
+    metrics = Metrics()
+    decisions = EdgeDecisions(lambda: POLICY, store, metrics, "fuzz")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(decided_messages())
+    def run(message):
+        loop.run_until_complete(decisions.recorded(message))
+
+    try:
+        run()
+        refused = metrics.registry.get_sample_value("callfabric_decision_errors_total", {"reason": "bad-decided-event"})
+        recorded = metrics.registry.get_sample_value("callfabric_edge_made_decisions_total", {"outcome": "agent"})
+        assert refused and recorded, (refused, recorded)
+        for record in loop.run_until_complete(store.get_many(loop.run_until_complete(store.recent_calls(1000)))):
+            assert record is not None and record["state"] in ("routing", "failed") and record["controller"] == "fuzz"
     finally:
         loop.run_until_complete(store.aclose())
 

@@ -60,7 +60,8 @@ default:
 
 
 class Stack:
-    def __init__(self, tmp_path: Path, procs, redis_url: str, uas_scenario: str = "uas_answer.xml"):
+    def __init__(self, tmp_path: Path, procs, redis_url: str, uas_scenario: str = "uas_answer.xml", *,
+                 decide_at_edge: bool = False):
         self.tmp = tmp_path
         self.redis_url = redis_url
         self.media = [procs.uas(uas_scenario, "media1"), procs.uas(uas_scenario, "media2")]
@@ -68,8 +69,10 @@ class Stack:
         self.flaky = [procs.uas("uas_503.xml", "flaky-503"), procs.uas(uas_scenario, "flaky-ok")]
         self.pbx_busy = procs.uas("uas_503.xml", "pbx-busy")
         self.pbx = procs.uas(uas_scenario, "pbx")
+        # decide_at_edge: the edge decides the common calls with the policy the controller writes
+        self.edge_policy = tmp_path / "edge.policy" if decide_at_edge else None
         self.kamailio = procs.kamailio({1: [u.addr for u in self.media], 2: [self.sales.addr],
-                                        3: [u.addr for u in self.flaky]})
+                                        3: [u.addr for u in self.flaky]}, edge_policy=self.edge_policy)
         self.policy_dir = tmp_path / "policy"
         self.policy_dir.mkdir()
         (self.policy_dir / "policy.yaml").write_text(POLICY.format(pbx_busy=self.pbx_busy.addr, pbx=self.pbx.addr))
@@ -78,6 +81,9 @@ class Stack:
         values = dict(policy_dir=str(self.policy_dir), policy_poll_s=0.2, redis_url=self.redis_url,
                       edge_evapi=[f"127.0.0.1:{self.kamailio.evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
                       instance_id="test-controller")
+        if self.edge_policy is not None:
+            values.update(edge_policy_file=str(self.edge_policy),
+                          edge_rpc=[f"http://127.0.0.1:{self.kamailio.http_port}/RPC"])
         values.update(overrides)
         return Settings(**values)
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from controller.edge.verdict import call_counters
 from controller.media.ami import SecurityEvent
 from controller.metrics import Metrics
 from controller.policy import Call, policy_from_texts
@@ -76,7 +77,7 @@ async def test_short_calls_are_counted_for_their_source_and_then_scored(guarded)
     await guard.call_ended(Transition("answered", True, "198.51.100.4:5060", at - 60_000), at)   # long
     await guard.call_ended(Transition("routing", True, "198.51.100.4:5060", None), at)          # never answered
     facts = policy.compiled.facts(Call(call_id="x", from_user="1", to_user="2", src_ip="198.51.100.4"))
-    requests = SecurityGuard.counters(policy, facts)
+    requests = call_counters(policy, facts)
     counters = await guard.store.read_counters(requests, at)
     assert counters["risk:short-calls"] == 1
     await guard.call_ended(Transition("answered", True, "198.51.100.4:5060", at - 1500), at)

@@ -1,0 +1,264 @@
+"""The edge's own decisions (controller/edge/local.py) and the policy file they read
+(controller/edge/bundle.py): same answers and records as the controller, the cases left to
+the controller, a policy file that changes or goes bad, and a bare interpreter like
+Kamailio's."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from controller.edge import bundle, protocol
+from controller.edge.local import RECHECK_S, EdgeDecider
+from controller.edge.verdict import call_counters, hot_thresholds, verdict
+from controller.policy import load_policy, policy_from_texts
+from tests.policy.helpers import DECLARATIONS
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+RULES = textwrap.dedent("""\
+    rules:
+      - name: premium
+        match: {destination_risk: premium}
+        actions: [reject: {code: 403, reason: Destination Blocked}]
+      - name: flood-cap
+        match: {calls_in_window: {scope: source, window: 60s, at_least: 30}}
+        actions: [reject: {code: 503, reason: Rate Limited}]
+      - name: billing
+        match: {ruri: "+442079460001"}
+        actions: [route_agent: billing, add_headers: {X-Line: billing}, max_duration: 30m]
+      - name: ask-app
+        match: {ruri: "+442079460002"}
+        actions: [ask_webhook: {url: "http://127.0.0.1:9/hook", fallback: [route_agent: intake]}]
+      - name: desk
+        match: {ruri: "+442079460003"}
+        actions: [route_sip: pbx]
+""")
+
+
+def request(ruri_user: str = "02079460001", **fields) -> dict:
+    message = {"event": "decide", "tx": "12:345", "call_id": "c-1@test", "from_uri": "sip:07700900999@test",
+               "from_user": "07700900999", "from_tag": "ft", "to_uri": f"sip:{ruri_user}@test",
+               "to_user": ruri_user, "ruri": f"sip:{ruri_user}@edge", "ruri_user": ruri_user, "src_ip": "192.0.2.7",
+               "src_port": 5060, "transport": "udp", "user_agent": "phone", "headers": {}}
+    message.update(fields)
+    return message
+
+
+class Logged(list):
+    def __call__(self, level: str, message: str) -> None:
+        self.append((level, message))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def decider_for(tmp_path: Path, policy, hot: set[str] | None = None):
+    path = tmp_path / "edge.policy"
+    bundle.write(path, policy.source)
+    log, clock = Logged(), Clock()
+    decider = EdgeDecider(str(path), log, clock)
+    hot = hot if hot is not None else set()
+    return decider, (lambda message: decider.decide(json.dumps(message), hot.__contains__)), log, clock, path
+
+
+@pytest.fixture
+def policy():
+    return policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES})
+
+
+def test_the_edge_answers_and_records_what_the_controller_would(tmp_path, policy):
+    _, decide, log, _, _ = decider_for(tmp_path, policy)
+    for ruri in ("02079460001", "02079460003", "0909123456", "01632960000"):
+        outcome = decide(request(ruri))
+        assert outcome.deferred == "", ruri
+        parsed = protocol.parse_decide(request(ruri))
+        facts = policy.compiled.facts(parsed.call)
+        expected = verdict(policy, parsed, facts, policy.compiled.decide_facts(facts), call_counters(policy, facts),
+                           at_ms=1, decide_ms=0, decided_by="edge")
+        assert json.loads(outcome.answer) == expected.answer
+        event = json.loads(outcome.event)
+        recorded = protocol.parse_decided(event)  # what the controller will accept
+        assert recorded.call_id == "c-1@test" and recorded.record["decided_by"] == "edge"
+        assert {k: v for k, v in recorded.record.items() if k not in ("created_at_ms", "ended_at_ms")} == \
+            {k: v for k, v in expected.record.items() if k not in ("created_at_ms", "ended_at_ms")}
+        assert [c.key for c in recorded.counters] == [c.key for c in call_counters(policy, facts)]
+    billing = json.loads(decide(request("02079460001")).answer)
+    assert billing["action"] == "dispatch" and billing["max_duration_s"] == 1800 and "X-Line: billing" in billing["hdrs"]
+    assert json.loads(decide(request("0909123456")).answer)["code"] == 403
+    assert log[0][0] == "info" and "loaded" in log[0][1]
+
+
+def test_calls_the_edge_leaves_to_the_controller(tmp_path, policy):
+    hot: set[str] = set()
+    _, decide, _, _, _ = decider_for(tmp_path, policy, hot)
+    assert decide(request("02079460002")).deferred == "webhook"
+    hot.add("source|192.0.2.7")  # the controller said: near the flood cap
+    assert decide(request("02079460001")).deferred == "hot"
+    assert decide(request("02079460001", src_ip="192.0.2.8")).deferred == ""
+    assert decide(request("02079460001", tx="not-a-tx")).deferred == "bad-request"
+    assert decide(request("02079460001", call_id="")).deferred == "bad-request"
+
+
+def test_a_limit_too_small_to_take_as_zero_is_never_decided_at_the_edge(tmp_path):
+    tight = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": textwrap.dedent("""\
+        rules:
+          - name: one-at-a-time
+            match: {concurrent_calls: {scope: source, at_least: 1}}
+            actions: [reject: {code: 486, reason: Busy Here}]
+        """)})
+    assert hot_thresholds(tight) == {"live:source": 0}
+    _, decide, _, _, _ = decider_for(tmp_path, tight)
+    assert decide(request()).deferred == "exact-counter"
+
+
+def test_a_risk_finding_is_left_to_the_controller(tmp_path):
+    scored = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": textwrap.dedent("""\
+        security:
+          detectors:
+            - {name: premium-risk, kind: match, when: {destination_risk: premium}, score: 10}
+            - {name: burst, kind: rate_spike, scope: source, window: 60s, baseline: 1h, min_calls: 40, score: 50}
+          outcomes:
+            reject: {at_least: 50}
+        rules: []
+        """)})
+    assert hot_thresholds(scored) == {"risk:burst:window": 19}
+    _, decide, _, _, _ = decider_for(tmp_path, scored)
+    assert decide(request("0909123456")).deferred == "risk"  # a finding (allow, score 10): scored there
+    assert decide(request("01632960000")).deferred == ""
+
+
+def test_a_new_policy_is_picked_up_and_a_bad_one_leaves_the_last_good(tmp_path, policy):
+    decider, decide, log, clock, path = decider_for(tmp_path, policy)
+    assert decide(request("02079460001")).deferred == ""
+    first = decider.policy.version
+    changed = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES.replace(
+        "route_agent: billing", "reject: {code: 480, reason: Closed}")})
+    bundle.write(path, changed.source)
+    assert json.loads(decide(request("02079460001")).answer)["action"] == "dispatch"  # not looked at yet
+    clock.now += RECHECK_S
+    assert json.loads(decide(request("02079460001")).answer)["code"] == 480
+    assert decider.policy.version == changed.version != first
+
+    path.write_bytes(b"callfabric-edge-policy\n{\"format\": 1}\n" + b"junk")
+    clock.now += RECHECK_S
+    assert json.loads(decide(request("02079460001")).answer)["code"] == 480  # last good kept
+    assert log[-1][0] == "error" and "refused" in log[-1][1] and changed.version in log[-1][1]
+    path.unlink()
+    clock.now += RECHECK_S
+    assert decide(request("02079460001")).deferred == ""
+    assert "gone" in log[-1][1]
+
+
+def test_no_policy_file_means_the_controller_decides(tmp_path):
+    log = Logged()
+    decider = EdgeDecider(str(tmp_path / "missing.policy"), log)
+    assert decider.decide(json.dumps(request()), lambda key: False).deferred == "no-policy"
+    assert log[0][0] == "warn" and "controller decides every call" in log[0][1]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: b"not a policy",
+    lambda data: data.replace(b'"format": 1', b'"format": 2'),
+    lambda data: data.replace(bundle.CODE.encode(), b"0" * 16),
+    lambda data: data[:-40],
+    lambda data: data.split(b"\n", 2)[0] + b"\n" + data.split(b"\n", 2)[1] + b"\n" + pickle.dumps(os.getcwd),
+    lambda data: data.split(b"\n", 2)[0] + b"\n" + data.split(b"\n", 2)[1] + b"\n" + pickle.dumps({"a": 1}),
+], ids=["magic", "format", "other-code", "truncated", "foreign-callable", "not-a-policy"])
+def test_a_bad_policy_file_is_refused_with_a_reason(policy, damage):
+    with pytest.raises(bundle.BundleError) as info:
+        bundle.load(damage(bundle.dump(policy.source)))
+    assert str(info.value)
+
+
+def test_a_policy_file_cannot_run_code(tmp_path, policy):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/owned",))
+    head = bundle.dump(policy.source).split(b"\n", 2)
+    with pytest.raises(bundle.BundleError, match="not part of a policy"):
+        bundle.load(head[0] + b"\n" + head[1] + b"\n" + pickle.dumps(Exploit()))
+    assert not (tmp_path / "owned").exists()
+
+
+BARE = """
+import json, sys
+assert not any('site-packages' in p or 'dist-packages' in p for p in sys.path), sys.path
+from controller.edge.local import EdgeDecider
+decider = EdgeDecider(sys.argv[1], lambda level, message: None)
+out = [decider.decide(line, lambda key: False) for line in sys.stdin.read().splitlines()]
+print(json.dumps([[o.deferred, o.answer] for o in out]))
+for banned in ('yaml', 'jsonschema', 'aiohttp', 'redis', 'prometheus_client'):
+    assert banned not in sys.modules, banned
+"""
+
+
+def test_the_edge_decides_on_a_bare_interpreter_like_kamailios(tmp_path):
+    policy = load_policy(ROOT / "policies")
+    path = tmp_path / "edge.policy"
+    bundle.write(path, policy.source)
+    calls = [request(ruri, src_ip="203.0.113.9", from_user="+12025550123")
+             for ruri in ("18005550101", "18005550000", "19005551234", "18005550300")]
+    done = subprocess.run([SYSTEM_PYTHON, "-S", "-c", BARE, str(path)], input="\n".join(map(json.dumps, calls)),
+                          capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")})
+    assert done.returncode == 0, done.stderr
+    here = EdgeDecider(str(path), lambda level, message: None)
+    expected = [[o.deferred, o.answer] for o in (here.decide(json.dumps(c), lambda key: False) for c in calls)]
+    assert json.loads(done.stdout) == expected
+    assert any(deferred == "" for deferred, _ in expected)
+
+
+class SeenHot:
+    """Stands in for HotScopes: what the controller would tell the edges."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int]] = []
+
+    def observe(self, policy, counters, values) -> None:
+        self.seen += [(c.key, c.value, v) for c, v in zip(counters, values)]
+
+
+async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_scopes(tmp_path, policy, redis_url):
+    from controller.edge.decisions import EdgeDecisions
+    from controller.metrics import Metrics
+    from controller.state.calls import CallStore
+    _, decide, _, _, _ = await asyncio.to_thread(decider_for, tmp_path, policy)  # files: off the loop
+    store, metrics, hot = CallStore(redis_url), Metrics(), SeenHot()
+    serving = [policy]
+    decisions = EdgeDecisions(lambda: serving[0], store, metrics, "ctl-1", hot=hot)
+    try:
+        for n in range(3):
+            outcome = await asyncio.to_thread(decide, request("02079460001", call_id=f"edge-{n}@test",
+                                                              src_ip="192.0.2.50"))
+            await decisions.recorded(json.loads(outcome.event))
+        while decisions._checks:
+            await asyncio.gather(*list(decisions._checks))
+        record = await store.get("edge-2@test")
+        assert record["decided_by"] == "edge" and record["controller"] == "ctl-1" and record["rule"] == "billing"
+        assert [e["event"] for e in await store.timeline("edge-2@test")] == ["decided"]
+        assert ("window:source:60", "192.0.2.50", 3) in hot.seen  # read once all three were counted
+        assert metrics.registry.get_sample_value("callfabric_edge_policy_mismatch_total") == 0
+
+        serving[0] = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES + "\n"})
+        assert serving[0].version != policy.version
+        outcome = await asyncio.to_thread(decide, request("02079460001", call_id="edge-3@test"))
+        await decisions.recorded(json.loads(outcome.event))
+        assert metrics.registry.get_sample_value("callfabric_edge_policy_mismatch_total") == 1
+        while decisions._checks:
+            await asyncio.gather(*list(decisions._checks))
+    finally:
+        await store.aclose()

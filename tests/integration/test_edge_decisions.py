@@ -1,0 +1,150 @@
+"""The edge deciding calls itself (EDGE_POLICY: the policy the controller writes, run by
+Kamailio's embedded Python), with real Kamailio, SIPp and Redis: routed and rejected per
+policy and recorded by the controller, still routed per policy with no controller at all, a
+source near a limit handed back to the controller's exact counters, a policy change reaching
+the edge."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from controller.edge import bundle
+from controller.edge.local import RECHECK_S
+from tests.integration.test_edge_slice import POLICY, Controller, Stack, call_ids, invites, wait_state
+from tests.support.kamailio import wait_clients
+
+pytestmark = pytest.mark.usefixtures("redis_url")
+
+
+@pytest.fixture
+def stack(tmp_path, procs, redis_url):
+    return Stack(tmp_path, procs, redis_url, decide_at_edge=True)
+
+
+@pytest.fixture
+async def store(redis_url):
+    from controller.state.calls import CallStore
+    store = CallStore(redis_url)
+    yield store
+    await store.aclose()
+
+
+async def edge_policy_version(stack: Stack, other_than: str | None = None, timeout: float = 10.0) -> str:
+    """The policy version in the edge's file, once there (and different from `other_than`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            version = (await asyncio.to_thread(bundle.read, stack.edge_policy)).version
+        except bundle.BundleError:
+            version = None
+        if version and version != other_than:
+            return version
+        await asyncio.sleep(0.05)
+    raise AssertionError("the controller did not write the edge policy")
+
+
+async def start_controller(stack: Stack, **overrides) -> Controller:
+    controller = await Controller(stack.settings(**overrides)).start(stack.kamailio)
+    await edge_policy_version(stack)
+    return controller
+
+
+async def test_the_edge_routes_and_rejects_per_policy_and_the_controller_records_it(stack, store):
+    controller = await start_controller(stack)
+    try:
+        result = await stack.call("18005550200", from_user="2025550123")
+        assert result.rc == 0 and result.successful == 1, result.output
+        (call_id,) = call_ids(result)
+        (invite,) = (await invites(stack.sales, call_id=call_id))[:1]
+        assert invite.header("X-Callfabric-Agent") == ["sales"] and invite.header("X-Callfabric-Rule") == ["sales-line"]
+        assert invite.header("X-Campaign") == ["spring"] and invite.header("X-Caller") == ["+12025550123"]
+        assert not invite.header("X-Callfabric-Fallback")
+        record = await wait_state(store, call_id, "ended")
+        assert record["decided_by"] == "edge" and record["controller"] == "test-controller"
+        assert record["rule"] == "sales-line" and record["target"] == "sales" and record["end_reason"] == "bye-caller"
+        assert invite.header("X-Callfabric-Policy") == [record["policy_version"]]
+        timeline = await store.timeline(call_id)
+        assert [e["event"] for e in timeline] == ["decided", "answered", "ended"]
+        assert timeline[0]["decided_by"] == "edge" and timeline[0]["decide_ms"] >= 0
+
+        rejected = await stack.call("19005551234", "uac_reject.xml", code=403)
+        assert rejected.rc == 0 and rejected.successful == 1, rejected.output
+        assert any(line.startswith("SIP/2.0 403 Destination Blocked") for line in rejected.status_lines())
+        (rejected_id,) = call_ids(rejected)
+        assert (await wait_state(store, rejected_id, "failed"))["decided_by"] == "edge"
+
+        assert controller.metric("callfabric_edge_made_decisions_total", outcome="agent") == 1
+        assert controller.metric("callfabric_edge_made_decisions_total", outcome="reject") == 1
+        assert controller.metric("callfabric_decision_duration_seconds_count") == 0  # nothing was asked
+        assert await store.live_calls() == []
+    finally:
+        await controller.stop()
+
+
+async def test_with_no_controller_the_edge_still_applies_the_policy(stack, store):
+    controller = await start_controller(stack)
+    await controller.stop()
+    await asyncio.to_thread(wait_clients, stack.kamailio, 0)
+    result = await stack.call("18005550200")
+    assert result.rc == 0 and result.successful == 1, result.output
+    (call_id,) = call_ids(result)
+    (invite,) = (await invites(stack.sales, call_id=call_id))[:1]
+    assert invite.header("X-Callfabric-Rule") == ["sales-line"] and not invite.header("X-Callfabric-Fallback")
+    assert await store.get(call_id) is None  # nobody to record it: the edge counts it as dropped
+    metrics = await asyncio.to_thread(stack.kamailio.http_get, "/metrics")
+    assert 'callfabric_events_dropped_total{why="no-controller"}' in metrics[1]
+
+
+CAPPED = POLICY.replace("rules:\n", """rules:
+  - name: source-cap
+    match: {{calls_in_window: {{scope: source, window: 60s, at_least: 4}}}}
+    actions: [reject: {{code: 503, reason: Rate Limited}}]
+""", 1)
+
+
+async def test_a_source_near_a_limit_is_decided_by_the_controller_with_exact_counts(stack, store):
+    await asyncio.to_thread((stack.policy_dir / "policy.yaml").write_text,
+                            CAPPED.format(pbx_busy=stack.pbx_busy.addr, pbx=stack.pbx.addr))
+    controller = await start_controller(stack)
+    try:
+        decided = []
+        for n in range(6):  # one source (127.0.0.1): the cap's limit is 4, the edge lets go at 2
+            if n < 4:
+                result = await stack.call("18005559999")
+            else:
+                result = await stack.call("18005559999", "uac_reject.xml", code=503)
+            assert result.rc == 0 and result.successful == 1, (n, result.output)
+            (call_id,) = call_ids(result)
+            record = await wait_state(store, call_id, "failed" if n >= 4 else "ended")
+            decided.append((record["decided_by"], record["rule"]))
+            await asyncio.sleep(0.2)  # the controller reads the counters and tells the edge
+        assert decided == [("edge", "default"), ("edge", "default"), ("controller", "default"),
+                           ("controller", "default"), ("controller", "source-cap"), ("controller", "source-cap")]
+        assert controller.metric("callfabric_hot_scopes_total", result="pushed") >= 1
+        hot = await asyncio.to_thread(stack.kamailio.jsonrpc, "htable.get", ["cfhot", "source|127.0.0.1"])
+        assert hot["item"]["value"] == 1, hot
+    finally:
+        await controller.stop()
+
+
+async def test_a_policy_change_reaches_the_edge(stack, store):
+    controller = await start_controller(stack)
+    try:
+        first = await edge_policy_version(stack)
+        changed = POLICY.replace("actions: [route_agent: sales, add_headers: {{X-Campaign: spring, "
+                                 "X-Caller: \"${{caller}}\"}}, max_duration: 1h]",
+                                 "actions: [reject: {{code: 480, reason: Closed Today}}]")
+        assert changed != POLICY
+        await asyncio.to_thread((stack.policy_dir / "policy.yaml").write_text,
+                                changed.format(pbx_busy=stack.pbx_busy.addr, pbx=stack.pbx.addr))
+        await edge_policy_version(stack, other_than=first)
+        await asyncio.sleep(RECHECK_S + 0.3)  # every worker looks at the file again
+        result = await stack.call("18005550200", "uac_reject.xml", code=480)
+        assert result.rc == 0 and result.successful == 1, result.output
+        (call_id,) = call_ids(result)
+        record = await wait_state(store, call_id, "failed")
+        assert record["decided_by"] == "edge" and record["policy_version"] != first and record["end_code"] == 480
+    finally:
+        await controller.stop()

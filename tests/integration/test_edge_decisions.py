@@ -6,6 +6,7 @@ the edge."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 
 import pytest
@@ -13,9 +14,13 @@ import pytest
 from controller.edge import bundle
 from controller.edge.local import RECHECK_S
 from tests.integration.test_edge_slice import POLICY, Controller, Stack, call_ids, invites, wait_state
-from tests.support.kamailio import wait_clients
+from tests.support.kamailio import HAS_APP_PYTHON3, wait_clients
 
-pytestmark = pytest.mark.usefixtures("redis_url")
+pytestmark = [pytest.mark.usefixtures("redis_url"),
+              pytest.mark.skipif(any(shutil.which(b) is None for b in ("kamailio", "sipp", "redis-server")),
+                                 reason="kamailio, sipp and redis-server binaries are required"),
+              pytest.mark.skipif(not HAS_APP_PYTHON3, reason="Kamailio's app_python3 module is not installed "
+                                                             "(kamailio-python3-modules; .ci/run installs it)")]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import socket
 import threading
@@ -10,6 +11,10 @@ import time
 from typing import Any, Callable
 
 from controller.localstack.kamailio import Kamailio
+
+# Kamailio's embedded Python (Debian: kamailio-python3-modules), needed for EDGE_POLICY
+HAS_APP_PYTHON3 = bool(glob.glob("/usr/lib/*/kamailio/modules/app_python3.so")
+                       + glob.glob("/usr/lib/kamailio/modules/app_python3.so"))
 
 
 # ------------------------------------------------------------------ fake decider

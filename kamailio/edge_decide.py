@@ -16,7 +16,11 @@ if _HOME not in sys.path:
 
 import KSR  # noqa: E402  (provided by app_python3)
 
-from controller.edge.local import EdgeDecider  # noqa: E402
+try:
+    from controller.edge.local import EdgeDecider
+except Exception as exc:  # a broken install must not take SIP down: every call goes to a controller
+    EdgeDecider = None
+    KSR.err(f"edge decisions off: cannot load callfabric from {_HOME}: {type(exc).__name__}: {exc}\n")
 
 _LOG = {"info": KSR.info, "warn": KSR.warn, "error": KSR.err}
 
@@ -37,6 +41,9 @@ class EdgeScript:
         return 0
 
     def decide(self, msg, path):
+        if EdgeDecider is None:
+            KSR.pv.sets("$var(edge_why)", "no-code")
+            return -1
         decider = self.decider
         if decider is None or decider.path != path:
             decider = self.decider = EdgeDecider(path, _log)

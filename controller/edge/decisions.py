@@ -150,7 +150,7 @@ class EdgeDecisions:
             sent = await self.store.send_create(
                 call_id, record, live_scopes=decided.live_scopes,
                 window_counters=[c for c in decided.counters if c.kind != "live"], at_ms=record["created_at_ms"],
-                event=event)
+                event=event, urgent=False)  # the call is routed already: it may share a pipeline
         except RedisError as exc:
             self.metrics.redis_errors.labels("create").inc()
             log.error("call %s (decided by the edge): could not record it: %s", call_id, exc)
@@ -191,7 +191,7 @@ class EdgeDecisions:
         if policy is None or self.hot is None or not probes:
             return
         try:
-            values = await self.store.read_counter_values(probes, now_ms())
+            values = await self.store.read_counter_values(probes, now_ms(), urgent=False)
         except RedisError as exc:
             self.metrics.redis_errors.labels("counters").inc()
             log.warning("hot scope check skipped: %s", exc)

@@ -223,11 +223,12 @@ class Batcher:
         urgent one, so that at low load too they rarely cost a round trip of their own."""
         return raise_errors(await self.submit(commands, urgent).replies)
 
-    async def send(self, commands: list[Command]) -> "_Operation":
-        """Send `commands` now and return once they are in the socket, ahead of anything sent
-        later on this connection (Redis executes a connection's commands in order); the
-        replies come in `operation.replies`. Raises when they could not be sent."""
-        operation = self.submit(commands, urgent=True)
+    async def send(self, commands: list[Command], urgent: bool = True) -> "_Operation":
+        """Send `commands` (now, or within `linger_s` when not urgent) and return once they are
+        in the socket, ahead of anything sent later on this connection (Redis executes a
+        connection's commands in order); the replies come in `operation.replies`. Raises when
+        they could not be sent."""
+        operation = self.submit(commands, urgent=urgent)
         await asyncio.wait([operation.sent, operation.replies], return_when=asyncio.FIRST_COMPLETED)
         if not operation.sent.done():
             operation.replies.result()  # raises the error that kept it from being sent

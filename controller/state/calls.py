@@ -259,7 +259,8 @@ class CallStore:
         requests = list(requests)
         return dict(zip((r.key for r in requests), await self.read_counter_values(requests, at_ms)))
 
-    async def read_counter_values(self, requests: Iterable[CounterRequest], at_ms: int) -> list[int]:
+    async def read_counter_values(self, requests: Iterable[CounterRequest], at_ms: int,
+                                  urgent: bool = True) -> list[int]:
         """Current values of counters (in the order asked: several scope values may share a
         key), in one round trip.
 
@@ -287,7 +288,7 @@ class CallStore:
         if not commands:
             return []
         self._unavailable()
-        replies = iter(await self.batch.run(commands))
+        replies = iter(await self.batch.run(commands, urgent))
         out: list[int] = []
         for _key, kind, previous_weight in plan:
             if kind == "live":
@@ -309,7 +310,7 @@ class CallStore:
 
     async def send_create(self, call_id: str, record: dict[str, Any], *, live_scopes: dict[str, str],
                           window_counters: Iterable[CounterRequest], at_ms: int,
-                          event: dict[str, Any], hold: bool = True) -> asyncio.Future:
+                          event: dict[str, Any], hold: bool = True, urgent: bool = True) -> asyncio.Future:
         """Send a new call (decided: routing, or failed when rejected), its first timeline
         event, its indexes and its counters (`window_counters`: the window and distinct
         counters this call adds to): one round trip. Returns once the commands
@@ -318,8 +319,9 @@ class CallStore:
         `raise_errors`). Window counters are counted once Redis says this controller created
         the call (not a duplicate decide), in a later pipeline. While Redis is unreachable the
         call is held in the outage queue (the future is then done at once) — unless `hold` is
-        False. Raises RedisError when it could be neither sent nor held."""
-        args = (record, live_scopes, window_counters, at_ms, event)
+        False. Not `urgent` (nobody waits: a call the edge decided), it may wait `linger_s` for
+        company in a pipeline. Raises RedisError when it could be neither sent nor held."""
+        args = (record, live_scopes, window_counters, at_ms, event, urgent)
         if not self.outage.available:
             if not hold:
                 raise RedisConnectionError(f"Redis unreachable ({self.outage.depth} state changes queued)")
@@ -377,7 +379,7 @@ class CallStore:
 
     async def _send_create(self, call_id: str, record: dict[str, Any], live_scopes: dict[str, str],
                            window_counters: Iterable[CounterRequest], at_ms: int,
-                           event: dict[str, Any]) -> asyncio.Future:
+                           event: dict[str, Any], urgent: bool = True) -> asyncio.Future:
         final = record.get("state") in FINAL_STATES
         fields = {k: _field(v) for k, v in record.items() if v is not None}
         state = fields.pop("state")
@@ -412,7 +414,7 @@ class CallStore:
             if bucket_key not in counted:
                 counted.add(bucket_key)
                 counters += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
-        operation = await self.batch.send(commands)
+        operation = await self.batch.send(commands, urgent)
         self._emit(call_id, event)
         if not counters:
             return operation.replies

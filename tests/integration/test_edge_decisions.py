@@ -153,3 +153,23 @@ async def test_a_policy_change_reaches_the_edge(stack, store):
         assert record["decided_by"] == "edge" and record["policy_version"] != first and record["end_code"] == 480
     finally:
         await controller.stop()
+
+
+async def test_an_edge_that_cannot_load_the_deciding_code_leaves_every_call_to_the_controller(
+        tmp_path, procs, redis_url, store, monkeypatch):
+    monkeypatch.setenv("CALLFABRIC_HOME", str(tmp_path / "no-callfabric-here"))
+    monkeypatch.setenv("PYTHONPATH", "")
+    # Kamailio starts with that environment (processes: started off the loop)
+    stack = await asyncio.to_thread(Stack, tmp_path, procs, redis_url, decide_at_edge=True)
+    controller = await start_controller(stack)
+    try:
+        result = await stack.call("18005550200")
+        assert result.rc == 0 and result.successful == 1, result.output
+        (call_id,) = call_ids(result)
+        record = await wait_state(store, call_id, "ended")
+        assert record["decided_by"] == "controller" and record["rule"] == "sales-line"
+        metrics = (await asyncio.to_thread(stack.kamailio.http_get, "/metrics"))[1]
+        assert 'callfabric_edge_deferred_total{reason="no-code"} 1' in metrics
+        assert "edge decisions off: cannot load callfabric" in await asyncio.to_thread(stack.kamailio.log_text)
+    finally:
+        await controller.stop()

@@ -18,8 +18,6 @@ failures, achieved rate and setup latency p50/p95 per mode (INVITE sent → 200 
 
 Last line: RESULT p50_ratio=… p95_ratio=… p50_added_ms=… p95_added_ms=… max_cps_static=…
 max_cps_controller=… cps_ratio=… (ratios and added ms at the reference rate, 2,000 CPS).
-Each run also prints the machine's CPU per call (every process: the load generator, Kamailio,
-Redis, the controller share the cores), and the summary the ceiling it implies per mode.
 max_cps_* is the highest offered rate at which ≥ 99.5 % of calls succeeded at ≥ 95 % of the
 offered rate with a setup p95 ≤ 100 ms (beyond that the calls are being queued). Controller
 runs also print the controller's own decision time (from its histogram, bucket bounds).
@@ -230,14 +228,6 @@ def setup_times_ms(messages: Path) -> list[float]:
     return [(answered[c] - sent[c]) * 1000 for c in answered if c in sent and answered[c] >= sent[c]]
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy so far (every process: SIPp, Kamailio, Redis,
-    the controller — they share the cores)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def run_load(workdir: Path, kamailio: Kamailio, rate: int, count: int, hold_ms: int, inf: Path, probe_inf: Path,
              probe_rate: int) -> dict:
     """The load (SIPp at `rate`, counted) plus, at the same time, a low-rate probe SIPp whose
@@ -248,18 +238,16 @@ def run_load(workdir: Path, kamailio: Kamailio, rate: int, count: int, hold_ms: 
     load_cmd, load_stat = _sipp(kamailio, run_dir, "load", rate, count, hold_ms, inf, budget_s, trace=False)
     probe_count = max(20, int(probe_rate * count / rate))
     probe_cmd, _ = _sipp(kamailio, run_dir, "probe", probe_rate, probe_count, hold_ms, probe_inf, budget_s, trace=True)
-    started, busy = time.monotonic(), busy_cpu_seconds()
+    started = time.monotonic()
     load = subprocess.Popen(load_cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     probe = subprocess.Popen(probe_cmd, cwd=run_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load.wait(timeout=budget_s + 30)
     elapsed = time.monotonic() - started
     probe.wait(timeout=budget_s + 30)
-    busy = busy_cpu_seconds() - busy
     successful, failed = _counts(load_stat)
     call_time = elapsed - hold_ms / 1000
     return {"rc": load.returncode, "successful": successful, "failed": failed, "elapsed": elapsed,
             "achieved_cps": successful / call_time if call_time > 0 else 0.0,
-            "cpu_ms_per_call": busy * 1000 / max(1, successful + probe_count),
             "setups": setup_times_ms(run_dir / "probe-messages.log")}
 
 
@@ -351,15 +339,14 @@ def main() -> None:
                                   f"controller {cpu_us:.0f} µs CPU/call")
                     print(f"  {rate:>5} CPS {mode:<10} ok {run['successful']:>6} failed {run['failed']:>5} "
                           f"achieved {run['achieved_cps']:7.0f} CPS  setup p50 {percentile(run['setups'], .5):6.2f} ms "
-                          f"p95 {percentile(run['setups'], .95):6.2f} ms  machine {run['cpu_ms_per_call']:.2f} ms "
-                          f"CPU/call{inside}", flush=True)
+                          f"p95 {percentile(run['setups'], .95):6.2f} ms{inside}", flush=True)
         if controller.proc is not None:
             decisions = sum(float(line.rsplit(" ", 1)[1]) for line in controller.metrics().splitlines()
                             if line.startswith("callfabric_decisions_total{"))
             print(f"  controller decisions answered in its last session: {decisions:.0f}")
         controller.stop()
 
-        print("\nrate    mode        success   failed   p50 ms   p95 ms   CPU ms/call (all processes)")
+        print("\nrate    mode        success   failed   p50 ms   p95 ms")
         summary: dict[tuple[int, str], dict] = {}
         for (rate, mode), runs in sorted(results.items()):
             ok = sum(r["successful"] for r in runs)
@@ -367,14 +354,11 @@ def main() -> None:
             offered = int(rate * args.seconds) * len(runs)
             setups = [s for r in runs for s in r["setups"]]
             achieved = min(r["achieved_cps"] for r in runs)
-            cpu = min(r["cpu_ms_per_call"] for r in runs)
             summary[(rate, mode)] = {"p50": percentile(setups, .5), "p95": percentile(setups, .95),
                                      "sustained": ok >= 0.995 * offered and failed <= 0.005 * offered
-                                     and achieved >= 0.95 * rate and percentile(setups, .95) <= SUSTAINED_P95_MS,
-                                     "cpu": cpu}
+                                     and achieved >= 0.95 * rate and percentile(setups, .95) <= SUSTAINED_P95_MS}
             print(f"{rate:>5}   {mode:<10} {ok:>8} {failed:>8}   {summary[(rate, mode)]['p50']:6.2f}   "
-                  f"{summary[(rate, mode)]['p95']:6.2f}   {cpu:5.2f}   "
-                  f"{'sustained' if summary[(rate, mode)]['sustained'] else 'NOT sustained'}")
+                  f"{summary[(rate, mode)]['p95']:6.2f}   {'sustained' if summary[(rate, mode)]['sustained'] else 'NOT sustained'}")
         reference = REFERENCE_RATE if (REFERENCE_RATE, "static") in summary else rates[len(rates) // 2]
         s, c = summary[(reference, "static")], summary[(reference, "controller")]
         max_static = max([r for r in rates if summary[(r, "static")]["sustained"]], default=0)
@@ -382,12 +366,6 @@ def main() -> None:
         p50_ratio, p95_ratio = c["p50"] / s["p50"], c["p95"] / s["p95"]
         print(f"\nat {reference} CPS: controller adds {c['p50'] - s['p50']:.2f} ms at p50 (x{p50_ratio:.2f}), "
               f"{c['p95'] - s['p95']:.2f} ms at p95 (x{p95_ratio:.2f})")
-        cores = os.cpu_count() or 1
-        low = min(rates)
-        ceiling = {m: cores * 1000 / summary[(low, m)]["cpu"] for m in ("static", "controller")}
-        print(f"CPU per call at {low} CPS: static {summary[(low, 'static')]['cpu']:.2f} ms, controller "
-              f"{summary[(low, 'controller')]['cpu']:.2f} ms: on {cores} cores at most ~{ceiling['static']:.0f} vs "
-              f"~{ceiling['controller']:.0f} CPS (cps_ratio can be at most ~{ceiling['controller'] / ceiling['static']:.2f})")
         print(f"goal p95_added_ms <= 1.0: {'met' if c['p95'] - s['p95'] <= 1.0 else 'NOT met'}; "
               f"goal cps_ratio >= 0.9: {'met' if max_static and max_controller / max_static >= 0.9 else 'NOT met'}")
         print(f"RESULT p50_ratio={p50_ratio:.2f} p95_ratio={p95_ratio:.2f} p50_added_ms={c['p50'] - s['p50']:.2f} "

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import hiredis
+from hiredis import pack_command as _pack_command
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -56,7 +57,15 @@ def _encode(arg: Any) -> bytes:
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
-    """One command in RESP (a plain loop: it runs for every command of every call)."""
+    """One command in RESP: hiredis's packer (it runs for every command of every call);
+    text it refuses (lone surrogates from JSON escapes) or a wrong type goes the slow way."""
+    try:
+        return _pack_command(args)
+    except (UnicodeError, TypeError):
+        return _pack(args)
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = _encode(arg)

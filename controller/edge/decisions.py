@@ -136,11 +136,8 @@ class EdgeDecisions:
     async def recorded(self, message: dict[str, Any]) -> None:
         """Record a call the edge decided itself (its answer is already carried out): the same
         record, timeline and counters as a decision made here."""
-        try:
-            decided = protocol.parse_decided(message)
-        except protocol.BadRequest as exc:
-            self.metrics.decision_errors.labels("bad-decided-event").inc()
-            log.warning("ignored decided event: %s", exc)
+        decided = self._parsed("decided", protocol.parse_decided, message)
+        if decided is None:
             return
         call_id = decided.call_id
         written = self._deciding.setdefault(call_id, asyncio.Event())  # its dialog events wait for it
@@ -241,26 +238,27 @@ class EdgeDecisions:
             self.metrics.redis_errors.labels("create").inc()
             log.error("call %s: Redis did not store its record (its dialog events will): %s", call_id, exc)
 
+    def _parsed(self, kind: str, parse: Callable[[dict[str, Any]], Any], message: dict[str, Any]) -> Any:
+        """An event from the edge parsed, or None when it is unusable (counted and logged)."""
+        try:
+            return parse(message)
+        except protocol.BadRequest as exc:
+            self.metrics.decision_errors.labels(f"bad-{kind}-event").inc()
+            log.warning("ignored %s event: %s", kind, exc)
+            return None
+
     async def edge_ban(self, message: dict[str, Any]) -> None:
         """Kamailio banned a source by itself (flood, scanner, sweep): record it with the
         controller's bans so operators see and manage every ban in one place."""
-        try:
-            ban = protocol.parse_ban(message)
-        except protocol.BadRequest as exc:
-            self.metrics.decision_errors.labels("bad-ban-event").inc()
-            log.warning("ignored ban event: %s", exc)
-            return
-        if self.security is not None:
+        ban = self._parsed("ban", protocol.parse_ban, message)
+        if ban is not None and self.security is not None:
             await self.security.edge_ban(ban.ip, ban.seconds, ban.reason, ban.detail)
 
     async def dialog(self, message: dict[str, Any]) -> None:
         """Follow a call's dialog: answered, ended, failed (a call the controller never
         decided, e.g. one the edge routed by fallback, is recorded by its first event)."""
-        try:
-            event = protocol.parse_dialog(message, now_ms())
-        except protocol.BadRequest as exc:
-            self.metrics.decision_errors.labels("bad-dialog-event").inc()
-            log.warning("ignored dialog event: %s", exc)
+        event = self._parsed("dialog", lambda m: protocol.parse_dialog(m, now_ms()), message)
+        if event is None:
             return
         pending = self._deciding.get(event.call_id)
         if pending is not None:  # its decision is still being written: keep the order

@@ -5,6 +5,7 @@ installed), and the Grafana dashboard: current, well-formed, valid for Grafana's
 types (tsc), every metric a panel uses exported by the controller or a real Kamailio."""
 from __future__ import annotations
 
+import fnmatch
 import html
 import json
 import re
@@ -94,8 +95,15 @@ def copied(dockerfile: Path) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("service", sorted(BUILT))
 def test_dockerfiles_copy_files_that_exist(service):
     context, dockerfile = BUILT[service]
+    ignore = context / ".dockerignore"
+    ignored = [line for line in ignore.read_text().splitlines() if line and not line.startswith("#")] \
+        if ignore.exists() else []
     for source, _ in copied(dockerfile):
         assert (context / source).exists(), f"{dockerfile}: COPY {source} not in {context}"
+        parts = Path(source).parts
+        hit = [p for p in ignored if any(fnmatch.fnmatch("/".join(parts[:n]), p.removeprefix("**/"))
+                                         for n in range(1, len(parts) + 1))]
+        assert not hit, f"{dockerfile}: COPY {source} is excluded from the build context by {hit}"
     assert "\nUSER " in dockerfile.read_text(), f"{dockerfile}: the image must not run as root"
 
 

@@ -185,7 +185,11 @@ class EdgeDecisions:
         counted, self._uncounted = self._uncounted, []
         await asyncio.gather(*counted, return_exceptions=True)  # the calls are in their counters
         policy = self._policy()
-        if policy is None or self.hot is None or not probes:
+        if policy is None or self.hot is None:
+            return
+        thresholds = self.hot.thresholds(policy)
+        probes = [p for p in probes if thresholds.get(p.key)]  # the others can never make a scope hot
+        if not probes:
             return
         try:
             values = await self.store.read_counter_values(probes, now_ms(), urgent=False)

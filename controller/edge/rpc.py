@@ -59,22 +59,18 @@ class KamailioRpc:
                 if "not found" not in str(exc).lower():  # already gone (expired) is what we wanted
                     raise
 
+    async def _dump(self, table: str) -> list[dict[str, Any]]:
+        """The items of an htable (`htable.dump`), whatever else the reply holds skipped."""
+        result = await self.call("htable.dump", table)
+        return [item for slot in (result if isinstance(result, list) else [])
+                for item in (slot.get("slot", []) if isinstance(slot, dict) else [])
+                if isinstance(item, dict) and isinstance(item.get("name"), str)]
+
     async def edge_banned(self) -> dict[str, str]:
         """The bans the edge made by itself: {ip: reason (flood, scanner, sweep)}."""
-        result = await self.call("htable.dump", FLOODBAN)
-        out: dict[str, str] = {}
-        for slot in result if isinstance(result, list) else []:
-            for item in slot.get("slot", []) if isinstance(slot, dict) else []:
-                if isinstance(item, dict) and isinstance(item.get("name"), str):
-                    out[item["name"]] = str(item.get("value", ""))
-        return out
+        return {item["name"]: str(item.get("value", "")) for item in await self._dump(FLOODBAN)}
 
     async def blocked(self) -> dict[str, int]:
         """The blocklist as the edge holds it: {ip: seconds left (0 when unknown)}."""
-        result = await self.call("htable.dump", BLOCKLIST)
-        out: dict[str, int] = {}
-        for slot in result if isinstance(result, list) else []:
-            for item in slot.get("slot", []) if isinstance(slot, dict) else []:
-                if isinstance(item, dict) and isinstance(item.get("name"), str):
-                    out[item["name"]] = int(item.get("expires") or 0) if str(item.get("expires", "")).isdigit() else 0
-        return out
+        return {item["name"]: int(item["expires"]) if str(item.get("expires", "")).isdigit() else 0
+                for item in await self._dump(BLOCKLIST)}

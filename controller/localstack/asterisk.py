@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -14,7 +13,7 @@ from base64 import b64encode
 from pathlib import Path
 
 from controller.localstack.kamailio import free_port
-from controller.localstack.process import spawn
+from controller.localstack.process import spawn, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_SET = REPO / "asterisk"
@@ -125,13 +124,7 @@ class Asterisk:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        stop_group(self.proc, 10)
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -31,7 +30,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from controller.localstack.process import spawn
+from controller.localstack.process import spawn, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = Path(os.environ.get("CALLFABRIC_KAMAILIO_CFG", REPO / "kamailio" / "kamailio.cfg"))
@@ -230,24 +229,7 @@ class Kamailio:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        # whatever is left of the process group (children, stopped ones)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(self.proc, 5)  # whatever is left of the group too (children, stopped ones)
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None

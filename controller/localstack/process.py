@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -24,3 +25,27 @@ def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
         kwargs.setdefault("preexec_fn", _die_with_parent)
     return subprocess.Popen(cmd, start_new_session=True, **kwargs)
+
+
+def stop_group(proc: subprocess.Popen | None, grace_s: float = 5.0) -> None:
+    """SIGTERM the child's process group, SIGKILL what is left of it after `grace_s` (the
+    child's own children too), and reap the child."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass

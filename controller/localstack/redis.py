@@ -1,16 +1,14 @@
 """A private redis-server on a free loopback port (no persistence unless asked)."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from controller.localstack.kamailio import free_port
-from controller.localstack.process import spawn
+from controller.localstack.process import spawn, stop_group
 
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -66,13 +64,7 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        stop_group(self.proc, 5)
 
     def restart(self, timeout: float = 10.0) -> "RedisServer":
         """Stop (SIGTERM: with AOF on, Redis fsyncs before it exits) and start again on the same

@@ -8,8 +8,17 @@ from typing import Any
 import pytest
 
 from controller.localstack.kamailio import Kamailio
+from controller.state.calls import CallStore
 from tests.support.kamailio import FakeDecider, Policy, wait_clients
 from controller.localstack.sipp import SippUAS
+
+
+@pytest.fixture
+async def store(redis_url):
+    """The call store the controller under test writes to (read it to check records)."""
+    store = CallStore(redis_url)
+    yield store
+    await store.aclose()
 
 
 @pytest.fixture

@@ -28,14 +28,6 @@ def stack(tmp_path, procs, redis_url):
     return Stack(tmp_path, procs, redis_url, decide_at_edge=True)
 
 
-@pytest.fixture
-async def store(redis_url):
-    from controller.state.calls import CallStore
-    store = CallStore(redis_url)
-    yield store
-    await store.aclose()
-
-
 async def edge_policy_version(stack: Stack, other_than: str | None = None, timeout: float = 10.0) -> str:
     """The policy version in the edge's file, once there (and different from `other_than`)."""
     deadline = time.monotonic() + timeout

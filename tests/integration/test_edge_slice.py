@@ -144,13 +144,6 @@ async def controller(stack):
     await c.stop()
 
 
-@pytest.fixture
-async def store(redis_url):
-    store = CallStore(redis_url)
-    yield store
-    await store.aclose()
-
-
 async def wait_state(store: CallStore, call_id: str, state: str, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     record = None

@@ -115,13 +115,6 @@ async def secure(secure_stack):
     await secure_stack.stop()
 
 
-@pytest.fixture
-async def store(redis_url):
-    store = CallStore(redis_url)
-    yield store
-    await store.aclose()
-
-
 def statuses(result) -> list[int]:
     return [int(line.split()[1]) for line in result.status_lines() if line.split()[1] != "100"]
 

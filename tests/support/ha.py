@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from controller.localstack.kamailio import Kamailio, free_port
-from controller.localstack.process import spawn
+from controller.localstack.process import spawn, stop_group
 from controller.localstack.sipp import run_uac
 from controller.media.model import call_token
 from controller.state.calls import CallStore
@@ -121,13 +121,7 @@ class ControllerProcess:
         return at
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        stop_group(self.proc, 15)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None

@@ -18,6 +18,8 @@ import pytest
 from controller.edge import bundle, protocol
 from controller.edge.local import RECHECK_S, EdgeDecider
 from controller.edge.verdict import call_counters, hot_thresholds, verdict
+from controller.metrics import Metrics
+from controller.security.hot import HotScopes
 from controller.policy import load_policy, policy_from_texts
 from tests.policy.helpers import DECLARATIONS
 
@@ -222,19 +224,21 @@ def test_the_edge_decides_on_a_bare_interpreter_like_kamailios(tmp_path):
     assert any(deferred == "" for deferred, _ in expected)
 
 
-class SeenHot:
-    """Stands in for HotScopes: what the controller would tell the edges."""
+class SeenHot(HotScopes):
+    """HotScopes (no edge to tell) that keeps the counter values it was shown."""
 
     def __init__(self) -> None:
+        super().__init__([], Metrics())
         self.seen: list[tuple[str, str, int]] = []
 
     def observe(self, policy, counters, values) -> None:
+        counters, values = list(counters), list(values)
         self.seen += [(c.key, c.value, v) for c, v in zip(counters, values)]
+        super().observe(policy, counters, values)
 
 
 async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_scopes(tmp_path, policy, redis_url):
     from controller.edge.decisions import EdgeDecisions
-    from controller.metrics import Metrics
     from controller.state.calls import CallStore
     _, decide, _, _, _ = await asyncio.to_thread(decider_for, tmp_path, policy)  # files: off the loop
     store, metrics, hot = CallStore(redis_url), Metrics(), SeenHot()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +17,7 @@ from controller.edge import bundle, protocol
 from controller.edge.decisions import EdgeDecisions
 from controller.edge.local import EdgeDecider
 from controller.metrics import Metrics
-from controller.policy import PolicyInvalid, policy_from_texts
+from controller.policy import Call, PolicyInvalid, policy_from_texts
 from controller.state.calls import CallStore
 from tests.policy.helpers import DECLARATIONS
 
@@ -33,6 +34,11 @@ security:
     reject: {at_least: 70}
     ban: {at_least: 100, for: 1m}
 rules:
+  - name: tag
+    actions:
+      - add_headers: {X-Caller: "${caller}", X-Callee: "${callee}", X-Dialled: "${ruri}", X-Call: "${call_id}",
+                      X-Tenant: "${tenant}", X-Source: "${source_ip}"}
+      - continue: true
   - {name: vip, match: {caller: {in_list: vip}}, actions: [route_sip: pbx]}
   - {name: counted, match: {calls_in_window: {scope: source, window: 60s, at_least: 4}}, actions: [reject: {code: 486}]}
 """
@@ -74,17 +80,31 @@ def loop():
     loop.close()
 
 
-def _check_answer(message: dict, answer) -> None:
+HEADER_LINE = re.compile(r"[A-Za-z0-9-]+: [^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+def _check_answer(message: dict, answer) -> list[str]:
+    """Checks one answer; returns the header lines it asks Kamailio to add."""
     if answer is None:  # only when no usable tx was given
         tx = message.get("tx")
         assert not (isinstance(tx, str) and protocol._TX.match(tx))
-        return
+        return []
     assert answer["tx"] == message["tx"]
     assert answer["action"] in ("dispatch", "relay", "reject", "fallback")
     encoded = json.dumps(answer).encode()
     assert len(encoded) <= protocol.MAX_ANSWER_BYTES
-    for name, value in answer.get("headers", {}).items() if isinstance(answer.get("headers"), dict) else []:
-        assert "\r" not in value and "\n" not in value and "\x00" not in value, (name, value)
+    if answer["action"] == "fallback":
+        assert "hdrs" not in answer
+        return []
+    # kamailio/PROTOCOL.md: "hdrs" is CRLF-terminated "Name: value" lines and nothing else; a
+    # CR, LF or NUL from the caller would start a header (or a body) of the caller's choosing.
+    hdrs = answer["hdrs"]
+    assert isinstance(hdrs, str) and len(hdrs.encode()) <= protocol.MAX_HDRS_BYTES
+    assert hdrs == "" or hdrs.endswith("\r\n"), hdrs
+    lines = hdrs.split("\r\n")[:-1]
+    for line in lines:
+        assert HEADER_LINE.fullmatch(line), f"header injection: {line!r}"
+    return lines
 
 
 def test_any_decide_event_gets_an_answer_or_is_dropped_never_an_exception(redis_url, loop):
@@ -92,14 +112,18 @@ def test_any_decide_event_gets_an_answer_or_is_dropped_never_an_exception(redis_
     metrics = Metrics()
     decisions = EdgeDecisions(lambda: POLICY, store, metrics, "fuzz")
 
+    tagged = []
+
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(decide_messages())
     def run(message):
         answer = loop.run_until_complete(decisions.decide(message, 0.0))
-        _check_answer(message, answer)
+        lines = _check_answer(message, answer)
+        tagged.extend(line for line in lines if line.startswith("X-Call: "))
 
     try:
         run()
+        assert tagged, "no fuzzed call carried the caller-derived headers: header injection was not tried"
         # Dialog events made of garbage are refused with a count, never raise.
         for garbage in ({}, {"event": "dialog"}, {"event": "dialog", "call_id": 5, "state": "ended"},
                         {"event": "dialog", "call_id": "x", "state": "exploded", "code": "nan"}):
@@ -121,6 +145,8 @@ def test_the_edge_decides_or_leaves_any_decide_event_to_the_controller(tmp_path_
     bundle.write(path, POLICY.source)
     decider = EdgeDecider(str(path), lambda level, message: None)
 
+    tagged = []
+
     @settings(max_examples=300, deadline=None)
     @given(decide_messages(), st.booleans())
     def run(message, hot):
@@ -130,11 +156,12 @@ def test_the_edge_decides_or_leaves_any_decide_event_to_the_controller(tmp_path_
             assert not outcome.answer and not outcome.event
             return
         answer = json.loads(outcome.answer)
-        _check_answer(message, answer)
+        tagged.extend(line for line in _check_answer(message, answer) if line.startswith("X-Call: "))
         assert answer["action"] != "fallback"
         assert protocol.parse_decided(json.loads(outcome.event)).call_id  # the controller takes what it sends
 
     run()
+    assert tagged, "the edge decided no call carrying the caller-derived headers: header injection was not tried"
 
 
 @st.composite
@@ -196,4 +223,7 @@ def test_any_policy_text_loads_or_is_refused_with_positions(lines):
         assert exc.issues and all(i.position.line >= 1 and i.position.file in ("p.yaml", "fuzz.yaml")
                                   for i in exc.issues)
         return
-    assert policy.decide is not None
+    # a policy that loads decides: every call gets one of the four outcomes
+    decision = policy.decide(Call(call_id="fuzz-1", from_user="+442079460000", to_user="02079460001",
+                                  ruri_user="02079460001", src_ip="192.0.2.1"))
+    assert decision.outcome in ("agent", "sip", "reject", "webhook") and decision.rule

@@ -17,7 +17,7 @@ import pytest
 
 from controller.edge import bundle, protocol
 from controller.edge.local import RECHECK_S, EdgeDecider
-from controller.edge.verdict import call_counters, hot_thresholds, verdict
+from controller.edge.verdict import call_counters, hot_thresholds
 from controller.metrics import Metrics
 from controller.security.hot import HotScopes
 from controller.policy import load_policy, policy_from_texts
@@ -82,26 +82,64 @@ def policy():
     return policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES})
 
 
-def test_the_edge_answers_and_records_what_the_controller_would(tmp_path, policy):
-    _, decide, log, _, _ = decider_for(tmp_path, policy)
-    for ruri in ("02079460001", "02079460003", "0909123456", "01632960000"):
-        outcome = decide(request(ruri))
-        assert outcome.deferred == "", ruri
-        parsed = protocol.parse_decide(request(ruri))
-        facts = policy.compiled.facts(parsed.call)
-        expected = verdict(policy, parsed, facts, policy.compiled.decide_facts(facts), call_counters(policy, facts),
-                           at_ms=1, decide_ms=0, decided_by="edge")
-        assert json.loads(outcome.answer) == expected.answer
-        event = json.loads(outcome.event)
-        recorded = protocol.parse_decided(event)  # what the controller will accept
-        assert recorded.call_id == "c-1@test" and recorded.record["decided_by"] == "edge"
-        assert {k: v for k, v in recorded.record.items() if k not in ("created_at_ms", "ended_at_ms")} == \
-            {k: v for k, v in expected.record.items() if k not in ("created_at_ms", "ended_at_ms")}
-        assert [c.key for c in recorded.counters] == [c.key for c in call_counters(policy, facts)]
-    billing = json.loads(decide(request("02079460001")).answer)
-    assert billing["action"] == "dispatch" and billing["max_duration_s"] == 1800 and "X-Line: billing" in billing["hdrs"]
-    assert json.loads(decide(request("0909123456")).answer)["code"] == 403
-    assert log[0][0] == "info" and "loaded" in log[0][1]
+async def test_the_edge_answers_and_records_what_the_controller_answers_over_evapi(tmp_path, policy, redis_url):
+    """The same calls decided twice, by independent paths: at the edge (EdgeDecider, as
+    Kamailio's Python runs it) and by the controller over the decision channel end to end
+    (netstring frames over TCP -> EdgeChannel -> EdgeDecisions -> real Redis). Answers and
+    records must be the same, field by field."""
+    from controller.edge.channel import EdgeChannel
+    from controller.edge.decisions import EdgeDecisions
+    from controller.state.calls import CallStore
+    from tests.support.evapi import ScriptedEdge, frame, read_answers
+    _, decide, log, _, _ = await asyncio.to_thread(decider_for, tmp_path, policy)
+    store, metrics, edge = CallStore(redis_url), Metrics(), ScriptedEdge()
+    channel = EdgeChannel("127.0.0.1", await edge.start(), EdgeDecisions(lambda: policy, store, metrics, "ctl-1"),
+                          metrics)
+    task = asyncio.create_task(channel.run())
+    try:
+        reader, writer = await asyncio.wait_for(edge.connections.get(), 10)
+        ruris = ("02079460001", "02079460003", "0909123456", "01632960000")
+        decisions = channel.decisions
+
+        async def stored(call_id: str) -> dict:
+            for _ in range(200):  # a record is acknowledged after its answer left
+                record = await store.get(call_id)
+                if record:
+                    return record
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"no record for {call_id}")
+
+        def same(record: dict) -> dict:
+            return {k: v for k, v in record.items() if k not in ("call_id", "created_at_ms", "ended_at_ms", "decided_by")}
+
+        for n, ruri in enumerate(ruris):
+            message = request(ruri, call_id=f"ctl-{n}@test", tx=f"12:{n}")
+            outcome = await asyncio.to_thread(decide, {**message, "call_id": f"edge-{n}@test"})
+            assert outcome.deferred == "", ruri
+            writer.write(frame(message))
+            (controller_answer,) = await read_answers(reader, 1)
+            assert json.loads(outcome.answer) == controller_answer, ruri
+            event = json.loads(outcome.event)
+            assert protocol.parse_decided(event).record["decided_by"] == "edge"  # what the controller accepts
+            await decisions.recorded(event)
+            at_edge, at_controller = await stored(f"edge-{n}@test"), await stored(f"ctl-{n}@test")
+            assert at_edge["decided_by"] == "edge" and at_controller["decided_by"] == "controller"
+            assert same(at_edge) == same(at_controller), ruri
+            timelines = [await store.timeline(f"{who}-{n}@test") for who in ("edge", "ctl")]
+            # the edge reads no counter (below the hot mark they compare as 0): its event has none
+            steady = [[{k: v for k, v in e.items() if k not in ("id", "call_id", "ts", "decide_ms", "decided_by",
+                                                                  "counters")} for e in t] for t in timelines]
+            assert steady[0] == steady[1] and [e["event"] for e in steady[0]] == ["decided"], ruri
+        billing = json.loads((await asyncio.to_thread(decide, request("02079460001"))).answer)
+        assert billing["action"] == "dispatch" and billing["max_duration_s"] == 1800
+        assert "X-Line: billing" in billing["hdrs"]
+        assert json.loads((await asyncio.to_thread(decide, request("0909123456"))).answer)["code"] == 403
+        assert log[0][0] == "info" and "loaded" in log[0][1]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await edge.stop()
+        await store.aclose()
 
 
 def test_calls_the_edge_leaves_to_the_controller(tmp_path, policy):

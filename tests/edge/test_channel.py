@@ -2,11 +2,9 @@
 server) that sends good events, garbage and broken streams: the controller answers what it
 can, counts the rest, reconnects, and never goes down. Real Redis underneath."""
 import asyncio
-import json
 
 import pytest
 
-from controller.edge import protocol
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import EdgeDecisions
 from controller.metrics import Metrics

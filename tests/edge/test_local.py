@@ -17,7 +17,7 @@ import pytest
 
 from controller.edge import bundle, protocol
 from controller.edge.local import RECHECK_S, EdgeDecider
-from controller.edge.verdict import call_counters, hot_thresholds
+from controller.edge.verdict import hot_thresholds
 from controller.metrics import Metrics
 from controller.security.hot import HotScopes
 from controller.policy import load_policy, policy_from_texts

@@ -135,7 +135,7 @@ class CallControl:
         try:
             if request.get("kind") == "originate":
                 agent = self._names("agents", str(request.get("agent")))
-                body = await self.plane.originate(
+                body = await self.plane.call.originate(
                     str(request.get("call_id")), str(request.get("uri")),
                     Endpoint(agent.name, agent.endpoint, agent.transport, agent.codec),
                     caller_id=request.get("caller_id") if isinstance(request.get("caller_id"), str) else None,
@@ -188,25 +188,25 @@ class CallControl:
         plane = self.plane
         if verb == "route_agent":
             self._names("agents", arg["agent"])
-            return {"action": verb, "result": await plane.transfer(call_id, arg["agent"])}
+            return {"action": verb, "result": await plane.call.transfer(call_id, arg["agent"])}
         if verb in ("route_sip", "add_human"):
             destination = self._names("destinations", arg["destination"])
             mode = "handoff" if verb == "route_sip" else arg.get("mode", "conference")
             context = await self._context(call_id, arg.get("context"))
-            leg = await plane.add_human(call_id, destination.name, destination.uris[0], mode=mode, context=context)
+            leg = await plane.humans.add(call_id, destination.name, destination.uris[0], mode=mode, context=context)
             return {"action": verb, "result": leg}
         if verb == "fork":
             target = self._names("fork_targets", arg["target"])
             endpoint = Endpoint(target.name, target.endpoint, target.transport, target.codec)
             return {"action": verb,
-                    "result": await plane.start_fork(call_id, endpoint, arg.get("direction", target.direction))}
+                    "result": await plane.forks.start(call_id, endpoint, arg.get("direction", target.direction))}
         if verb == "stop_fork":
-            await plane.stop_fork(call_id, arg["fork_id"])
+            await plane.forks.stop(call_id, arg["fork_id"])
             return {"action": verb, "result": {"fork_id": arg["fork_id"], "state": "gone"}}
         if verb == "play":
-            return {"action": verb, "result": await plane.play(call_id, arg["media"])}
+            return {"action": verb, "result": await plane.playback.play(call_id, arg["media"])}
         if verb == "hangup":
-            await plane.hangup(call_id)
+            await plane.call.hangup(call_id)
             return {"action": verb, "result": {"state": "ended"}}
         if verb == "set_metadata":
             await self.store.merge_metadata(call_id, {k: str(v) for k, v in arg.items()})
@@ -230,7 +230,7 @@ class CallControl:
         if any(c in target for c in " <>\"\r\n\x00") or len(target) > 256:
             raise CommandError(422, "`to` is not a valid SIP URI", [{"path": "to", "message": "invalid SIP URI"}])
         try:
-            return await self.plane.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
+            return await self.plane.call.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
                                                                          endpoint.transport, endpoint.codec),
                                               caller_id=caller_id, context=context or {})
         except MediaError as exc:

@@ -68,5 +68,5 @@ class MediaHealth:
         if problem:
             self._flagged.add(channel)
             self.plane.metrics.one_way_audio.labels(kind).inc()
-            await self.plane._timeline(media, "one_way_audio", leg=kind, name=label, channel=channel, tx=tx, rx=rx,
+            await self.plane.timeline(media, "one_way_audio", leg=kind, name=label, channel=channel, tx=tx, rx=rx,
                                        problem=problem)

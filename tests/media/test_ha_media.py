@@ -130,7 +130,7 @@ async def test_a_dead_owners_node_is_taken_over_and_its_calls_keep_their_media(f
     await until(lambda: a.owns and fake.app_connected(APP), what="a owns media1")
     b = await controllers("ctl-b")
     callers = {f"ha-{i}@edge": await call_up(fake, a.store, lambda: a.plane, f"ha-{i}@edge") for i in range(5)}
-    await a.plane.transfer("ha-0@edge", "billing")
+    await a.plane.call.transfer("ha-0@edge", "billing")
     assert not b.owns and not b.plane.calls
     before = {c: (m.agent.channel, {f.snoop for f in m.forks.values()}) for c, m in a.plane.calls.items()}
     mark = len(fake.requests)
@@ -150,7 +150,7 @@ async def test_a_dead_owners_node_is_taken_over_and_its_calls_keep_their_media(f
     assert b.metrics.registry.get_sample_value("callfabric_node_takeover_duration_seconds_count") == 1
     assert b.metrics.registry.get_sample_value("callfabric_forks_active") == 5
 
-    result = await b.plane.transfer("ha-1@edge", "billing")  # the new owner acts on the calls at once
+    result = await b.plane.call.transfer("ha-1@edge", "billing")  # the new owner acts on the calls at once
     assert result["agent"] == "billing"
     for channel in callers.values():
         await fake.caller_hangup(channel)
@@ -212,7 +212,7 @@ async def test_an_ari_websocket_cut_mid_transfer_is_resynced_without_doing_anyth
     await fake.drop_websockets(abrupt=True)
     started = time.monotonic()
     with pytest.raises(MediaError, match="gone while the events websocket was down"):
-        await c.plane.transfer("cut@edge", "billing")
+        await c.plane.call.transfer("cut@edge", "billing")
     assert time.monotonic() - started < 2
     assert media.state == "active" and media.agent.channel == old_agent
     assert set(fake.bridges[media.bridge]["channels"]) == {channel, old_agent}
@@ -222,7 +222,7 @@ async def test_an_ari_websocket_cut_mid_transfer_is_resynced_without_doing_anyth
     assert done["GET channels"] == 1  # the resync after the reconnection
     events = [e["event"] for e in await c.store.timeline("cut@edge")]
     assert events.count("transfer_failed") == 1 and events.count("media_start") == 1
-    assert (await c.plane.transfer("cut@edge", "billing"))["agent"] == "billing"  # connected again: it works
+    assert (await c.plane.call.transfer("cut@edge", "billing"))["agent"] == "billing"  # connected again: it works
 
 
 async def test_a_caller_whose_stasis_start_nobody_handled_is_taken_in_by_the_resync(fake, controllers, redis_url):

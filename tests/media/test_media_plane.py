@@ -134,19 +134,19 @@ async def test_two_forks_then_stop_one_the_call_undisturbed(h):
 
     first = next(iter(media.forks))
     mark = len(h.fake.requests)
-    await h.plane.stop_fork("call-1@edge", first)
+    await h.plane.forks.stop("call-1@edge", first)
     assert sorted(path_kinds(h.calls(mark))) == ["DELETE bridges", "DELETE channels", "DELETE channels"]
     assert media.forks[first].state == "gone" and h.metrics.registry.get_sample_value("callfabric_forks_active") == 1
     assert media.forks[first].bridge not in h.fake.bridges
     assert caller in h.fake.channels and media.agent.channel in h.fake.channels
     with pytest.raises(MediaError, match="already gone"):
-        await h.plane.stop_fork("call-1@edge", first)
+        await h.plane.forks.stop("call-1@edge", first)
 
 
 async def test_a_fork_that_fails_does_not_take_the_call_down(h):
     await h.call_up()
     with pytest.raises(MediaError, match="fork to broken failed"):
-        await h.plane.start_fork("call-1@edge", Endpoint("broken", "not a host", "rtp", "slin16"), "in")
+        await h.plane.forks.start("call-1@edge", Endpoint("broken", "not a host", "rtp", "slin16"), "in")
     media = h.plane.calls["call-1@edge"]
     (fork,) = media.forks.values()
     assert fork.state == "failed" and media.state == "active" and fork.snoop not in h.fake.channels
@@ -162,7 +162,7 @@ async def test_ai_to_ai_transfer_keeps_the_caller_in_the_bridge(h):
     await h.until(lambda: [f.state for f in media.forks.values()] == ["up"])
     old_agent = media.agent.channel
     mark = len(h.fake.requests)
-    result = await h.plane.transfer("call-1@edge", "billing")
+    result = await h.plane.call.transfer("call-1@edge", "billing")
     assert path_kinds(h.calls(mark)) == ["POST channels/externalMedia", "POST bridges/addChannel",
                                           "POST bridges/removeChannel", "DELETE channels"]
     removed = next(r for r in h.fake.requests[mark:] if r.path.endswith("/removeChannel"))
@@ -177,7 +177,7 @@ async def test_ai_to_ai_transfer_keeps_the_caller_in_the_bridge(h):
     events = [e["event"] for e in await h.store.timeline("call-1@edge")]
     assert "transfer_started" in events and "transfer_completed" in events
     with pytest.raises(MediaError, match="unknown agent"):
-        await h.plane.transfer("call-1@edge", "nobody")
+        await h.plane.call.transfer("call-1@edge", "nobody")
 
 
 @pytest.mark.parametrize("mode", ["conference", "handoff"])
@@ -185,7 +185,7 @@ async def test_a_human_is_brought_in_with_context_headers(h, mode):
     caller = await h.call_up()
     media = h.plane.calls["call-1@edge"]
     agent_channel = media.agent.channel
-    leg = await h.plane.add_human("call-1@edge", "vip-desk", "sip:desk@pbx.example.com", mode=mode,
+    leg = await h.plane.humans.add("call-1@edge", "vip-desk", "sip:desk@pbx.example.com", mode=mode,
                                   context={"summary": "Billing dispute, wants a refund", "intent": "refund",
                                            "sentiment": "negative", "X-Transcript": "x" * 400})
     originate = next(r for r in h.fake.requests if r.method == "POST" and r.path.endswith(media.humans[leg["leg_id"]].channel))
@@ -210,7 +210,7 @@ async def test_a_human_is_brought_in_with_context_headers(h, mode):
 async def test_a_human_who_does_not_answer_is_recorded_and_the_call_goes_on(h):
     await h.call_up()
     media = h.plane.calls["call-1@edge"]
-    leg = await h.plane.add_human("call-1@edge", "desk", "sip:desk@pbx.example.com")
+    leg = await h.plane.humans.add("call-1@edge", "desk", "sip:desk@pbx.example.com")
     await h.fake.fail_outbound(media.humans[leg["leg_id"]].channel, cause=17)
     await h.until(lambda: media.humans[leg["leg_id"]].state == "failed")
     assert media.state == "active" and media.agent.state == "up"
@@ -225,7 +225,7 @@ async def test_hang_up_cleans_up_everything_the_call_created(h, who):
     if who == "caller":
         await h.fake.caller_hangup(caller)
     else:
-        await h.plane.hangup("call-1@edge")
+        await h.plane.call.hangup("call-1@edge")
     await h.until(lambda: "call-1@edge" not in h.plane.calls)
     await h.fake.settle()
     assert not [c for c in h.fake.channels if c.startswith("cf-")] and caller not in h.fake.channels
@@ -234,12 +234,12 @@ async def test_hang_up_cleans_up_everything_the_call_created(h, who):
     assert await h.store.media_calls("media1") == []
     assert h.metrics.registry.get_sample_value("callfabric_forks_active") == 0
     with pytest.raises(MediaError, match="no live call"):
-        await h.plane.play("call-1@edge", "sound:hello-world")
+        await h.plane.playback.play("call-1@edge", "sound:hello-world")
 
 
 async def test_play_into_the_call(h):
     await h.call_up()
-    result = await h.plane.play("call-1@edge", "sound:hello-world")
+    result = await h.plane.playback.play("call-1@edge", "sound:hello-world")
     await h.fake.wait_for_event("PlaybackFinished")
     request = next(r for r in h.fake.requests if "/play/" in r.path)
     assert request.path.endswith(result["playback_id"]) and request.query["media"] == "sound:hello-world"
@@ -274,7 +274,7 @@ async def test_controller_restart_mid_call_resumes_from_redis(h):
     await h.start_plane()  # a new controller process: nothing in memory
     media = h.plane.calls["call-1@edge"]
     assert media is not before and media.agent.channel == before.agent.channel and media.state == "active"
-    result = await h.plane.transfer("call-1@edge", "billing")  # it can act on the call right away
+    result = await h.plane.call.transfer("call-1@edge", "billing")  # it can act on the call right away
     assert result["agent"] == "billing"
     await h.fake.caller_hangup(caller)
     await h.until(lambda: "call-1@edge" not in h.plane.calls)

@@ -149,7 +149,7 @@ async def test_ai_to_ai_transfer_keeps_the_callers_audio_flowing(running):
         media = await wait_active(plane, result.call_id)
         await asyncio.sleep(1.0)
         moments["before"] = (result.rtp_received, agents["billing"].received)
-        await plane.transfer(result.call_id, "billing")
+        await plane.call.transfer(result.call_id, "billing")
         moments["intake_after"] = agents["intake"].received
         await asyncio.sleep(2.0)
         moments["after"] = (result.rtp_received, agents["billing"].received)
@@ -170,7 +170,7 @@ async def test_a_human_brought_in_receives_the_context_headers(running):
 
     async def bring_human(result):
         await wait_active(plane, result.call_id)
-        await plane.add_human(result.call_id, "desk", f"sip:desk@{human.addr}", mode="conference",
+        await plane.humans.add(result.call_id, "desk", f"sip:desk@{human.addr}", mode="conference",
                               context={"summary": "Wants a refund", "intent": "refund", "sentiment": "negative"})
         deadline = time.monotonic() + 10
         while not await asyncio.to_thread(human.invites):

@@ -1,0 +1,148 @@
+"""Forks (taps): a live one-way copy of the caller's audio, of what the caller hears, or
+both, to a fork target (STT, recorder): a snoop channel and an ExternalMedia channel in their
+own bridge, the call undisturbed. Several per call, started and stopped at any time; a fork
+that fails never takes the call down."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from controller.media.ari import AriError
+from controller.media.feature import LEG_UP_TIMEOUT_S, Endpoint, Feature, FollowUp, MediaError
+from controller.media.model import CallMedia, ForkLeg, session_uuid
+from controller.state.calls import now_ms
+
+LIVE = ("starting", "up")
+
+
+class Forks(Feature):
+    # -- actions ---------------------------------------------------------------------------------
+    async def start(self, call_id: str, target: Endpoint, direction: str = "in", *,
+                    started: float | None = None, during_setup: bool = False) -> dict[str, Any]:
+        """A live one-way copy of the caller's audio (spy in), of what the caller hears (out)
+        or both, to a fork target.
+
+        The call's lock is held only to change its record: the snoop, the ExternalMedia
+        channel and the fork's bridge are created together, outside it, so forks start in
+        parallel with each other and with the agent leg."""
+        plane = self.plane
+        if direction not in ("in", "out", "both"):
+            raise MediaError(f"fork direction must be in, out or both, not {direction!r}", 422)
+        t0 = started if started is not None else time.perf_counter()
+        async with plane.lock(call_id):
+            media = plane.calls.get(call_id) if during_setup else plane.live(call_id)
+            if media is None or media.state in ("ending", "ended"):
+                raise MediaError(f"call {call_id!r} has ended", 409)
+            fork_id = f"f{media.sequence + 1}"
+            fork = ForkLeg(fork_id=fork_id, target=target.name, endpoint=target.endpoint, transport=target.transport,
+                           codec=target.codec, direction=direction, snoop=media.next_id("snoop"),
+                           channel=media.next_id("fork"), bridge=media.next_id("forkbridge"), started_ms=now_ms())
+            if target.transport == "audiosocket":
+                fork.session = session_uuid(fork.channel)
+            media.forks[fork_id] = fork
+            await plane.save(media, "fork_starting", fork=fork_id, target=target.name, direction=direction)
+        client = plane.nodes[media.node]
+        try:
+            snoop_up = plane.waiter(fork.snoop)
+            await asyncio.gather(
+                plane.confirmed(fork.snoop, client.snoop(media.caller_channel, fork.snoop, spy=direction,
+                                                         app_args=f"fork,{fork_id}")),
+                plane.external_media(media, fork.channel, target),
+                client.create_bridge(fork.bridge, f"fork-{media.token}-{fork_id}"))
+            await asyncio.wait_for(snoop_up, LEG_UP_TIMEOUT_S)
+            await asyncio.gather(client.add_channel(fork.bridge, fork.snoop), client.add_channel(fork.bridge, fork.channel))
+        except (AriError, MediaError, asyncio.TimeoutError) as exc:
+            plane.forget_waiter(fork.snoop)
+            async with plane.lock(call_id):
+                fork.state, fork.reason = "failed", str(exc) or type(exc).__name__
+                plane.metrics.forks_failed.labels("start").inc()
+                await plane.save(media, "fork_failed", fork=fork_id, reason=fork.reason)
+            await self._remove(media, fork)
+            raise MediaError(f"fork to {target.name} failed: {fork.reason}", 502) from None
+        async with plane.lock(call_id):
+            if media.state in ("ending", "ended") or fork.state != "starting":  # the call ended meanwhile
+                await self._remove(media, fork)
+                raise MediaError(f"call {call_id!r} ended while its fork started", 409)
+            fork.state, fork.up_ms = "up", now_ms()
+            elapsed = time.perf_counter() - t0
+            plane.metrics.fork_start_seconds.observe(elapsed)
+            plane.metrics.forks_started.inc()
+            plane.metrics.forks_active.inc()
+            await plane.save(media, "fork_started", fork=fork_id, target=target.name, start_ms=round(elapsed * 1000, 1))
+            return {"fork_id": fork_id, "target": target.name, "direction": direction}
+
+    async def stop(self, call_id: str, fork_id: str) -> None:
+        plane = self.plane
+        async with plane.lock(call_id):
+            media = plane.live(call_id)
+            fork = media.forks.get(fork_id)
+            if fork is None:
+                raise MediaError(f"call has no fork {fork_id!r}", 404)
+            if fork.state not in LIVE:
+                raise MediaError(f"fork {fork_id} is already {fork.state}")
+            fork.state = "stopping"
+            await self._remove(media, fork)
+            fork.state = "gone"
+            plane.metrics.forks_active.dec()
+            await plane.save(media, "fork_stopped", fork=fork_id)
+
+    def abandon(self, media: CallMedia) -> None:
+        """The call is set up anew (its forks with it): its running forks are failed."""
+        for fork in media.forks.values():
+            if fork.state in LIVE:
+                fork.state = "failed"
+                self.plane.metrics.forks_active.dec()
+
+    async def _remove(self, media: CallMedia, fork: ForkLeg) -> None:
+        client = self.plane.nodes[media.node]
+        await self.plane.quietly(client.hangup(fork.snoop))
+        await self.plane.quietly(client.hangup(fork.channel))
+        await self.plane.quietly(client.destroy_bridge(fork.bridge))
+
+    # -- ARI events ------------------------------------------------------------------------------
+    async def gone(self, media: CallMedia, channel_id: str, cause: str) -> bool:
+        plane = self.plane
+        for fork in media.forks.values():
+            if channel_id in (fork.channel, fork.snoop) and fork.state in LIVE:
+                fork.state, fork.reason = "failed", f"{'target' if channel_id == fork.channel else 'snoop'} channel gone"
+                plane.metrics.forks_failed.labels("leg-gone").inc()
+                plane.metrics.forks_active.dec()
+                await plane.save(media, "fork_failed", fork=fork.fork_id, reason=fork.reason)
+                await self._remove(media, fork)
+                return True
+        return False
+
+    # -- record keeping --------------------------------------------------------------------------
+    def missing(self, media: CallMedia, channels: dict[str, dict]) -> bool:
+        changed = False
+        for fork in media.forks.values():
+            if fork.state in LIVE and (fork.channel not in channels or fork.snoop not in channels):
+                fork.state, fork.reason = "failed", "gone while disconnected"
+                changed = True
+        return changed
+
+    async def take_over(self, media: CallMedia, channels: dict[str, dict], bridges: set[str]) -> list[FollowUp]:
+        """Forks that were starting are started again (once the call's record is saved)."""
+        restart: list[FollowUp] = []
+        for fork in media.forks.values():
+            if fork.state == "starting":
+                fork.state, fork.reason = "failed", "interrupted: the controller starting it stopped"
+                self.plane.metrics.forks_active.dec()
+                await self._remove(media, fork)
+                target = Endpoint(fork.target, fork.endpoint, fork.transport, fork.codec)
+                restart.append(("fork", lambda target=target, direction=fork.direction:
+                                self.plane.quietly(self.start(media.call_id, target, direction))))
+        return restart
+
+    def ending(self, media: CallMedia) -> None:
+        for fork in media.forks.values():
+            if fork.state in LIVE:
+                fork.state = "gone"
+                self.plane.metrics.forks_active.dec()
+
+    def adopted(self, media: CallMedia) -> None:
+        self.plane.metrics.forks_active.inc(sum(1 for f in media.forks.values() if f.state in LIVE))
+
+    def released(self, media: CallMedia) -> None:
+        self.plane.metrics.forks_active.dec(sum(1 for f in media.forks.values() if f.state in LIVE))

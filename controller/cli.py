@@ -55,7 +55,7 @@ def _call_from_args(args: argparse.Namespace, default_tz: str):
             raise ValueError(f"--counter {item!r} must look like 'window:source:60=12' or 'live:tenant=40'")
         counters[key.strip()] = int(value)
     spec = {"from": args.from_, "to": args.to, "src": args.src, "transport": args.transport,
-            "headers": headers, "counters": counters, "call_id": args.call_id}
+            "headers": headers, "counters": counters, "call_id": args.call_id, "trunk": args.trunk}
     if args.ruri:
         spec["ruri"] = args.ruri
     if args.at:
@@ -88,7 +88,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         return EXIT_OK
     f = explanation.facts
     print(f"call: caller={f.caller!r} callee={f.callee!r} ruri={f.ruri!r} source={f.src_ip} "
-          f"transport={f.transport} tenant={f.tenant!r} at={f.at.isoformat()}")
+          f"transport={f.transport} trunk={f.trunk!r} tenant={f.tenant!r} at={f.at.isoformat()}")
     print(f"policy {policy.version}\n")
     width = max(len(t.rule) for t in explanation.traces)
     for trace in explanation.traces:
@@ -424,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--ruri", default="", help="Request-URI user (default: --to)")
     explain.add_argument("--src", default="127.0.0.1", help="source IP[:port]")
     explain.add_argument("--transport", default="udp")
+    explain.add_argument("--trunk", default="", help="the inbound trunk the edge recognised")
     explain.add_argument("--header", action="append", help="'Name: value' (repeatable)")
     explain.add_argument("--at", help="ISO time, e.g. 2026-11-25T10:00:00-05:00 (no offset: the policy's time zone)")
     explain.add_argument("--call-id", default="explain-call", help="Call-ID (decides percentage splits)")

@@ -209,7 +209,7 @@ class EdgeDecisions:
         payload = {"type": "call.initiated", "call_id": call.call_id, "ts": now_ms(), "data": {
             "from": facts.caller, "to": facts.callee, "dialled": facts.ruri, "from_uri": request.from_uri,
             "source": f"{call.src_ip}:{call.src_port}", "transport": call.transport, "tenant": facts.tenant,
-            "headers": dict(call.headers), "rule": asked.rule, "policy_version": policy.version,
+            "trunk": facts.trunk, "headers": dict(call.headers), "rule": asked.rule, "policy_version": policy.version,
             "answer": "reply with {\"actions\": [...]}: the same actions as policy rules"}}
         if self._ask_webhook is None:
             result, answer = "error", None

@@ -109,6 +109,7 @@ def parse_decide(message: dict[str, Any]) -> DecideRequest:
         ruri_user=_text(message, "ruri_user", 256), src_ip=_text(message, "src_ip", 64),
         src_port=port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536 else 0,
         transport=_text(message, "transport", 8).lower() or "udp", headers=_headers(message.get("headers")),
+        trunk=_text(message, "trunk", 64),
     )
     return DecideRequest(tx, call, _text(message, "from_uri"), _text(message, "to_uri"), _text(message, "ruri"),
                          _text(message, "from_tag", 128), _text(message, "user_agent", 256))
@@ -186,8 +187,8 @@ class EdgeDecided:
 
 _RECORD_FIELDS = frozenset((
     "state", "outcome", "rule", "applied_rules", "target", "policy_version", "decision", "from_uri", "to_uri", "ruri",
-    "caller", "callee", "dialled", "src", "transport", "tenant", "user_agent", "tx", "created_at_ms", "decided_by",
-    "end_reason", "end_code", "ended_at_ms"))
+    "caller", "callee", "dialled", "src", "transport", "tenant", "trunk", "user_agent", "tx", "created_at_ms",
+    "decided_by", "end_reason", "end_code", "ended_at_ms"))
 _COUNTER_KINDS = ("window", "live", "distinct")
 
 

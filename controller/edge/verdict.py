@@ -79,7 +79,7 @@ def verdict(policy: Any, request: protocol.DecideRequest, facts: Facts, decision
         "from_uri": request.from_uri, "to_uri": request.to_uri, "ruri": request.ruri,
         "caller": facts.caller, "callee": facts.callee, "dialled": facts.ruri,
         "src": f"{call.src_ip}:{call.src_port}", "transport": call.transport, "tenant": facts.tenant,
-        "user_agent": request.user_agent, "tx": request.tx, "created_at_ms": at_ms, "decided_by": decided_by,
+        "trunk": facts.trunk, "user_agent": request.user_agent, "tx": request.tx, "created_at_ms": at_ms, "decided_by": decided_by,
         "end_reason": "rejected" if rejected else None, "end_code": decision.reject_code if rejected else None,
         "ended_at_ms": at_ms if rejected else None,
     }

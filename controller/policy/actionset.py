@@ -106,7 +106,7 @@ def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -
             max_duration = actions.max_duration_s if max_duration is None else min(max_duration, actions.max_duration_s)
     common = dict(rule=rule, applied_rules=tuple(name for name, _ in applied), policy_version=version,
                   headers=tuple(headers.values()), forks=tuple(forks.values()), max_duration_s=max_duration,
-                  tenant=facts.tenant)
+                  tenant=facts.tenant, trunk=facts.trunk)
     if final.terminal == "agent":
         return Decision(outcome="agent", agent=final.agent, **common)
     if final.terminal == "sip":

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from controller.policy import conditions as cond
 from controller.policy.actionset import ActionSet, assemble
 from controller.policy.facts import Facts
-from controller.policy.model import Call, CounterSpec, Decision, PolicySource
+from controller.policy.model import Call, CounterSpec, Decision, PolicySource, trunk_refusal
 from controller.policy.risk import CompiledSecurity
 
 Matcher = Callable[[Facts], bool]
@@ -107,6 +107,9 @@ class _Compiler:
         if kind == "tenant":
             tenants = frozenset(cond.as_list(value))
             return lambda f: f.tenant in tenants
+        if kind == "trunk":
+            trunks = frozenset(cond.as_list(value))
+            return lambda f: f.trunk in trunks
         if kind == "time":
             return self.time(value)
         if kind == "split":
@@ -260,10 +263,14 @@ class CompiledPolicy:
         self.header_names = frozenset(compiler.header_names)
         self._settings = source.settings
         self._tenants = source.tenants
+        self._trunk_tenants = source.trunk_tenants()
+        # inbound trunk -> the test its dialled numbers must pass (trunks that restrict them)
+        self._trunk_numbers = {t.name: compiler.number(_FIELD["ruri"], t.inbound.numbers)
+                               for t in source.trunks.values() if t.inbound is not None and t.inbound.numbers}
         self._default = source.default
 
     def facts(self, call: Call) -> Facts:
-        return Facts(call, self._settings, self._tenants)
+        return Facts(call, self._settings, self._tenants, self._trunk_tenants)
 
     def _candidates(self, f: Facts) -> list[int]:
         hits: list[list[int]] = []
@@ -294,8 +301,11 @@ class CompiledPolicy:
 
     def decide_facts(self, f: Facts) -> Decision:
         """Decide from facts already derived (the edge derives them once to know which
-        counters to fetch, then sets `f.counters`). Risk scoring comes first: a challenge,
-        reject or ban outcome decides instead of the rules."""
+        counters to fetch, then sets `f.counters`). A number its trunk does not carry is
+        refused first; then risk scoring: a challenge, reject or ban outcome decides instead of
+        the rules."""
+        if f.trunk is not None and f.trunk in self._trunk_numbers and not self._trunk_numbers[f.trunk](f):
+            return trunk_refusal(f.trunk, self.version, f.tenant)
         security = self.security
         if security is None:
             return self._rules_decide(f)

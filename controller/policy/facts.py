@@ -33,9 +33,10 @@ def _headers(raw: Any) -> dict[str, tuple[str, ...]]:
 
 class Facts:
     __slots__ = ("call_id", "caller", "callee", "ruri", "src_ip", "source", "transport", "headers", "at",
-                 "counters", "tenant", "_local", "_buckets")
+                 "counters", "trunk", "tenant", "_local", "_buckets")
 
-    def __init__(self, call: Call, settings: Settings, tenants: tuple[Tenant, ...]):
+    def __init__(self, call: Call, settings: Settings, tenants: tuple[Tenant, ...],
+                 trunk_tenants: Mapping[str, str | None] | None = None):
         numbering = settings.numbering
         self.call_id = _text(call.call_id, 256)
         self.caller = numbering.normalise(_text(call.from_user))
@@ -50,12 +51,16 @@ class Facts:
         self.at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
         counters = call.counters if isinstance(call.counters, Mapping) else {}
         self.counters = counters
-        self.tenant = self._resolve_tenant(tenants)
+        # the inbound trunk the edge recognised; a name the policy does not declare is no trunk
+        trunk = _text(call.trunk, 64)
+        self.trunk = trunk if trunk_tenants is not None and trunk in trunk_tenants else None
+        self.tenant = (trunk_tenants or {}).get(self.trunk or "") or self._resolve_tenant(tenants)
         self._local: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
         self._buckets: dict[str, int] = {}
 
     def _resolve_tenant(self, tenants: tuple[Tenant, ...]) -> str | None:
-        """Trunk addresses first (they cannot be forged), then a header a trusted upstream sets."""
+        """(After the inbound trunk's own tenant.) Trunk addresses first (they cannot be forged),
+        then a header a trusted upstream sets."""
         if self.src_ip is not None:
             for tenant in tenants:
                 if any(self.src_ip in net for net in tenant.trunks):

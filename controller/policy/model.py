@@ -67,6 +67,7 @@ class Destination:
     name: str
     uris: tuple[str, ...]  # primary first, then failover in order
     attempt_timeout_ms: int | None
+    trunks: tuple[str, ...] = ()  # a number reached through outbound trunks: the trunk of each URI
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,63 @@ class Tenant:
 
 
 @dataclass(frozen=True, slots=True)
+class Secret:
+    """Where a trunk's password is read from (never the policy itself): an environment
+    variable of the process that needs it, or a file (e.g. a container secret)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    username: str
+    secret: Secret
+    realm: str | None = None  # outbound: the carrier's realm, when known (lets the edge keep HA1 only)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTrunk:
+    """Calls a carrier (or a PBX) sends us: recognised at the edge by source address and/or digest."""
+
+    sources: tuple[IPNetwork, ...]
+    digest: Digest | None
+    numbers: Mapping[str, Any] | None  # a number match (like `ruri:`) the dialled number must pass
+    tenant: str | None
+    transports: tuple[str, ...]  # allowed signalling transports (empty: any)
+    media: str  # always | nat-only | never: rtpengine anchors the call's media at the edge
+    srtp: str  # off | optional | required
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundTrunk:
+    """Where calls to phone numbers leave us: a carrier's SIP address and how to present ourselves."""
+
+    address: str  # host[:port]
+    transport: str  # udp | tcp | tls
+    digest: Digest | None
+    from_host: str | None
+    caller_ids: tuple[str, ...]  # E.164 numbers we may present; empty: the caller's own
+    failover: tuple[str, ...]  # other outbound trunks, tried in order
+    media: str
+    srtp: str
+
+    def uri(self, number: str) -> str:
+        return f"sip:{number}@{self.address}" + (f";transport={self.transport}" if self.transport != "udp" else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Trunk:
+    name: str
+    inbound: InboundTrunk | None
+    outbound: OutboundTrunk | None
+    position: Position = Position("<policy>", 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     numbering: Numbering
     timezone: str
@@ -114,6 +172,7 @@ class Call:
     transport: str = "udp"
     headers: Mapping[str, Any] = field(default_factory=dict)  # name -> value or list of values
     at: datetime | None = None  # aware; None means now
+    trunk: str = ""  # the inbound trunk the edge recognised (source address / digest), "" for none
     counters: Mapping[str, int] = field(default_factory=dict)  # see CounterSpec.key
 
 
@@ -228,6 +287,7 @@ class Decision:
     max_duration_s: int | None = None
     tenant: str | None = None
     risk: RiskAssessment | None = None  # when the policy scores risk and something was found
+    trunk: str | None = None  # the inbound trunk the call came in on
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (what the decision record, explain and tests show)."""
@@ -240,6 +300,8 @@ class Decision:
                             "endpoint": a.endpoint, "transport": a.transport, "codec": a.codec}
         if self.destination:
             out["destination"] = {"name": self.destination.name, "uris": list(self.destination.uris)}
+            if self.destination.trunks:
+                out["destination"]["trunks"] = list(self.destination.trunks)
             if self.destination.attempt_timeout_ms:
                 out["destination"]["attempt_timeout_ms"] = self.destination.attempt_timeout_ms
         if self.reject_code is not None:
@@ -256,6 +318,8 @@ class Decision:
             out["max_duration_s"] = self.max_duration_s
         if self.tenant is not None:
             out["tenant"] = self.tenant
+        if self.trunk is not None:
+            out["trunk"] = self.trunk
         if self.risk is not None:
             out["risk"] = self.risk.to_dict()
         out["policy_version"] = self.policy_version
@@ -293,7 +357,18 @@ class PolicySource:
     default: "ActionSet"
     default_position: Position
     security: SecurityPolicy | None = None
+    trunks: dict[str, Trunk] = field(default_factory=dict)
     warnings: tuple[PolicyIssue, ...] = field(default=())
+
+    def trunk_tenants(self) -> dict[str, str | None]:
+        """Inbound trunk name -> its tenant (the trunks a call can come in on)."""
+        return {t.name: t.inbound.tenant for t in self.trunks.values() if t.inbound is not None}
+
+
+def trunk_refusal(trunk: str, version: str, tenant: str | None) -> Decision:
+    """A call to a number its inbound trunk does not carry: refused before any rule."""
+    return Decision(outcome="reject", rule="trunk", applied_rules=("trunk",), policy_version=version,
+                    reject_code=404, reject_reason="Not Found", tenant=tenant, trunk=trunk)
 
 
 def utc_now() -> datetime:

@@ -11,7 +11,7 @@ from typing import Any
 from controller.policy import conditions as cond
 from controller.policy.actionset import ActionSet, assemble
 from controller.policy.facts import Facts
-from controller.policy.model import Call, Decision, PolicySource, Position
+from controller.policy.model import Call, Decision, PolicySource, Position, trunk_refusal
 from controller.policy.risk import CompiledSecurity
 
 _LABEL = {"caller": "caller", "callee": "callee", "ruri": "dialled number (R-URI)"}
@@ -55,7 +55,14 @@ class ReferenceEvaluator:
         return self.explain(call).decision
 
     def explain(self, call: Call) -> Explanation:
-        f = Facts(call, self.source.settings, self.source.tenants)
+        f = Facts(call, self.source.settings, self.source.tenants, self.source.trunk_tenants())
+        trunk = self.source.trunks.get(f.trunk or "")
+        if trunk is not None and trunk.inbound.numbers:
+            check = self.number("ruri", trunk.inbound.numbers, f)
+            if not check.ok:
+                trace = RuleTrace("trunk", trunk.position, True,
+                                  f"trunk {trunk.name!r} does not carry this number: {check.text}", True)
+                return Explanation(trunk_refusal(trunk.name, self.source.version, f.tenant), (trace,), f)
         security = self._security()
         if security is None:
             return self._explain_rules(f)
@@ -139,6 +146,10 @@ class ReferenceEvaluator:
             allowed = cond.as_list(value)
             ok = f.tenant is not None and f.tenant in allowed
             return Check(ok, f"tenant {f.tenant!r} is {'' if ok else 'not '}one of {_quote(allowed)}")
+        if kind == "trunk":
+            allowed = cond.as_list(value)
+            ok = f.trunk is not None and f.trunk in allowed
+            return Check(ok, f"trunk {f.trunk!r} is {'' if ok else 'not '}one of {_quote(allowed)}")
         if kind == "time":
             return self.time(value, f)
         if kind == "split":

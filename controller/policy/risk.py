@@ -186,7 +186,7 @@ class CompiledSecurity:
         else:
             code, reason = p.reject_code, p.reject_reason
         return Decision(outcome="reject", rule="security", applied_rules=("security",), policy_version=version,
-                        reject_code=code, reject_reason=reason, tenant=f.tenant, risk=risk)
+                        reject_code=code, reject_reason=reason, tenant=f.tenant, risk=risk, trunk=f.trunk)
 
     def cap(self, decision: Decision) -> Decision:
         """The policy-wide maximum call duration over whatever the rules (or a webhook) said."""

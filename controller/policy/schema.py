@@ -66,6 +66,7 @@ _CONDITION_PROPERTIES: dict[str, Any] = {
         },
     },
     "tenant": _one_or_many(_NAME),
+    "trunk": {**_one_or_many(_NAME), "description": "The call came in on one of these inbound trunks."},
     "time": {
         "type": "object",
         "minProperties": 1,
@@ -174,6 +175,58 @@ _SECURITY = {
     },
 }
 
+TRUNK_MEDIA = ("always", "nat-only", "never")
+SRTP_MODES = ("off", "optional", "required")
+TRUNK_TRANSPORTS = ("udp", "tcp", "tls")
+_SECRET_REF = {
+    "type": "object", "required": ["username"], "additionalProperties": False,
+    "description": "Digest credentials; the password is read from the environment or a file, never written here.",
+    "properties": {
+        "username": {"type": "string", "pattern": r"^[A-Za-z0-9_.!~*'()&=+$,;?/%-]{1,64}$"},
+        "password_env": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+        "password_file": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "realm": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"},
+    },
+}
+_MEDIA = {"enum": list(TRUNK_MEDIA), "description": "rtpengine anchors the call's media at the edge: always, only "
+                                                   "when the caller is behind NAT, or never"}
+_SRTP = {"enum": list(SRTP_MODES), "description": "SRTP (SDES) toward this trunk: off, optional or required"}
+_TRUNK = {
+    "type": "object", "minProperties": 1, "additionalProperties": False,
+    "properties": {
+        "description": _TEXT,
+        "inbound": {
+            "type": "object", "additionalProperties": False,
+            "description": "Calls this trunk sends us: recognised by source address and/or digest credentials.",
+            "properties": {
+                "sources": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                "digest": _SECRET_REF,
+                "numbers": {"anyOf": [*_NUMBER_MATCH["anyOf"], {"type": "array", "minItems": 1, "items": _NUMBER}],
+                            "description": "The dialled numbers this trunk may call (else 404): numbers, or a "
+                                           "match like `ruri:` ({prefix: …}, {in_list: …})."},
+                "tenant": _NAME,
+                "transports": _one_or_many({"enum": list(TRUNK_TRANSPORTS)}),
+                "media": _MEDIA,
+                "srtp": _SRTP,
+            },
+        },
+        "outbound": {
+            "type": "object", "required": ["address"], "additionalProperties": False,
+            "description": "Where calls to phone numbers leave through this trunk.",
+            "properties": {
+                "address": {"type": "string", "minLength": 1, "maxLength": 256},
+                "transport": {"enum": list(TRUNK_TRANSPORTS)},
+                "digest": _SECRET_REF,
+                "from_host": {"type": "string", "pattern": r"^[A-Za-z0-9.\-]{1,253}$"},
+                "caller_ids": {"type": "array", "items": _NUMBER},
+                "failover": {"type": "array", "items": _NAME},
+                "media": _MEDIA,
+                "srtp": _SRTP,
+            },
+        },
+    },
+}
+
 _NUMBER_LIST = {
     "anyOf": [
         {"type": "array", "items": _NUMBER},
@@ -239,9 +292,11 @@ def policy_file_schema() -> dict[str, Any]:
                 },
             }),
             "destinations": _named({
-                "type": "object", "required": ["uri"], "additionalProperties": False,
+                "type": "object", "additionalProperties": False,
                 "properties": {
                     "uri": {"type": "string"},
+                    "trunk": {**_NAME, "description": "an outbound trunk (the number is called through it)"},
+                    "number": {**_NUMBER, "description": "the phone number called through `trunk`"},
                     "failover": {"type": "array", "items": {"type": "string"}},
                     "attempt_timeout_ms": {"type": "integer", "minimum": 1000, "maximum": 600000,
                                            "description": "how long each target may ring before the next is tried"},
@@ -271,6 +326,7 @@ def policy_file_schema() -> dict[str, Any]:
                     "description": _TEXT,
                 },
             }),
+            "trunks": _named(_TRUNK),
             "rules": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
             "security": _SECURITY,
             "default": {

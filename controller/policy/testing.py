@@ -16,9 +16,9 @@ from controller.policy.model import PolicyIssue, Position
 from controller.policy.validate import dotted
 from controller.policy.yamlpos import PositionedDocument, YamlSyntaxError, load_yaml
 
-CALL_KEYS = {"from", "to", "ruri", "src", "transport", "headers", "at", "call_id", "counters"}
+CALL_KEYS = {"from", "to", "ruri", "src", "transport", "headers", "at", "call_id", "counters", "trunk"}
 EXPECT_KEYS = {"outcome", "rule", "applied_rules", "agent", "destination", "reject", "headers", "forks",
-               "max_duration", "tenant", "webhook", "fallback", "risk", "findings"}
+               "max_duration", "tenant", "trunk", "webhook", "fallback", "risk", "findings"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,7 @@ def build_call(spec: dict[str, Any], default_tz: str) -> Call:
         ruri_user=str(spec.get("ruri", to_user)), src_ip=src_ip, src_port=src_port,
         transport=str(spec.get("transport", "udp")), headers=headers,
         at=parse_at(spec["at"], default_tz) if "at" in spec else None, counters=dict(spec.get("counters") or {}),
+        trunk=str(spec.get("trunk") or ""),
     )
 
 
@@ -75,6 +76,7 @@ def decision_view(decision_dict: dict[str, Any]) -> dict[str, Any]:
                             "forks": [f["target"] for f in decision_dict.get("forks", [])],
                             "max_duration": decision_dict.get("max_duration_s"),
                             "tenant": decision_dict.get("tenant"),
+                            "trunk": decision_dict.get("trunk"),
                             "risk": decision_dict.get("risk", {}).get("outcome"),
                             "findings": [x["detector"] for x in decision_dict.get("risk", {}).get("findings", [])]}
     if "agent" in decision_dict:

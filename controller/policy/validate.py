@@ -20,8 +20,8 @@ from controller.policy import conditions as cond
 from controller.schema_errors import TYPE_WORDS, describe, json_type, show
 from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, REASON_PHRASES, ActionSet, build_action_set
 from controller.policy.model import (
-    Agent, Destination, Detector, ForkTarget, NodeSet, PolicyInvalid, PolicyIssue, PolicySource, Position, RuleSource,
-    SecurityPolicy, Settings, Tenant,
+    Agent, Destination, Detector, Digest, ForkTarget, InboundTrunk, NodeSet, OutboundTrunk, PolicyInvalid, PolicyIssue,
+    PolicySource, Position, RuleSource, Secret, SecurityPolicy, Settings, Tenant, Trunk,
 )
 from controller.policy.numbers import Numbering
 from controller.policy.schema import policy_file_schema
@@ -31,9 +31,10 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 MAX_POLICY_FILE_BYTES = 8 * 1024 * 1024
 DECLARATION_SECTIONS = {
     "node_sets": "node set", "agents": "agent", "destinations": "destination", "fork_targets": "fork target",
-    "number_lists": "number list", "risk_lists": "risk list", "tenants": "tenant",
+    "number_lists": "number list", "risk_lists": "risk list", "tenants": "tenant", "trunks": "trunk",
 }
 _SIP_URI = re.compile(r"^sips?:(?:[^@\s<>\"]+@)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::[0-9]{1,5})?(?:;[^\s<>\"]*)?$")
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::[0-9]{1,5})?$")
 _HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
 _CONNECTION_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -195,9 +196,21 @@ class _Builder:
             elif body["node_set"] in node_sets:
                 agents[name] = Agent(name, node_sets[body["node_set"]], body["endpoint"], transport,
                                      body.get("codec", "ulaw" if transport == "rtp" else "slin16"), body.get("webhook"))
+        trunks = {name: self._trunk(name, doc, path, body, numbering)
+                  for name, (doc, path, body) in decls["trunks"].items() if self.valid(doc, path)}
+        self._trunk_failover(decls["trunks"], trunks)
         destinations: dict[str, Destination] = {}
         for name, (doc, path, body) in decls["destinations"].items():
             if not self.valid(doc, path):
+                continue
+            if ("uri" in body) == ("trunk" in body) or ("trunk" in body) != ("number" in body):
+                self.error(doc, path, "a destination is either a SIP `uri` (with its `failover` URIs) or a phone "
+                                      "`number` called through an outbound `trunk`")
+                continue
+            if "trunk" in body:
+                destination = self._trunk_destination(name, doc, path, body, trunks, numbering)
+                if destination is not None:
+                    destinations[name] = destination
                 continue
             uris = [body["uri"]] + list(body.get("failover", []))
             for i, uri in enumerate(uris):
@@ -247,7 +260,7 @@ class _Builder:
                 seen_rules[name] = doc.position(path)
                 if not self.valid(doc, path):
                     continue
-                if name in ("default", "security"):
+                if name in ("default", "security", "trunk"):
                     self.error(doc, path + ("name",), f"{name!r} is reserved: it names decisions made by the "
                                                       f"policy's {name}")
                 if raw.get("match") is not None and self.valid(doc, path + ("match",)):
@@ -274,7 +287,7 @@ class _Builder:
             version=self._version(), files=tuple(sorted(self.texts)), settings=settings, node_sets=node_sets,
             agents=agents, destinations=destinations, fork_targets=fork_targets, number_lists=number_lists,
             risk_lists=risk_lists, tenants=tenants, rules=tuple(rules), default=default_actions,
-            default_position=doc.position(path), security=security,
+            default_position=doc.position(path), security=security, trunks=trunks,
         )
 
     def _version(self) -> str:
@@ -396,6 +409,105 @@ class _Builder:
                 self.error(doc, path + ("header", "name"), problem)
         return Tenant(name, tuple(trunks), header["name"].lower() if header else None, header["equals"] if header else None)
 
+    # -- trunks --------------------------------------------------------------------------------
+    def _digest(self, doc: PositionedDocument, path: Path, body: dict[str, Any] | None) -> Digest | None:
+        if body is None:
+            return None
+        if ("password_env" in body) == ("password_file" in body):
+            self.error(doc, path, "give the password's source: exactly one of `password_env` (an environment "
+                                  "variable) or `password_file` (a secret file); never the password itself")
+        file = body.get("password_file")
+        if file is not None and not os.path.isabs(file):
+            self.error(doc, path + ("password_file",), f"{show(file)}: give the secret file's absolute path")
+        return Digest(body["username"], Secret(env=body.get("password_env"), file=file), body.get("realm"))
+
+    def _trunk(self, name: str, doc: PositionedDocument, path: Path, body: dict[str, Any],
+               numbering: Numbering) -> Trunk:
+        inbound = outbound = None
+        raw_in = body.get("inbound")
+        if raw_in is not None:
+            sub = path + ("inbound",)
+            sources = []
+            for i, text in enumerate(raw_in.get("sources", [])):
+                try:
+                    sources.append(cond.parse_network(text))
+                except ValueError as exc:
+                    self.error(doc, sub + ("sources", i), str(exc))
+            if not raw_in.get("sources") and "digest" not in raw_in:
+                self.error(doc, sub, "an inbound trunk needs `sources` (addresses / CIDRs), `digest` credentials, "
+                                     "or both: otherwise nobody could be recognised as this trunk")
+            numbers = raw_in.get("numbers")
+            if isinstance(numbers, list):
+                numbers = {"exact": numbers}
+            if numbers is not None:
+                self._number_match(doc, sub + ("numbers",), numbers, numbering)
+            tenant = raw_in.get("tenant")
+            if tenant is not None and tenant not in self.decl_names["tenants"]:
+                self._unknown(doc, sub + ("tenant",), "tenant", tenant)
+            inbound = InboundTrunk(tuple(sources), self._digest(doc, sub + ("digest",), raw_in.get("digest")),
+                                   numbers, tenant, tuple(cond.as_list(raw_in.get("transports", []))),
+                                   raw_in.get("media", "always"), raw_in.get("srtp", "optional"))
+            if inbound.srtp != "off" and inbound.media == "never":
+                self.error(doc, sub + ("srtp",), "SRTP ends at the edge's rtpengine: a trunk with `srtp: "
+                                                 f"{inbound.srtp}` needs `media: always` or `nat-only`")
+        raw_out = body.get("outbound")
+        if raw_out is not None:
+            sub = path + ("outbound",)
+            address = raw_out["address"]
+            if not _HOST.match(address):
+                self.error(doc, sub + ("address",), f"{show(address)} is not host[:port] (e.g. 'sip.carrier.example:5061')")
+            caller_ids = []
+            for i, number in enumerate(raw_out.get("caller_ids", [])):
+                normalised = numbering.normalise(str(number))
+                if not normalised.startswith("+"):
+                    self.error(doc, sub + ("caller_ids", i), f"{show(number)} is not a phone number (E.164 after "
+                                                             "normalisation)")
+                caller_ids.append(normalised)
+            outbound = OutboundTrunk(address, raw_out.get("transport", "udp"),
+                                     self._digest(doc, sub + ("digest",), raw_out.get("digest")),
+                                     raw_out.get("from_host"), tuple(caller_ids), tuple(raw_out.get("failover", [])),
+                                     raw_out.get("media", "always"), raw_out.get("srtp", "off"))
+        return Trunk(name, inbound, outbound, doc.position(path, key=True))
+
+    def _trunk_failover(self, decls: dict[str, tuple[PositionedDocument, Path, Any]], trunks: dict[str, Trunk]) -> None:
+        """An outbound trunk's failover names other outbound trunks, never itself."""
+        self.inbound_trunks = {n for n, t in trunks.items() if t.inbound is not None}
+        for name, trunk in trunks.items():
+            if trunk.outbound is None:
+                continue
+            doc, path, _ = decls[name]
+            for i, other in enumerate(trunk.outbound.failover):
+                where = path + ("outbound", "failover", i)
+                if other not in self.decl_names["trunks"]:
+                    self._unknown(doc, where, "trunk", other)
+                elif other == name:
+                    self.error(doc, where, "a trunk cannot fail over to itself")
+                elif other in trunks and trunks[other].outbound is None:
+                    self.error(doc, where, f"trunk {other!r} has no `outbound` part")
+
+    def _trunk_destination(self, name: str, doc: PositionedDocument, path: Path, body: dict[str, Any],
+                           trunks: dict[str, Trunk], numbering: Numbering) -> Destination | None:
+        """A phone number reached through an outbound trunk (then its failover trunks)."""
+        trunk_name = body["trunk"]
+        if "failover" in body:
+            self.error(doc, path + ("failover",), "a destination through a trunk fails over to the trunk's own "
+                                                  "`failover` trunks")
+        if trunk_name not in self.decl_names["trunks"]:
+            self._unknown(doc, path + ("trunk",), "trunk", trunk_name)
+            return None
+        trunk = trunks.get(trunk_name)
+        if trunk is None:
+            return None
+        if trunk.outbound is None:
+            self.error(doc, path + ("trunk",), f"trunk {trunk_name!r} has no `outbound` part")
+            return None
+        number = numbering.normalise(str(body["number"]))
+        if not number.startswith("+"):
+            self.error(doc, path + ("number",), f"{show(body['number'])} is not a phone number (E.164 after normalisation)")
+        chain_ = [trunk_name] + [t for t in trunk.outbound.failover if t in trunks and trunks[t].outbound is not None]
+        return Destination(name, tuple(trunks[t].outbound.uri(number) for t in chain_), body.get("attempt_timeout_ms"),
+                           tuple(chain_))
+
     # -- conditions ----------------------------------------------------------------------------
     def _condition(self, doc, path, node, settings, numbering, number_lists, risk_lists, tenants) -> None:
         recurse = lambda p, n: self._condition(doc, p, n, settings, numbering, number_lists, risk_lists, tenants)  # noqa: E731
@@ -428,6 +540,13 @@ class _Builder:
                     for i, name in enumerate(cond.as_list(value)):
                         if name not in self.decl_names["tenants"]:
                             self._unknown(doc, sub + (i,) if isinstance(value, list) else sub, "tenant", name)
+                elif kind == "trunk":
+                    for i, name in enumerate(cond.as_list(value)):
+                        where = sub + (i,) if isinstance(value, list) else sub
+                        if name not in self.decl_names["trunks"]:
+                            self._unknown(doc, where, "trunk", name)
+                        elif name not in self.inbound_trunks:
+                            self.error(doc, where, f"trunk {name!r} has no `inbound` part: no call comes in on it")
                 elif kind == "time":
                     self._time(doc, sub, value)
                 elif kind == "split":

@@ -23,6 +23,7 @@ from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
 from controller.edge.publish import EdgePolicyPublisher
 from controller.edge.rpc import KamailioRpc
+from controller.edge.trunks import EdgeTrunkPublisher
 from controller.media.ami import AmiWatcher, parse_ami_node
 from controller.media.ari import AriClient
 from controller.lifecycle import Lifecycle
@@ -55,6 +56,8 @@ INBOX = web.AppKey("inbox", NodeInbox)
 OWNERSHIPS = web.AppKey("ownerships", list)  # NodeOwnership per configured media node
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 DRAINED = web.AppKey("drained", asyncio.Event)  # set when a drain is over: the process may exit
+POLICY_LISTENERS = web.AppKey("policy_listeners", list)  # called with each ReloadOutcome, on the loop
+EDGE_RPCS = web.AppKey("edge_rpcs", list)  # KamailioRpc per edge_rpc endpoint
 
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
@@ -82,10 +85,15 @@ async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
     publisher: EdgePolicyPublisher | None = None
 
+    listeners: list = []
+    app[POLICY_LISTENERS] = listeners
+
     def on_outcome(outcome: ReloadOutcome) -> None:
         metrics.policy_outcome(outcome)
         if publisher is not None:
             publisher.outcome(outcome)
+        for listener in listeners:
+            listener(outcome)
 
     holder = PolicyHolder(settings.policy_dir, on_outcome)
     if settings.edge_policy_file:
@@ -153,6 +161,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
             raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
     session = aiohttp.ClientSession()
     edges = [KamailioRpc(url, session) for url in settings.edge_rpc]
+    app[EDGE_RPCS] = edges
     bans = BanList(store.batch, metrics, edges)
     app[HOT] = HotScopes(edges, metrics)
     guard = SecurityGuard(store, bans, metrics, lambda: app[POLICIES].policy, settings.instance_id, hot=app[HOT])
@@ -176,6 +185,24 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
     await guard.close()
     await app[HOT].close()
     await session.close()
+
+
+async def _trunks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The edges' trunk table (controller/edge/trunks.py), rewritten with every policy version."""
+    settings = app[SETTINGS]
+    if not settings.edge_trunks_dir:
+        yield
+        return
+    publisher = EdgeTrunkPublisher(settings.edge_trunks_dir, settings.edge_realm, app[POLICIES], app[METRICS],
+                                   app[EDGE_RPCS])
+    await publisher.publish()
+    app[POLICY_LISTENERS].append(publisher.outcome)
+    task = asyncio.create_task(publisher.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await publisher.close()
 
 
 async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -335,8 +362,8 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _webhooks_ctx, _security_ctx, _edge_ctx, _media_ctx,
-                            _lifecycle_ctx, _api_ctx, _housekeeping_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _policy_ctx, _webhooks_ctx, _security_ctx, _trunks_ctx, _edge_ctx,
+                            _media_ctx, _lifecycle_ctx, _api_ctx, _housekeeping_ctx])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
     try:

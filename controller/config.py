@@ -51,6 +51,10 @@ class Settings:
     edge_policy_file: str = _setting("", "Where the policy is written for the edges' own decisions (Kamailio's "
                                          "EDGE_POLICY: the same file, e.g. on a shared volume). Empty: the edges "
                                          "ask a controller for every call.")
+    edge_trunks_dir: str = _setting("", "Where the trunk table is written for the edges (Kamailio's TRUNKS_DB: "
+                                        "text://<this directory>, e.g. a volume shared with the edges only). Empty: "
+                                        "the edges do not check trunks (every source may call).")
+    edge_realm: str = _setting("callfabric", "Digest realm the edges challenge inbound trunks with.")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
                                   "bans are recorded but no edge enforces them.")
     ban_resync_s: float = _setting(30.0, "How often every ban in force is pushed to every edge again (an edge "

@@ -34,6 +34,11 @@ class Metrics:
                                   ["result"], registry=r)
         self.edge_policy_writes = Counter("callfabric_edge_policy_writes_total", "Policy files written for the "
                                           "edges' own decisions, by result (ok, error).", ["result"], registry=r)
+        self.edge_trunk_writes = Counter("callfabric_edge_trunk_writes_total", "Trunk tables written for the edges, "
+                                         "by result (ok; problems: a trunk's secret was missing; error).", ["result"],
+                                         registry=r)
+        self.edge_auth_failures = Counter("callfabric_edge_auth_failures_total", "Failed digest authentications of "
+                                          "inbound trunks at the edge, by reason.", ["reason"], registry=r)
         self.decision_seconds = Histogram("callfabric_decision_duration_seconds",
                                           "Time from reading a decision request to writing its answer.",
                                           buckets=DECISION_BUCKETS, registry=r)

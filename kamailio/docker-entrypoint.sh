@@ -7,7 +7,10 @@
 #   MEDIA_NODES (space-separated sip:host:port of the Asterisk nodes: set 1),
 #   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4),
 #   EDGE_POLICY (the policy file the controller writes, its edge_policy_file: the edge then
-#   decides the common calls itself; unset: every call is asked over evapi)
+#   decides the common calls itself; unset: every call is asked over evapi),
+#   TRUNKS_DIR (the directory the controller writes the trunk table in, its edge_trunks_dir:
+#   initial INVITEs must then come from a declared inbound trunk; until the controller has
+#   written it, a closed table refuses every source)
 set -eu
 run=/run/callfabric
 : > "$run/dispatcher.list"
@@ -22,4 +25,12 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
   -A "CHILDREN=${CHILDREN:-4}"
 if [ -n "${SIP_ADVERTISE:-}" ]; then set -- "$@" -A "SIP_ADVERTISE=${SIP_ADVERTISE}"; fi
 if [ -n "${EDGE_POLICY:-}" ]; then set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\""; fi
+if [ -n "${TRUNKS_DIR:-}" ]; then
+  if [ ! -f "$TRUNKS_DIR/cftrunk" ]; then
+    mkdir -p "$TRUNKS_DIR"
+    printf 'key_name(str) key_type(int) value_type(int) key_value(str) expires(int)\nenforce:0:0:1:0\nnets:0:0:0:0\nrealm:0:0:callfabric:0\nv:0:0:none:0\n' > "$TRUNKS_DIR/cftrunk"
+    printf 'table_name(str) table_version(int)\ncftrunk:2\n' > "$TRUNKS_DIR/version"
+  fi
+  set -- "$@" -A "TRUNKS_DB=\"text://${TRUNKS_DIR}\""
+fi
 exec "$@"

@@ -126,6 +126,8 @@ class EdgeChannel:
             self._spawn(self.decisions.recorded(message))
         elif kind == "ban":
             self._spawn(self.decisions.edge_ban(message))
+        elif kind == "auth":
+            self._spawn(self.decisions.edge_auth_failed(message))
         else:
             log.debug("edge %s: ignored event %r", self.name, str(kind)[:32])
 

@@ -258,6 +258,17 @@ class EdgeDecisions:
         if ban is not None and self.security is not None:
             await self.security.edge_ban(ban.ip, ban.seconds, ban.reason, ban.detail)
 
+    async def edge_auth_failed(self, message: dict[str, Any]) -> None:
+        """An inbound trunk's digest failed at the edge: counted where the brute-force detector
+        (`asterisk_security`: failed authentications from a source) reads."""
+        failure = self._parsed("auth", protocol.parse_auth, message)
+        if failure is None:
+            return
+        self.metrics.edge_auth_failures.labels(failure.reason).inc()
+        if self.security is not None:
+            await self.security.auth_failed(failure.ip, "edge", "failed trunk authentications (last: "
+                                            + failure.reason + (f", user {failure.user!r})" if failure.user else ")"))
+
     async def dialog(self, message: dict[str, Any]) -> None:
         """Follow a call's dialog: answered, ended, failed (a call the controller never
         decided, e.g. one the edge routed by fallback, is recorded by its first event)."""

@@ -142,6 +142,31 @@ def parse_ban(message: dict[str, Any]) -> EdgeBan:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthFailure:
+    ip: str
+    reason: str  # unknown-user | bad-password
+    user: str
+    trunk: str
+
+
+_AUTH_REASONS = ("unknown-user", "bad-password")
+_AUTH_NAME = re.compile(r"^[A-Za-z0-9_.!~*'()&=+,;?/%-]{0,64}$")
+
+
+def parse_auth(message: dict[str, Any]) -> AuthFailure:
+    """A failed trunk authentication at the edge → AuthFailure (BadRequest when unusable)."""
+    try:
+        ip = str(ipaddress.ip_address(_text(message, "ip", 64)))
+    except ValueError:
+        raise BadRequest("auth event without a valid ip") from None
+    reason = message.get("reason")
+    if reason not in _AUTH_REASONS:
+        raise BadRequest(f"auth event with an unknown reason {str(reason)[:32]!r}")
+    user, trunk = _text(message, "user", 64), _text(message, "trunk", 64)
+    return AuthFailure(ip, reason, user if _AUTH_NAME.match(user) else "", trunk if _AUTH_NAME.match(trunk) else "")
+
+
+@dataclass(frozen=True, slots=True)
 class DialogEvent:
     call_id: str
     state: str  # confirmed | ended | failed

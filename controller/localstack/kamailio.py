@@ -108,6 +108,7 @@ class Kamailio:
         name: str = "kamailio",
         pike_trusted_net: str | None = "127.0.0.1/32",
         edge_policy: Path | str | None = None,
+        trunks_dir: Path | str | None = None,
     ) -> None:
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,8 @@ class Kamailio:
         self.extra_defines = extra_defines or {}
         # where the controller writes the policy for the edge's own decisions (None: off)
         self.edge_policy = Path(edge_policy) if edge_policy is not None else None
+        # where the controller writes the trunk table (None: no trunk checks at the edge)
+        self.trunks_dir = Path(trunks_dir) if trunks_dir is not None else None
         env_trusted = os.environ.get("CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET")
         self.pike_trusted_net = pike_trusted_net if env_trusted is None else (env_trusted or None)
         self.sip_port = free_port(socket.SOCK_DGRAM)
@@ -172,6 +175,8 @@ class Kamailio:
         if self.edge_policy is not None:
             defines["EDGE_POLICY"] = f'"{self.edge_policy}"'
             defines["EDGE_SCRIPT"] = f'"{EDGE_SCRIPT}"'
+        if self.trunks_dir is not None:
+            defines["TRUNKS_DB"] = f'"text://{self.trunks_dir.resolve()}"'
         defines.update(self.extra_defines)
         cmd = [
             KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
@@ -188,6 +193,9 @@ class Kamailio:
         self.rundir.mkdir(parents=True, exist_ok=True)
         if not self.ds_file.exists():
             self.write_dispatcher_list()
+        if self.trunks_dir is not None:
+            from controller.edge.trunks import seed_table
+            seed_table(str(self.trunks_dir))
         for attempt in range(attempts):
             logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._log_fh = open(self.log_path, "ab")

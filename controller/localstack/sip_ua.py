@@ -4,6 +4,7 @@ what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import re
 import struct
@@ -50,10 +51,35 @@ def _headers(message: str) -> tuple[str, dict[str, list[str]], str]:
     return lines[0], headers, body
 
 
+def digest_answer(challenge: str, method: str, uri: str, username: str, password: str) -> str:
+    """A Proxy-Authorization value answering a Proxy-Authenticate challenge (MD5, qop=auth if offered)."""
+    params = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge.split(" ", 1)[1]))
+    realm, nonce = params["realm"], params["nonce"]
+    ha1 = hashlib.md5(f"{username}:{realm}:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"{method}:{uri}".encode()).hexdigest()
+    value = f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", algorithm=MD5'
+    if "auth" in params.get("qop", "").split(","):
+        cnonce, nc = uuid.uuid4().hex[:16], "00000001"
+        response = hashlib.md5(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}".encode()).hexdigest()
+        value += f', qop=auth, nc={nc}, cnonce="{cnonce}"'
+    else:
+        response = hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
+    return value + f', response="{response}"' + (f', opaque="{params["opaque"]}"' if "opaque" in params else "")
+
+
 class SipCaller:
-    def __init__(self, edge_port: int, from_user: str = "+12025550123"):
+    """`source_ip`: the 127.0.0.x address it sends from; `announce_ip`: the address its Via,
+    Contact and SDP claim (a caller behind NAT announces its private one); `auth`: digest
+    (username, password) answering a 407."""
+
+    def __init__(self, edge_port: int, from_user: str = "+12025550123", *, source_ip: str = "127.0.0.1",
+                 announce_ip: str | None = None, auth: tuple[str, str] | None = None):
         self.edge = ("127.0.0.1", edge_port)
         self.from_user = from_user
+        self.source_ip = source_ip
+        self.announce_ip = announce_ip or source_ip
+        self.auth = auth
+        self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
                    while_up=None) -> CallResult:
@@ -62,40 +88,56 @@ class SipCaller:
         loop = asyncio.get_running_loop()
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
-        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=("127.0.0.1", 0))
-        rtp_transport, _ = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=("127.0.0.1", 0))
+        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, 0))
+        rtp_transport, _ = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
+        me = self.announce_ip
         sip_port = sip_transport.get_extra_info("sockname")[1]
         rtp_port = rtp_transport.get_extra_info("sockname")[1]
         tag = uuid.uuid4().hex[:8]
         try:
-            sdp = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            sdp = (f"v=0\r\no=- 1 1 IN IP4 {me}\r\ns=-\r\nc=IN IP4 {me}\r\nt=0 0\r\n"
                    f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            branch = f"z9hG4bK{uuid.uuid4().hex}"
-            invite = (f"INVITE sip:{to_user}@127.0.0.1:{self.edge[1]} SIP/2.0\r\n"
-                      f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
-                      f"From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\nTo: <sip:{to_user}@127.0.0.1>\r\n"
-                      f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@127.0.0.1:{sip_port}>\r\n"
-                      f"{extra}Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
-            sip_transport.sendto(invite.encode(), self.edge)
-            final = None
-            deadline = loop.time() + 10
-            while final is None:
-                message = await asyncio.wait_for(sip.queue.get(), max(0.1, deadline - loop.time()))
-                first, hdrs, body = _headers(message)
-                if first.startswith("SIP/2.0 ") and "INVITE" in hdrs.get("cseq", [""])[0]:
-                    code = int(first.split()[1])
-                    if code >= 200:
-                        final = (first, hdrs, body)
+            ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}"
+            cseq, authorization = 1, ""
+            while True:
+                branch = f"z9hG4bK{uuid.uuid4().hex}"
+                invite = (f"INVITE {ruri} SIP/2.0\r\n"
+                          f"Via: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                          f"From: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: <sip:{to_user}@127.0.0.1>\r\n"
+                          f"Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:caller@{me}:{sip_port}>\r\n"
+                          f"{authorization}{extra}Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
+                sip_transport.sendto(invite.encode(), self.edge)
+                final = None
+                deadline = loop.time() + 10
+                while final is None:
+                    message = await asyncio.wait_for(sip.queue.get(), max(0.1, deadline - loop.time()))
+                    first, hdrs, body = _headers(message)
+                    if first.startswith("SIP/2.0 ") and f"{cseq} INVITE" in hdrs.get("cseq", [""])[0]:
+                        code = int(first.split()[1])
+                        if code >= 200:
+                            final = (first, hdrs, body)
+                code = int(final[0].split()[1])
+                if code not in (401, 407) or self.auth is None or self.challenges:
+                    break
+                self.challenges.append(code)  # answer one challenge
+                ack = (f"ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\n"
+                       f"Max-Forwards: 70\r\nFrom: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: {final[1]['to'][0]}\r\n"
+                       f"Call-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n")
+                sip_transport.sendto(ack.encode(), self.edge)
+                header = "proxy-authenticate" if code == 407 else "www-authenticate"
+                answer = digest_answer(final[1][header][0], "INVITE", ruri, *self.auth)
+                authorization = f"{'Proxy-Authorization' if code == 407 else 'Authorization'}: {answer}\r\n"
+                cseq += 1
             first, hdrs, body = final
             result.status, result.reason = int(first.split()[1]), first.split(" ", 2)[2]
             to_header = hdrs["to"][0]
             route = list(reversed(hdrs.get("record-route", [])))
             if result.status >= 300:
-                ack = (f"ACK sip:{to_user}@127.0.0.1:{self.edge[1]} SIP/2.0\r\n"
-                       f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
-                       f"From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\nTo: {to_header}\r\nCall-ID: {call_id}\r\n"
-                       f"CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+                ack = (f"ACK {ruri} SIP/2.0\r\n"
+                       f"Via: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                       f"From: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: {to_header}\r\nCall-ID: {call_id}\r\n"
+                       f"CSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n")
                 sip_transport.sendto(ack.encode(), self.edge)
                 return result
             contact = re.search(r"<([^>]+)>", hdrs["contact"][0]).group(1)
@@ -105,11 +147,11 @@ class SipCaller:
 
             def in_dialog(method: str, cseq: int) -> bytes:
                 return (f"{method} {contact} SIP/2.0\r\n"
-                        f"Via: SIP/2.0/UDP 127.0.0.1:{sip_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
-                        f"Max-Forwards: 70\r\n{route_lines}From: <sip:{self.from_user}@127.0.0.1>;tag={tag}\r\n"
+                        f"Via: SIP/2.0/UDP {me}:{sip_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                        f"Max-Forwards: 70\r\n{route_lines}From: <sip:{self.from_user}@{me}>;tag={tag}\r\n"
                         f"To: {to_header}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
                         f"Content-Length: 0\r\n\r\n").encode()
-            sip_transport.sendto(in_dialog("ACK", 1), self.edge)
+            sip_transport.sendto(in_dialog("ACK", cseq), self.edge)
 
             async def stream() -> None:
                 ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
@@ -125,7 +167,7 @@ class SipCaller:
                 await asyncio.gather(stream(), while_up(result))
             else:
                 await stream()
-            sip_transport.sendto(in_dialog("BYE", 2), self.edge)
+            sip_transport.sendto(in_dialog("BYE", cseq + 1), self.edge)
             try:
                 while True:
                     message = await asyncio.wait_for(sip.queue.get(), 3)

@@ -125,7 +125,8 @@ DETECTOR_KINDS = {
     "destination_rate": "calls to one prefix of the `lists` in the window would exceed `max`",
     "short_calls": "the source's answered calls shorter than `shorter_than` in the window reached `max`",
     "distinct_callees": "distinct numbers called by the source / tenant in the window would exceed `max`",
-    "asterisk_security": "Asterisk security events (failed auth, unknown endpoint) from the source reached `max`",
+    "asterisk_security": "failed authentications from the source reached `max`: inbound trunk digest failures at the "
+                         "edge and Asterisk security events (failed auth, unknown endpoint)",
 }
 DETECTOR_SCOPES = ("source", "tenant", "global")
 _DURATION = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": DURATION_PATTERN}]}
@@ -182,7 +183,7 @@ _SECRET_REF = {
     "type": "object", "required": ["username"], "additionalProperties": False,
     "description": "Digest credentials; the password is read from the environment or a file, never written here.",
     "properties": {
-        "username": {"type": "string", "pattern": r"^[A-Za-z0-9_.!~*'()&=+$,;?/%-]{1,64}$"},
+        "username": {"type": "string", "pattern": r"^[A-Za-z0-9_.!~*'()&=+,;?/%-]{1,64}$"},
         "password_env": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
         "password_file": {"type": "string", "minLength": 1, "maxLength": 1024},
         "realm": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"},

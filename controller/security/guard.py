@@ -31,6 +31,7 @@ class SecurityGuard:
         self.instance_id = instance_id
         self.hot = hot
         self._tasks: set[asyncio.Task] = set()
+        self._auth_bans = asyncio.Lock()  # failures arriving together ban their source once
 
     # -- at decision time --------------------------------------------------------------------
     def decided(self, decision: Decision, facts: Facts, call_id: str) -> None:
@@ -72,9 +73,12 @@ class SecurityGuard:
             ip = normalise_ip(event.remote_ip)
         except ValueError:
             return
-        self._background(self._asterisk_event(ip, event))
+        self._background(self.auth_failed(ip, "asterisk", f"Asterisk security events ({event.event} on {event.node})"))
 
-    async def _asterisk_event(self, ip: str, event: SecurityEvent) -> None:
+    async def auth_failed(self, ip: str, origin: str, what: str) -> None:
+        """A failed authentication from `ip` (a trunk's digest at the edge, an Asterisk security
+        event): counted for the `asterisk_security` detectors; one that alone reaches the ban
+        score bans the source now (it may never get a call through to be scored)."""
         policy = self._policy()
         security = policy.compiled.security if policy is not None else None
         detectors = security.watches_asterisk() if security is not None else ()
@@ -83,18 +87,18 @@ class SecurityGuard:
         at = now_ms()
         await self._bump(ASTERISK_SECURITY_SCOPE, ip, {d.window_s for d in detectors}, at)
         await self._observe_hot(policy, ASTERISK_SECURITY_SCOPE, ip, detectors, at)
-        # The source may never send a call through the edge: a detector that alone reaches the
-        # ban score bans it now.
         ban_at = security.policy.ban_at
         for d in detectors:
             if ban_at is None or d.score < ban_at:
                 continue
-            current = await self.store.read_counters(
-                [CounterRequest(d.name, "window", ASTERISK_SECURITY_SCOPE, ip, d.window_s, count=False)], at)
-            if current.get(d.name, 0) >= d.max:
+            async with self._auth_bans:
+                current = await self.store.read_counters(
+                    [CounterRequest(d.name, "window", ASTERISK_SECURITY_SCOPE, ip, d.window_s, count=False)], at)
+                if current.get(d.name, 0) < d.max or await self.bans.get(ip) is not None:
+                    continue
                 await self.bans.add(ip, security.policy.ban_s,
-                                    f"{current[d.name]} Asterisk security events ({event.event} on {event.node}) in "
-                                    f"{d.window_s}s", origin="asterisk", detector=d.name, now_ms=at, by=self.instance_id)
+                                    f"{current[d.name]} {what} in {d.window_s}s",
+                                    origin=origin, detector=d.name, now_ms=at, by=self.instance_id)
                 return
 
     async def edge_ban(self, ip: str, seconds: int, reason: str, detail: str) -> None:

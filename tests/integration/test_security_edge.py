@@ -57,7 +57,7 @@ class SecureStack:
     to the edge over JSON-RPC."""
 
     def __init__(self, tmp_path, procs, redis_url: str, *, policy: str = POLICY, media_scenario: str = "uas_answer.xml",
-                 instance_id: str = "secure-controller", **kamailio_kw):
+                 instance_id: str = "secure-controller", settings_kw: dict | None = None, **kamailio_kw):
         self.tmp = tmp_path
         self.media = procs.uas(media_scenario, "media")
         self.kamailio = procs.kamailio({1: [self.media.addr]}, **kamailio_kw)
@@ -67,7 +67,8 @@ class SecureStack:
         self.settings = Settings(policy_dir=str(policy_dir), policy_poll_s=0.5, redis_url=redis_url,
                                  edge_evapi=[f"127.0.0.1:{self.kamailio.evapi_port}"],
                                  edge_rpc=[f"http://127.0.0.1:{self.kamailio.http_port}/RPC"],
-                                 http_listen=f"127.0.0.1:{free_port()}", instance_id=instance_id)
+                                 http_listen=f"127.0.0.1:{free_port()}", instance_id=instance_id,
+                                 **(settings_kw or {}))
         self.app = build_app(self.settings)
         self.runner = None
 

@@ -18,20 +18,39 @@ import yaml
 from jsonschema import Draft7Validator
 
 from controller.metrics import Metrics
+from tests.deploy import compose_schema
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = json.loads((ROOT.parent / "shared" / "compose-spec" / "compose-spec.json").read_text()) \
-    if (ROOT.parent / "shared" / "compose-spec" / "compose-spec.json").exists() else None
+COMPOSE_SCHEMA = json.loads(compose_schema.SUBSET_FILE.read_text())
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 ENV_EXAMPLE = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
                if line and not line.startswith("#")}
 CONTAINER_PORTS = {"controller": 9090, "kamailio": 8090, "asterisk": 8088}
 
 
-@pytest.mark.skipif(SPEC is None, reason="the Compose Specification schema (../shared/compose-spec) is not here")
-def test_compose_file_is_valid_against_the_compose_specification():
-    errors = sorted(Draft7Validator(SPEC).iter_errors(COMPOSE), key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+def _schema_errors(schema: dict, document: dict) -> list[str]:
+    errors = sorted(Draft7Validator(schema).iter_errors(document), key=lambda e: list(e.absolute_path))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def test_compose_file_is_valid_against_our_compose_schema():
+    """tests/deploy/compose-schema.json: the Compose schema's part compose.yaml uses (in the clone)."""
+    errors = _schema_errors(COMPOSE_SCHEMA, COMPOSE)
+    assert not errors, "\n".join(errors) + "\n(a new compose key? python3 -m tests.deploy.compose_schema)"
+    broken = {**COMPOSE, "services": {**COMPOSE["services"], "redis": {**COMPOSE["services"]["redis"], "restart": 3,
+                                                                          "ports": "6379"}}}
+    assert len(_schema_errors(COMPOSE_SCHEMA, broken)) == 2
+
+
+def test_our_compose_schema_agrees_with_the_compose_specification():
+    full, where = compose_schema.find_full_schema()
+    if full is None:
+        pytest.skip(where)
+    errors = _schema_errors(full, COMPOSE)
+    assert not errors, "\n".join(errors)
+    top, service = compose_schema.kept_keys(COMPOSE_SCHEMA)
+    assert compose_schema.extract(full, top, service) == COMPOSE_SCHEMA, \
+        f"tests/deploy/compose-schema.json is not {where}'s: python3 -m tests.deploy.compose_schema"
 
 
 def build_of(service: dict) -> tuple[Path, Path]:

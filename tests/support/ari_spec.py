@@ -1,7 +1,10 @@
-"""The real Asterisk ARI description (Swagger 1.1, Asterisk 22.10.1) as a strict validator.
+"""callfabric's ARI description (the part of Asterisk 22.10.1's ARI it uses) as a strict validator.
 
 Loaded once, synchronously, at import time (never on the event loop) from
-``../shared/asterisk-ari-spec`` (resources.json + api-docs/*.json).
+``tests/support/ari_description.json``: our own data, extracted from Asterisk's full ARI
+description and checked against it where one is found (``tests/support/ari_description.py``
+says where it looks and how to refresh it). An operation or event outside it is refused like
+an unknown resource: describe it first.
 
 Request validation mirrors how Asterisk's res_ari reads a request (res/res_ari.c,
 res/res_ari_*.c, res/ari/resource_*.c at tag 22.10.1), but is deliberately *stricter* where
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,13 +45,11 @@ from urllib.parse import unquote
 
 __all__ = [
     "SPEC",
-    "SPEC_DIR",
     "AriSpec",
     "Model",
     "Operation",
     "Param",
     "SpecError",
-    "find_spec_dir",
     "request_args",
     "validate_model",
     "validate_request",
@@ -63,6 +63,7 @@ _DATE_RE = re.compile(r"^[0-9]{4}-[01][0-9]-[0-3][0-9]"
                       r"(T[0-2][0-9]:[0-5][0-9](:[0-6][0-9](.[0-9]+)?)?(Z|[-+][0-2][0-9](:?[0-5][0-9])?))?$",
                       re.IGNORECASE)
 _INT_RE = re.compile(r"^[+-]?[0-9]+$")
+DESCRIPTION = Path(__file__).with_name("ari_description.json")
 _PRIMITIVES = {"string", "int", "long", "double", "boolean", "Date", "object", "void", "binary"}
 
 
@@ -97,7 +98,6 @@ class Operation:
     path: str                  # template, e.g. /channels/{channelId}/snoop
     nickname: str
     resource: str              # channels, bridges, ...
-    summary: str
     response_class: str
     params: tuple[Param, ...]
     error_codes: dict[int, str]
@@ -134,7 +134,6 @@ class Prop:
 @dataclass
 class Model:
     name: str
-    api: str                   # the api-doc file declaring it
     properties: dict[str, Prop]
     sub_types: tuple[str, ...] = ()
     discriminator: str | None = None
@@ -150,27 +149,17 @@ class _Node:
     wildcard_name: str | None = None
 
 
-def find_spec_dir(start: Path | None = None) -> Path:
-    """``$CALLFABRIC_ARI_SPEC_DIR`` or the first ``shared/asterisk-ari-spec`` above this file."""
-    env = os.environ.get("CALLFABRIC_ARI_SPEC_DIR")
-    if env:
-        return Path(env)
-    here = (start or Path(__file__)).resolve()
-    for parent in here.parents:
-        candidate = parent / "shared" / "asterisk-ari-spec"
-        if (candidate / "resources.json").is_file():
-            return candidate
-    raise FileNotFoundError("shared/asterisk-ari-spec/resources.json not found above " + str(here))
-
-
-def _allowable(raw: Mapping | None) -> tuple | None:
-    if not raw:
-        return None
-    if raw.get("valueType") == "LIST":
+def _allowable(raw: Mapping) -> tuple | None:
+    if "values" in raw:
         return ("LIST", tuple(raw["values"]))
-    if raw.get("valueType") == "RANGE":
-        return ("RANGE", raw.get("min"), raw.get("max"))
-    raise ValueError(f"unknown allowableValues {raw!r}")
+    if "range" in raw:
+        return ("RANGE", *raw["range"])
+    return None
+
+
+def _param(raw: Mapping) -> Param:
+    return Param(name=raw["name"], param_type=raw["in"], required=raw["required"], data_type=raw["type"],
+                 allow_multiple=bool(raw.get("multiple")), allowable=_allowable(raw), default=raw.get("default"))
 
 
 def _list_item(type_str: str) -> str | None:
@@ -199,13 +188,23 @@ def _jtype(value: Any) -> str:
 class AriSpec:
     """Routes, operations and models of one ARI description."""
 
-    def __init__(self, resources: dict, api_docs: dict[str, dict]):
-        self.api_version: str = resources.get("apiVersion", "")
+    def __init__(self, description: dict):
+        self.api_version: str = description.get("api_version", "")
         self.operations: list[Operation] = []
         self.models: dict[str, Model] = {}
         self._root = _Node("")
-        for name, doc in api_docs.items():
-            self._load_doc(name, doc)
+        for raw in description["operations"]:
+            op = Operation(
+                method=raw["method"], path=raw["path"], nickname=raw["nickname"], resource=raw["resource"],
+                response_class=raw["response"], params=tuple(_param(p) for p in raw["params"]),
+                error_codes={int(code): reason for code, reason in raw["errors"].items()},
+                is_websocket=bool(raw.get("websocket")))
+            self.operations.append(op)
+            self._add_route(op)
+        for name, raw in description["models"].items():
+            props = {fn: Prop(fn, fd["type"], fd["required"], _allowable(fd)) for fn, fd in raw["fields"].items()}
+            self.models[name] = Model(name=name, properties=props, sub_types=tuple(raw.get("subtypes", ())),
+                                      discriminator=raw.get("discriminator"))
         for model in list(self.models.values()):
             for sub in model.sub_types:
                 if sub not in self.models:
@@ -218,17 +217,10 @@ class AriSpec:
             if op.response_class not in ("void", "binary"):
                 self._check_type_known(op.response_class, op.key)
 
-    # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, spec_dir: Path | str | None = None) -> AriSpec:
+    def load(cls, path: Path | str = DESCRIPTION) -> AriSpec:
         """Synchronous load: call from sync code or a thread, never on the event loop."""
-        spec_dir = Path(spec_dir) if spec_dir else find_spec_dir()
-        resources = json.loads((spec_dir / "resources.json").read_text())
-        docs = {}
-        for api in resources["apis"]:
-            name = api["path"].rsplit("/", 1)[-1].replace(".{format}", "")
-            docs[name] = json.loads((spec_dir / "api-docs" / f"{name}.json").read_text())
-        return cls(resources, docs)
+        return cls(json.loads(Path(path).read_text()))
 
     def _check_type_known(self, type_str: str, where: str) -> None:
         item = _list_item(type_str)
@@ -236,32 +228,6 @@ class AriSpec:
             return self._check_type_known(item, where)
         if type_str not in _PRIMITIVES and type_str not in self.models:
             raise ValueError(f"{where}: unknown type {type_str}")
-
-    def _load_doc(self, api_name: str, doc: dict) -> None:
-        for api in doc.get("apis", []):
-            path = api["path"]
-            for raw in api.get("operations", []):
-                params = tuple(
-                    Param(name=p["name"], param_type=p["paramType"], required=bool(p.get("required")),
-                          data_type=p["dataType"], allow_multiple=bool(p.get("allowMultiple")),
-                          allowable=_allowable(p.get("allowableValues")), default=p.get("defaultValue"))
-                    for p in raw.get("parameters", []))
-                op = Operation(
-                    method=raw["httpMethod"].upper(), path=path, nickname=raw["nickname"], resource=api_name,
-                    summary=raw.get("summary", ""), response_class=raw.get("responseClass", "void"),
-                    params=params,
-                    error_codes={int(e["code"]): e.get("reason", "") for e in raw.get("errorResponses", [])},
-                    is_websocket=raw.get("upgrade") == "websocket")
-                self.operations.append(op)
-                self._add_route(op)
-        for name, raw in doc.get("models", {}).items():
-            if name in self.models:
-                raise ValueError(f"model {name} declared twice")
-            props = {pn: Prop(pn, pd["type"], bool(pd.get("required")), _allowable(pd.get("allowableValues")))
-                     for pn, pd in raw.get("properties", {}).items()}
-            self.models[name] = Model(name=name, api=api_name, properties=props,
-                                      sub_types=tuple(raw.get("subTypes", ())),
-                                      discriminator=raw.get("discriminator"), parent=raw.get("extends"))
 
     def _add_route(self, op: Operation) -> None:
         node = self._root
@@ -605,8 +571,7 @@ def _check_filter(body: dict) -> None:
 
 
 # ---------------------------------------------------------------------- module API
-SPEC_DIR = find_spec_dir()
-SPEC = AriSpec.load(SPEC_DIR)
+SPEC = AriSpec.load()
 
 
 def validate_request(method: str, path: str, query: Any = None, body: Any = None

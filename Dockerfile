@@ -10,8 +10,8 @@ COPY policies ./policies
 RUN mkdir -p /srv/callfabric/edge && chown callfabric /srv/callfabric/edge
 USER callfabric
 ENV CALLFABRIC_POLICY_DIR=/srv/callfabric/policies \
-    CALLFABRIC_HTTP_LISTEN=0.0.0.0:9090
-EXPOSE 9090
+    CALLFABRIC_HTTP_LISTEN=0.0.0.0:8460
+EXPOSE 8460
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2).status != 200)"
+  CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8460/healthz', timeout=2).status != 200)"
 CMD ["callfabric", "run"]

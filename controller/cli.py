@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=cmd_calls_trace)
 
     call = commands.add_parser("call", help="act on a live call through the REST API")
-    call.add_argument("--api", default="http://127.0.0.1:9090/v1", help="the API's base URL")
+    call.add_argument("--api", default="http://127.0.0.1:8460/v1", help="the API's base URL")
     call.add_argument("--token", help="API token with the control scope (default: CALLFABRIC_TOKEN)")
     call_commands = call.add_subparsers(dest="call_command", required=True)
     transfer = call_commands.add_parser("transfer", help="to another AI agent or a SIP destination")
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
 
     bans = commands.add_parser("bans", help="sources banned at the edge: list, add, remove (REST API, admin scope)")
-    bans.add_argument("--api", default="http://127.0.0.1:9090/v1", help="the API's base URL")
+    bans.add_argument("--api", default="http://127.0.0.1:8460/v1", help="the API's base URL")
     bans.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
     bans_commands = bans.add_subparsers(dest="bans_command", required=True)
     bans_commands.add_parser("list", help="bans in force, with why and until when")
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     drain = commands.add_parser("drain", help="drain a controller (rolling upgrade): no new calls, media nodes "
                                               "handed over, then it exits (REST API, admin scope)")
-    drain.add_argument("--api", default="http://127.0.0.1:9090/v1", help="that controller's API base URL")
+    drain.add_argument("--api", default="http://127.0.0.1:8460/v1", help="that controller's API base URL")
     drain.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
     drain.add_argument("--instance", help="its instance_id (default: whatever controller answers --api)")
     drain.add_argument("--wait", action="store_true", help="return once the controller has exited")

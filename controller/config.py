@@ -59,7 +59,7 @@ class Settings:
                                   "bans are recorded but no edge enforces them.")
     ban_resync_s: float = _setting(30.0, "How often every ban in force is pushed to every edge again (an edge "
                                          "that restarted gets them back).")
-    http_listen: str = _setting("127.0.0.1:9090", "host:port of the controller's HTTP server (/metrics, /healthz).")
+    http_listen: str = _setting("127.0.0.1:8460", "host:port of the controller's HTTP server (/metrics, /healthz).")
     call_retention_s: int = _setting(7 * 86400, "How long a finished call's record and timeline stay in Redis.")
     live_call_ttl_s: int = _setting(6 * 3600, "Safety expiry of a live call's record if its end is never seen.")
     timeline_max_events: int = _setting(500, "Per-call timeline cap (oldest events trimmed).")

@@ -25,7 +25,7 @@ COMPOSE_SCHEMA = json.loads(compose_schema.SUBSET_FILE.read_text())
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 ENV_EXAMPLE = {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
                if line and not line.startswith("#")}
-CONTAINER_PORTS = {"controller": 9090, "kamailio": 8090, "asterisk": 8088}
+CONTAINER_PORTS = {"controller": 8460, "kamailio": 8090, "asterisk": 8088}
 
 
 def _schema_errors(schema: dict, document: dict) -> list[str]:
@@ -192,7 +192,7 @@ def test_prometheus_scrapes_every_service_on_its_port():
     for service, port in CONTAINER_PORTS.items():
         assert f"{service}:{port}" in targets
         assert service in COMPOSE["services"]
-    assert COMPOSE["services"]["controller"]["environment"]["CALLFABRIC_HTTP_LISTEN"].endswith(":9090")
+    assert COMPOSE["services"]["controller"]["environment"]["CALLFABRIC_HTTP_LISTEN"].endswith(":8460")
     assert COMPOSE["services"]["kamailio"]["environment"]["HTTP_PORT"] == "8090"
 
 
@@ -274,7 +274,7 @@ def _grafana_type_errors(tmp_path: Path, dashboards: dict[str, dict]) -> str:
 
 
 @pytest.mark.skipif(not TSC.exists(), reason="Grafana's schema types are not installed: "
-                                             "npm ci --prefix deploy/grafana/schema-check (.ci/run does it)")
+                                             "npm ci --prefix deploy/grafana/schema-check (.ci/install-system-packages does it)")
 def test_the_dashboard_passes_grafanas_own_schema(tmp_path):
     """Grafana publishes its dashboard schema as TypeScript types (@grafana/schema, the version
     of the grafana image in compose.yaml): the dashboard must type-check as a `Dashboard`."""

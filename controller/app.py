@@ -63,6 +63,17 @@ HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
 
 
+async def cancel_tasks(*tasks: asyncio.Task) -> None:
+    """Cancel background loops and wait until they are over. A cancellation can be lost on
+    Python 3.11 (asyncio.wait_for swallows it when its inner future finishes at the same
+    moment, e.g. inside a Redis call): then the loop would run on, and the controller never
+    stop. So it is repeated until each task is done."""
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+
+
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     target = redis_target(settings)
@@ -105,9 +116,7 @@ async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
     reload_on_sighup(holder)
     watcher = asyncio.create_task(holder.watch(settings.policy_poll_s))
     yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    await cancel_tasks(watcher)
     if publisher is not None:
         await publisher.close()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -179,9 +188,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(resync())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_tasks(task)
     await guard.close()
     await app[HOT].close()
     await session.close()
@@ -221,9 +228,7 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EDGES] = channels
     tasks = [asyncio.create_task(c.run(), name=f"edge {c.name}") for c in channels]
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_tasks(*tasks)
     await asyncio.gather(*(c.drain() for c in channels), return_exceptions=True)
 
 
@@ -275,9 +280,7 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     for watcher in watchers:
         watcher.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_tasks(*tasks)
     await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
 
 
@@ -326,9 +329,7 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(loop())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_tasks(task)
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -391,13 +392,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     host, port = split_host_port(settings.http_listen, "http_listen")
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("controller %s up: http %s:%d, edges %s, policy %s, %s", settings.instance_id, host, port,
-             ", ".join(settings.edge_evapi), app[POLICIES].policy.version if app[POLICIES].policy else "none",
-             app[STORE].target.describe())
     waiters = [asyncio.create_task(app[DRAINED].wait()), asyncio.create_task(stop.wait())]
     try:
+        await web.TCPSite(runner, host, port).start()     # a port taken: OSError, after the cleanup below
+        log.info("controller %s up: http %s:%d, edges %s, policy %s, %s", settings.instance_id, host, port,
+                 ", ".join(settings.edge_evapi), app[POLICIES].policy.version if app[POLICIES].policy else "none",
+                 app[STORE].target.describe())
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:

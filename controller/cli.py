@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import quote
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -127,31 +127,78 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed or problems else EXIT_OK
 
 
+# ---------------------------------------------------------------------- settings and output
 def _settings(args: argparse.Namespace):
-    from controller.config import load_settings
+    """The settings of --config, else $CALLFABRIC_CONFIG or ./callfabric.yaml, else defaults;
+    CALLFABRIC_* environment variables win (ConfigError: one line)."""
+    from controller.config import default_config_path, load_settings
 
-    return load_settings(getattr(args, "config", None))
+    path = getattr(args, "config", None) or default_config_path()
+    return load_settings(path)
 
 
+def _fail(message: str, code: int = EXIT_FAIL) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _when(ms: object) -> str:
+    """Epoch milliseconds as ISO 8601 in local time with its offset (2026-12-07T16:02:11.042+01:00)."""
+    from datetime import datetime, timezone
+
+    if not isinstance(ms, int) or isinstance(ms, bool):
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).astimezone().isoformat(timespec="milliseconds")
+
+
+def _is_epoch_ms(key: str, value: object) -> bool:
+    """A time field of a record (durations in ms never reach 10^12, i.e. 2001)."""
+    return (key.endswith("_ms") or key == "ts") and isinstance(value, int) and not isinstance(value, bool) \
+        and value >= 10**12
+
+
+def _human(key: str, value: object) -> str:
+    if _is_epoch_ms(key, value):
+        return _when(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return "-" if value is None else str(value)
+
+
+def _table(headers: Sequence[str], rows: list[Sequence[object]]) -> None:
+    """Columns as wide as their content; the last one unpadded."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "") + row[-1])
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from controller.app import serve
-    from controller.config import ConfigError
+    from controller.config import ConfigError, check_settings
     from controller.logs import setup_logging
 
     try:
         settings = _settings(args)
+        check_settings(settings)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if settings.log_format not in ("json", "text"):
-        print("error: setting log_format: expected json or text", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
     levels = dict(entry.partition("=")[::2] for entry in settings.log_levels)
     setup_logging(settings.log_level, settings.log_format, levels)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(settings))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(settings))
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except OSError as exc:       # e.g. http_listen's port taken
+        return _fail(f"{exc.strerror or exc} (http_listen {settings.http_listen})")
     return EXIT_OK
 
 
@@ -164,6 +211,97 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
+# ---------------------------------------------------------------------- the REST API's clients
+class ApiError(Exception):
+    """A request the API refused or could not be made; one line for the user."""
+
+
+def api_base(url: str) -> str:
+    """The API's base URL, `/v1` added when the user gave the server's address."""
+    base = url.strip().rstrip("/")
+    if "://" not in base:
+        base = f"http://{base}"
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+def _api_target(args: argparse.Namespace, scope: str) -> tuple[str, str]:
+    """(base URL, token) from --api/--token, CALLFABRIC_API/CALLFABRIC_TOKEN, then the settings:
+    http_listen, and the first of api_tokens that holds `scope`."""
+    import os
+
+    from controller.api.auth import parse_tokens
+    from controller.config import split_host_port
+
+    settings = None
+    api, token = getattr(args, "api", None) or os.environ.get("CALLFABRIC_API"), \
+        getattr(args, "token", None) or os.environ.get("CALLFABRIC_TOKEN")
+    if not api or not token:
+        settings = _settings(args)
+    if not api:
+        host, port = split_host_port(settings.http_listen, "http_listen")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        api = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if not token:
+        try:
+            usable = [t for t in parse_tokens(settings.api_tokens) if t.allows(scope)]
+        except ValueError as exc:
+            raise ApiError(f"setting {exc}") from None
+        if not usable:
+            raise ApiError(f"an API token with the {scope} scope is needed: --token, CALLFABRIC_TOKEN, or api_tokens "
+                           f"in the config file")
+        token = usable[0].secret.decode()
+    return api_base(api), token
+
+
+def _api_call(args: argparse.Namespace, scope: str, method: str, path: str, body: dict | None = None,
+              ok: tuple[int, ...] = (200, 201, 202, 204)) -> dict:
+    """One request to the REST API (as any application makes it); its JSON answer, or ApiError."""
+    import asyncio
+
+    import aiohttp
+
+    base, token = _api_target(args, scope)
+    url = base + path
+
+    async def send() -> tuple[int, str]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                return response.status, await response.text()
+    try:
+        status, text = asyncio.run(send())
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise ApiError(f"{url}: {exc or type(exc).__name__} (is the controller running? --api, or http_listen in "
+                       f"the config)") from None
+    try:
+        answer = json.loads(text) if text else {}
+    except ValueError:
+        raise ApiError(f"{method} {url} answered {status} without JSON: is this a callfabric API?") from None
+    if status not in ok:
+        problem = answer.get("error") if isinstance(answer, dict) else None
+        if not isinstance(problem, dict):
+            raise ApiError(f"{method} {url} answered {status}: {text[:200]}")
+        details = "; ".join(f"{e.get('path')}: {e.get('message')}" for e in problem.get("errors") or [])
+        raise ApiError(f"{status} {problem.get('message')}" + (f" ({details})" if details else ""))
+    return answer
+
+
+def _api_command(work) -> Callable[[argparse.Namespace], int]:
+    """A command built on _api_call: ApiError and ConfigError are one line on stderr, exit 1 / 2."""
+    import functools
+
+    @functools.wraps(work)
+    def command(args: argparse.Namespace) -> int:
+        from controller.config import ConfigError
+        try:
+            return work(args)
+        except ApiError as exc:
+            return _fail(str(exc))
+        except ConfigError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+    return command
+
+
+# ---------------------------------------------------------------------- calls
 def _with_store(args: argparse.Namespace, work) -> int:
     """Run `work(store)` against the configured Redis; clear message when it is unreachable."""
     import asyncio
@@ -174,23 +312,29 @@ def _with_store(args: argparse.Namespace, work) -> int:
     from controller.state.calls import CallStore
 
     try:
-        settings = _settings(args)
-        redis_target(settings)
+        target = redis_target(_settings(args))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
 
     async def main() -> int:
-        target = redis_target(settings)
         store = CallStore(target, timeout_s=5.0)
         try:
             return await work(store)
+        except BrokenPipeError:
+            raise
         except (RedisError, OSError) as exc:
-            print(f"error: {target.describe()}: {exc}", file=sys.stderr)
-            return EXIT_FAIL
+            return _fail(f"{target.describe()}: {exc}")
         finally:
             await store.aclose()
     return asyncio.run(main())
+
+
+def _read_calls(args: argparse.Namespace, read_store, read_api) -> int:
+    """Calls are read from the call store the settings name (Redis), or through the REST API
+    (read scope) when --api is given."""
+    if getattr(args, "api", None):
+        return _api_command(read_api)(args)
+    return _with_store(args, read_store)
 
 
 def _age(ms: object) -> str:
@@ -202,62 +346,91 @@ def _age(ms: object) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _print_calls(args: argparse.Namespace, records: list[dict]) -> int:
+    if args.json:
+        _print_json(records)
+        return EXIT_OK
+    rows = [(r.get("call_id", "?"), r.get("state", "?"), _when(r.get("created_at_ms")), _age(r.get("created_at_ms")),
+             r.get("outcome", r.get("fallback", "-")), r.get("target", "-"), r.get("rule", "-"),
+             f"{r.get('caller', '?')} -> {r.get('dialled', '?')}") for r in records]
+    _table(("CALL-ID", "STATE", "STARTED", "AGE", "OUTCOME", "TARGET", "RULE", "FROM -> TO"), rows)
+    print(f"{len(records)} {'recent' if args.recent else 'live'} call(s)")
+    return EXIT_OK
+
+
 def cmd_calls_list(args: argparse.Namespace) -> int:
-    async def work(store) -> int:
+    async def from_store(store) -> int:
         ids = await (store.recent_calls(args.limit) if args.recent else store.live_calls(args.limit))
         records = await store.get_many(ids) if ids else []
-        if args.json:
-            print(json.dumps([r for r in records if r], indent=2))
-            return EXIT_OK
-        print(f"{'CALL-ID':<40} {'STATE':<9} {'AGE':>7} {'OUTCOME':<7} {'TARGET':<16} {'RULE':<24} FROM -> TO")
-        for call_id, r in zip(ids, records):
-            if not r:
-                continue
-            print(f"{call_id[:40]:<40} {str(r.get('state', '?')):<9} {_age(r.get('created_at_ms')):>7} "
-                  f"{str(r.get('outcome', r.get('fallback', '-'))):<7} {str(r.get('target', '-'))[:16]:<16} "
-                  f"{str(r.get('rule', '-'))[:24]:<24} {r.get('caller', '?')} -> {r.get('dialled', '?')}")
-        print(f"{len(ids)} {'recent' if args.recent else 'live'} call(s)")
+        return _print_calls(args, [{"call_id": i, **r} for i, r in zip(ids, records) if r])
+
+    def from_api(args: argparse.Namespace) -> int:
+        answer = _api_call(args, "read", "GET", f"/calls?state={'recent' if args.recent else 'live'}"
+                                                f"&limit={args.limit}")
+        return _print_calls(args, answer.get("calls", []))
+    return _read_calls(args, from_store, from_api)
+
+
+def _print_call(args: argparse.Namespace, record: dict, timeline: list[dict]) -> int:
+    if args.json:
+        _print_json({"call": record, "timeline": timeline})
         return EXIT_OK
-    return _with_store(args, work)
+    width = max(map(len, record), default=0)
+    for key in sorted(record):
+        print(f"{key:>{width}}: {_human(key, record[key])}")
+    print("timeline:")
+    for event in timeline:
+        rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id", "call_id") and v is not None}
+        print(f"  {_when(event.get('ts'))}  {str(event.get('event', '?')):<16} {json.dumps(rest, ensure_ascii=False)}")
+    return EXIT_OK
 
 
 def cmd_calls_show(args: argparse.Namespace) -> int:
-    async def work(store) -> int:
+    async def from_store(store) -> int:
         record = await store.get(args.call_id)
         if record is None:
-            print(f"no call {args.call_id!r} in the call store", file=sys.stderr)
-            return EXIT_FAIL
-        timeline = await store.timeline(args.call_id)
-        if args.json:
-            print(json.dumps({"call": record, "timeline": timeline}, indent=2))
-            return EXIT_OK
-        for key in sorted(record):
-            value = record[key]
-            print(f"{key:>16}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-        print("timeline:")
-        for event in timeline:
-            rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id") and v is not None}
-            print(f"  {event.get('ts')}  {event.get('event'):<10} {json.dumps(rest)}")
+            return _fail(f"no call {args.call_id!r} in the call store")
+        return _print_call(args, record, await store.timeline(args.call_id))
+
+    def from_api(args: argparse.Namespace) -> int:
+        path = f"/calls/{quote(args.call_id, safe='')}"
+        record = _api_call(args, "read", "GET", path)["call"]
+        return _print_call(args, record, _api_call(args, "read", "GET", path + "/timeline")["events"])
+    return _read_calls(args, from_store, from_api)
+
+
+def _print_trace(args: argparse.Namespace, timeline: list[dict]) -> int:
+    if not timeline:
+        return _fail(f"no call {args.call_id!r} in the call store")
+    if args.json:
+        _print_json(timeline)
         return EXIT_OK
-    return _with_store(args, work)
+    start = next((e["ts"] for e in timeline if isinstance(e.get("ts"), int)), 0)
+    print(f"{args.call_id}: started {_when(start)}")
+    for event in timeline:
+        rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id", "call_id") and v is not None}
+        offset = f"+{(event['ts'] - start) / 1000:8.3f}s" if isinstance(event.get("ts"), int) else " " * 10
+        print(f"{offset}  {event.get('event', '?'):<20} {json.dumps(rest, ensure_ascii=False)[:160]}")
+    return EXIT_OK
 
 
 def cmd_calls_trace(args: argparse.Namespace) -> int:
     """A call's timeline, each step with its time since the first."""
-    async def work(store) -> int:
-        timeline = await store.timeline(args.call_id)
-        if not timeline:
-            print(f"no call {args.call_id!r} in the call store", file=sys.stderr)
-            return EXIT_FAIL
-        start = next((e["ts"] for e in timeline if isinstance(e.get("ts"), int)), 0)
-        for event in timeline:
-            rest = {k: v for k, v in event.items() if k not in ("event", "ts", "id", "call_id") and v is not None}
-            offset = f"+{(event['ts'] - start) / 1000:8.3f}s" if isinstance(event.get("ts"), int) else " " * 10
-            print(f"{offset}  {event.get('event', '?'):<20} {json.dumps(rest)[:160]}")
-        return EXIT_OK
-    return _with_store(args, work)
+    async def from_store(store) -> int:
+        return _print_trace(args, await store.timeline(args.call_id))
+
+    def from_api(args: argparse.Namespace) -> int:
+        try:
+            events = _api_call(args, "read", "GET", f"/calls/{quote(args.call_id, safe='')}/timeline")["events"]
+        except ApiError as exc:
+            if not str(exc).startswith("404 "):
+                raise
+            events = []
+        return _print_trace(args, events)
+    return _read_calls(args, from_store, from_api)
 
 
+# ---------------------------------------------------------------------- call (live-call actions)
 def _call_action(args: argparse.Namespace) -> dict:
     """The action document a `callfabric call …` command stands for."""
     if args.call_command == "transfer":
@@ -277,116 +450,112 @@ def _call_action(args: argparse.Namespace) -> dict:
         return {"play": args.media}
     if args.call_command == "hangup":
         return {"hangup": True}
-    return json.loads(args.document)
+    try:
+        return json.loads(args.document)
+    except ValueError as exc:
+        raise ValueError(f"the action document is not JSON: {exc}") from None
 
 
-def _api_request(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> int:
-    """One request to the REST API (like any application would make); prints the answer."""
-    import asyncio
-    import os
-
-    import aiohttp
-
-    token = args.token or os.environ.get("CALLFABRIC_TOKEN", "")
-    if not token:
-        print("error: an API token is needed (--token or CALLFABRIC_TOKEN)", file=sys.stderr)
-        return EXIT_USAGE
-
-    async def send() -> int:
-        url = f"{args.api.rstrip('/')}{path}"
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
-            try:
-                async with http.request(method, url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                    text = await r.text()
-                    status = r.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                print(f"error: {url}: {exc}", file=sys.stderr)
-                return EXIT_FAIL
-        print(text)
-        return EXIT_OK if status < 300 else EXIT_FAIL
-    return asyncio.run(send())
-
-
+@_api_command
 def cmd_call(args: argparse.Namespace) -> int:
-    """Send an action on a live call through the REST API."""
+    """Send an action on a live call through the REST API (control scope)."""
     try:
         action = _call_action(args)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return _api_request(args, "POST", f"/calls/{quote(args.call_id, safe='')}/actions", {"action": action})
+        return _fail(str(exc), EXIT_USAGE)
+    answer = _api_call(args, "control", "POST", f"/calls/{quote(args.call_id, safe='')}/actions", {"action": action})
+    if args.json:
+        _print_json(answer)
+    else:
+        result = answer.get("result")
+        shown = ", ".join(f"{k}={_human(k, v)}" for k, v in result.items()) if isinstance(result, dict) else \
+            _human("result", result)
+        print(f"{answer.get('call_id', args.call_id)}: {answer.get('action', args.call_command)} done"
+              + (f": {shown}" if shown and shown != "-" else ""))
+    return EXIT_OK
 
 
+# ---------------------------------------------------------------------- bans
+def _print_bans(bans: list[dict]) -> None:
+    _table(("IP", "ORIGIN", "DETECTOR", "SINCE", "UNTIL", "REASON"),
+           [(b.get("ip"), b.get("origin"), b.get("detector") or "-", _when(b.get("created_ms")),
+             _when(b.get("expires_ms")), b.get("reason") or "-") for b in bans])
+
+
+@_api_command
 def cmd_bans(args: argparse.Namespace) -> int:
     """List, add or lift bans of source addresses at the edge (through the REST API, admin scope)."""
     if args.bans_command == "list":
-        return _api_request(args, "GET", "/bans")
+        answer = _api_call(args, "admin", "GET", "/bans")
+        if args.json:
+            _print_json(answer)
+        else:
+            _print_bans(answer.get("bans", []))
+            print(f"{len(answer.get('bans', []))} ban(s) in force")
+        return EXIT_OK
     if args.bans_command == "add":
         body = {"ip": args.ip, "for": args.duration, **({"reason": args.reason} if args.reason else {})}
-        return _api_request(args, "POST", "/bans", body)
-    return _api_request(args, "DELETE", f"/bans/{quote(args.ip, safe='')}")
+        answer = _api_call(args, "admin", "POST", "/bans", body)
+        if args.json:
+            _print_json(answer)
+        else:
+            ban = answer.get("ban", {})
+            print(f"banned {ban.get('ip')} at every edge until {_when(ban.get('expires_ms'))}: {ban.get('reason')}")
+        return EXIT_OK
+    answer = _api_call(args, "admin", "DELETE", f"/bans/{quote(args.ip, safe='')}")
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{answer.get('ip')}: {'ban lifted at every edge' if answer.get('removed') else 'was not banned'}")
+    return EXIT_OK
 
 
+# ---------------------------------------------------------------------- drain
+@_api_command
 def cmd_drain(args: argparse.Namespace) -> int:
     """Drain one controller for a rolling upgrade: it takes no new calls, hands its media nodes
     over to the others, writes what it queued, then exits. --wait returns once it has exited."""
-    import asyncio
-    import os
     import time
 
-    import aiohttp
-
-    token = args.token or os.environ.get("CALLFABRIC_TOKEN", "")
-    if not token:
-        print("error: an API token with the admin scope is needed (--token or CALLFABRIC_TOKEN)", file=sys.stderr)
-        return EXIT_USAGE
-    base = args.api.rstrip("/")
-
-    async def drain() -> int:
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as http:
-            try:
-                async with http.get(f"{base}/admin/status") as r:
-                    status, code = await r.json(content_type=None), r.status
-                if code != 200 or not isinstance(status, dict):
-                    print(f"error: {base}/admin/status answered {code}: {status}", file=sys.stderr)
-                    return EXIT_FAIL
-                instance = args.instance or status["instance"]
-                async with http.post(f"{base}/admin/drain", json={"instance": instance}) as r:
-                    text, code = await r.text(), r.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
-                print(f"error: {base}: {exc or type(exc).__name__}", file=sys.stderr)
-                return EXIT_FAIL
-            print(text)
-            if code != 202:
-                return EXIT_FAIL
-            if not args.wait:
+    status = _api_call(args, "admin", "GET", "/admin/status")
+    instance = args.instance or status.get("instance")
+    answer = _api_call(args, "admin", "POST", "/admin/drain", {"instance": instance}, ok=(202,))
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"controller {answer.get('instance')}: {answer.get('state')}")
+    if not args.wait:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            _api_call(args, "admin", "GET", "/admin/status")
+        except ApiError as exc:
+            if "is the controller running" in str(exc):
+                print(f"controller {instance}: drained and stopped")
                 return EXIT_OK
-            deadline = time.monotonic() + args.timeout
-            while time.monotonic() < deadline:
-                try:
-                    async with http.get(f"{base}/admin/status") as r:
-                        await r.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                    print(f"controller {instance}: drained and stopped")
-                    return EXIT_OK
-                await asyncio.sleep(0.2)
-            print(f"error: controller {instance} still running after {args.timeout:.0f}s", file=sys.stderr)
-            return EXIT_FAIL
-    return asyncio.run(drain())
+            raise
+        time.sleep(0.2)
+    return _fail(f"controller {instance} still running after {args.timeout:.0f}s")
 
 
+# ---------------------------------------------------------------------- local stacks
 def cmd_demo(args: argparse.Namespace) -> int:
     from controller.localstack.demo import run_demo
 
     return run_demo(keep=args.keep)
 
 
+# ---------------------------------------------------------------------- describing
 def cmd_metrics_describe(args: argparse.Namespace) -> int:
     """Every metric the controller exports: name, type, labels, help."""
     from controller.metrics import Metrics
 
-    for name, kind, labels, doc in Metrics().describe():
+    described = Metrics().describe()
+    if args.json:
+        _print_json([{"name": n, "type": k, "labels": list(labels), "help": doc} for n, k, labels, doc in described])
+        return EXIT_OK
+    for name, kind, labels, doc in described:
         print(f"{name}  ({kind}{'; labels: ' + ', '.join(labels) if labels else ''})\n    {doc}")
     return EXIT_OK
 
@@ -394,6 +563,10 @@ def cmd_metrics_describe(args: argparse.Namespace) -> int:
 def cmd_config_describe(args: argparse.Namespace) -> int:
     from controller.config import describe
 
+    if args.json:
+        _print_json([{"name": n, "environment": env, "default": default, "doc": doc}
+                     for n, env, default, doc in describe()])
+        return EXIT_OK
     for name, env, default, doc in describe():
         print(f"{name}  ({env}, default {default!r})\n    {doc}")
     return EXIT_OK
@@ -404,6 +577,25 @@ def cmd_api_openapi(args: argparse.Namespace) -> int:
 
     print(json.dumps(document(), indent=2, sort_keys=True))
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
+def _client_options(parser: argparse.ArgumentParser, scope: str | None, *, suppress: bool = False) -> None:
+    """--config, and for commands speaking to the REST API --api and --token; `suppress` for the
+    copies a command group accepts before its subcommand (`call --api URL transfer …`)."""
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--config", help="settings file (default: $CALLFABRIC_CONFIG, else ./callfabric.yaml when "
+                                         "present); its http_listen and api_tokens give the API address and token",
+                        **default)
+    if scope is not None:
+        parser.add_argument("--api", help="the API's URL, e.g. http://127.0.0.1:8460 (/v1 optional; default: "
+                                          "$CALLFABRIC_API, else the config's http_listen)", **default)
+        parser.add_argument("--token", help=f"API token with the {scope} scope (default: $CALLFABRIC_TOKEN, else the "
+                                            f"config's first api_tokens entry with that scope)", **default)
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output (times stay epoch milliseconds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--at", help="ISO time, e.g. 2026-11-25T10:00:00-05:00 (no offset: the policy's time zone)")
     explain.add_argument("--call-id", default="explain-call", help="Call-ID (decides percentage splits)")
     explain.add_argument("--counter", action="append", help="counter value, e.g. 'window:source:60=12' (repeatable)")
-    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_option(explain)
     explain.set_defaults(func=cmd_policy_explain)
     test = policy_commands.add_parser("test", help="run the test cases in DIR/tests/*.yaml")
     test.add_argument("directory")
@@ -437,31 +629,25 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=cmd_policy_test)
 
     run = commands.add_parser("run", help="run the controller")
-    run.add_argument("--config", help="settings file (YAML); CALLFABRIC_* environment variables override it")
+    _client_options(run, None)
     run.set_defaults(func=cmd_run)
 
-    calls = commands.add_parser("calls", help="calls in the call store")
+    calls = commands.add_parser("calls", help="calls in the call store (Redis of the config, or --api)")
     calls_commands = calls.add_subparsers(dest="calls_command", required=True)
     listing = calls_commands.add_parser("list", help="live calls (or --recent ones)")
-    listing.add_argument("--config")
     listing.add_argument("--recent", action="store_true", help="the latest calls, ended ones included")
     listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_calls_list)
     show = calls_commands.add_parser("show", help="one call's record and timeline")
     show.add_argument("call_id")
-    show.add_argument("--config")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=cmd_calls_show)
-
     trace = calls_commands.add_parser("trace", help="a call's timeline with relative times")
     trace.add_argument("call_id")
-    trace.add_argument("--config")
-    trace.set_defaults(func=cmd_calls_trace)
+    for sub, func in ((listing, cmd_calls_list), (show, cmd_calls_show), (trace, cmd_calls_trace)):
+        _client_options(sub, "read")
+        _json_option(sub)
+        sub.set_defaults(func=func)
 
-    call = commands.add_parser("call", help="act on a live call through the REST API")
-    call.add_argument("--api", default="http://127.0.0.1:8460/v1", help="the API's base URL")
-    call.add_argument("--token", help="API token with the control scope (default: CALLFABRIC_TOKEN)")
+    call = commands.add_parser("call", help="act on a live call through the REST API (control scope)")
+    _client_options(call, "control", suppress=True)
     call_commands = call.add_subparsers(dest="call_command", required=True)
     transfer = call_commands.add_parser("transfer", help="to another AI agent or a SIP destination")
     transfer.add_argument("call_id")
@@ -489,28 +675,33 @@ def build_parser() -> argparse.ArgumentParser:
     raw = call_commands.add_parser("action", help="any action document (JSON)")
     raw.add_argument("call_id")
     raw.add_argument("document")
+    for sub in (transfer, human, fork, stop_fork, play, hang, raw):
+        _client_options(sub, "control", suppress=True)
+        _json_option(sub)
     call.set_defaults(func=cmd_call)
 
     bans = commands.add_parser("bans", help="sources banned at the edge: list, add, remove (REST API, admin scope)")
-    bans.add_argument("--api", default="http://127.0.0.1:8460/v1", help="the API's base URL")
-    bans.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
+    _client_options(bans, "admin", suppress=True)
     bans_commands = bans.add_subparsers(dest="bans_command", required=True)
-    bans_commands.add_parser("list", help="bans in force, with why and until when")
+    ban_list = bans_commands.add_parser("list", help="bans in force, with why and until when")
     ban_add = bans_commands.add_parser("add", help="ban an address at every edge")
     ban_add.add_argument("ip")
     ban_add.add_argument("--for", dest="duration", default="1h", help="how long: 3600, 90s, 15m, 2h (default 1h)")
     ban_add.add_argument("--reason")
     ban_remove = bans_commands.add_parser("remove", help="lift a ban")
     ban_remove.add_argument("ip")
+    for sub in (ban_list, ban_add, ban_remove):
+        _client_options(sub, "admin", suppress=True)
+        _json_option(sub)
     bans.set_defaults(func=cmd_bans)
 
     drain = commands.add_parser("drain", help="drain a controller (rolling upgrade): no new calls, media nodes "
                                               "handed over, then it exits (REST API, admin scope)")
-    drain.add_argument("--api", default="http://127.0.0.1:8460/v1", help="that controller's API base URL")
-    drain.add_argument("--token", help="API token with the admin scope (default: CALLFABRIC_TOKEN)")
+    _client_options(drain, "admin")
     drain.add_argument("--instance", help="its instance_id (default: whatever controller answers --api)")
     drain.add_argument("--wait", action="store_true", help="return once the controller has exited")
     drain.add_argument("--timeout", type=float, default=60.0, help="how long --wait waits (seconds)")
+    _json_option(drain)
     drain.set_defaults(func=cmd_drain)
 
     demo = commands.add_parser("demo", help="start Redis, Kamailio and the controller locally, place calls, report")
@@ -519,23 +710,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     api = commands.add_parser("api", help="the REST API")
     api_commands = api.add_subparsers(dest="api_command", required=True)
-    api_commands.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_api_openapi)
+    api_commands.add_parser("openapi", help="print the OpenAPI document (JSON)").set_defaults(func=cmd_api_openapi)
 
     metrics = commands.add_parser("metrics", help="the controller's Prometheus metrics")
     metrics_commands = metrics.add_subparsers(dest="metrics_command", required=True)
-    metrics_commands.add_parser("describe", help="every metric: name, type, labels").set_defaults(
-        func=cmd_metrics_describe)
+    metrics_describe = metrics_commands.add_parser("describe", help="every metric: name, type, labels")
+    _json_option(metrics_describe)
+    metrics_describe.set_defaults(func=cmd_metrics_describe)
 
     config = commands.add_parser("config", help="controller settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    config_commands.add_parser("describe", help="every setting, its environment variable and default").set_defaults(
-        func=cmd_config_describe)
+    config_describe = config_commands.add_parser("describe", help="every setting, its environment variable and default")
+    _json_option(config_describe)
+    config_describe.set_defaults(func=cmd_config_describe)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A reader that stops reading (`| head`) ends it quietly, exit 141 like
+    any Unix tool killed by SIGPIPE."""
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # the interpreter's own flush at exit must not complain
+        return 141
 
 
 if __name__ == "__main__":

@@ -80,8 +80,10 @@ class Settings:
                                        "environment).")
     edge_decision_budget_ms: int = _setting(200, "The edge's decision budget (Kamailio DECISION_TIMEOUT_MS): a "
                                                  "decision webhook gets this minus 40 ms at most.")
-    api_tokens: list = _setting([], "API tokens, each 'name:scope[,scope]:secret' (scopes: read, control, admin); "
-                                    "set them through the environment, not in files.")
+    api_tokens: list = _setting([], "API tokens, each 'name:scope[,scope]:secret' (scopes: read, control, admin; "
+                                    "the secret: letters, digits and -._~+/ as in any Bearer token, at least 16). "
+                                    "In the environment, tokens are separated by spaces: "
+                                    "'ops:read,control,admin:S3cret... app:control:An0ther...'.")
     instance_id: str = _setting("", "Name of this controller instance (default: hostname:pid).")
     log_level: str = _setting("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
     log_format: str = _setting("json", "json (one object per line, with call_id) or text.")
@@ -99,11 +101,19 @@ def describe() -> list[tuple[str, str, Any, str]]:
              f.metadata["doc"]) for f in fields(Settings)]
 
 
+# Lists in the environment are comma-separated, except where an entry holds commas itself:
+# an API token's scopes (`ops:read,control:secret`), so tokens are separated by whitespace
+# (which no Bearer token can contain).
+_WHITESPACE_LISTS = {"api_tokens"}
+
+
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     kind = {"str": str, "int": int, "float": float, "list": list}.get(kind, kind) if isinstance(kind, str) else kind
     try:
         if kind is list:
             if isinstance(value, str):
+                if name in _WHITESPACE_LISTS:
+                    return value.split()
                 return [v.strip() for v in value.split(",") if v.strip()]
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return value
@@ -119,6 +129,15 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         return value
     except ValueError as exc:
         raise ConfigError(f"setting {name}: {value!r}: {exc}") from None
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """The settings file used without --config: $CALLFABRIC_CONFIG, else ./callfabric.yaml
+    when there is one (what `callfabric up` writes), else none (defaults + environment)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CALLFABRIC_CONFIG"):
+        return environ["CALLFABRIC_CONFIG"]
+    return "callfabric.yaml" if Path("callfabric.yaml").is_file() else None
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -182,3 +201,43 @@ def redis_target(settings: Settings):
                            settings.redis_master_name)
     except ValueError as exc:
         raise ConfigError(f"setting {exc}") from None
+
+
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def check_settings(settings: Settings) -> None:
+    """Everything the controller would refuse later, refused now with one line (ConfigError)."""
+    from controller.api.auth import parse_tokens
+    from controller.edge.decisions import STATE_UNAVAILABLE_MODES
+    from controller.media.ami import parse_ami_node
+
+    split_host_port(settings.http_listen, "http_listen")
+    for endpoint in settings.edge_evapi:
+        split_host_port(endpoint, "edge_evapi")
+    for url in settings.edge_rpc:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
+    for text in settings.ari_nodes:
+        parse_ari_node(text)
+    for text in settings.ami_nodes:
+        try:
+            parse_ami_node(text)
+        except ValueError as exc:
+            raise ConfigError(f"setting ami_nodes: {exc}") from None
+    try:
+        parse_tokens(settings.api_tokens)
+    except ValueError as exc:
+        raise ConfigError(f"setting {exc}") from None
+    redis_target(settings)
+    if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
+        raise ConfigError(f"setting redis_outage_decisions: {settings.redis_outage_decisions!r}: expected one of "
+                          f"{', '.join(STATE_UNAVAILABLE_MODES)}")
+    if settings.log_format not in LOG_FORMATS:
+        raise ConfigError(f"setting log_format: {settings.log_format!r}: expected json or text")
+    for entry in [f"={settings.log_level}", *settings.log_levels]:
+        logger, sep, level = entry.partition("=")
+        if not sep or level.upper() not in LOG_LEVELS or (entry[0] != "=" and not logger.strip()):
+            raise ConfigError(f"setting log_level(s): {entry.lstrip('=')!r}: expected [module=]"
+                              f"{'|'.join(LOG_LEVELS)}")

@@ -1,11 +1,13 @@
 """API tokens with scopes: `read` (calls, timelines, events), `control` (commands on calls,
 originate), `admin` (policy reload and validation; implies the others). Tokens come from the
-settings (`api_tokens`: `name:scope[,scope]:secret`), are compared in constant time, and are
+settings (`api_tokens`: `name:scope[,scope]:secret`; in the environment several tokens are
+separated by spaces, which no Bearer token holds), are compared in constant time, and are
 never logged — a request is known by the token's name."""
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -13,6 +15,7 @@ from aiohttp import web
 
 log = logging.getLogger("callfabric.api")
 SCOPES = ("read", "control", "admin")
+_SECRET = re.compile(r"[A-Za-z0-9._~+/-]+=*")   # RFC 6750 b64token: what a Bearer token may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,11 @@ def parse_tokens(entries: list[str]) -> list[ApiToken]:
         if not (sep1 and sep2 and name and secret) or not wanted or wanted - set(SCOPES):
             raise ValueError(f"api_tokens[{n}] ({name or '?'}): expected 'name:scope[,scope]:secret' with scopes "
                              f"among {', '.join(SCOPES)}")
+        if not _SECRET.fullmatch(secret):
+            bad = sorted({c for c in secret if c != "=" and not _SECRET.fullmatch(c)})
+            hint = " (tokens are separated by spaces, not commas)" if "," in bad else ""
+            raise ValueError(f"api_tokens[{n}] ({name}): the secret may hold letters, digits and -._~+/ (a Bearer "
+                             f"token, '=' only at its end), not {' '.join(map(repr, bad)) or 'that'}{hint}")
         if len(secret) < 16:
             raise ValueError(f"api_tokens[{n}] ({name}): the secret must be at least 16 characters")
         tokens.append(ApiToken(name, frozenset(wanted), secret.encode()))

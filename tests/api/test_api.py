@@ -265,9 +265,9 @@ async def test_the_cli_acts_on_calls_through_the_api(api, capsys):
     from controller.cli import main
     await api.live_call()
     code = await asyncio.to_thread(main, ["call", "--api", api.base, "--token", CONTROL, "transfer", "c1@edge",
-                                          "--agent", "billing"])
+                                          "--agent", "billing", "--json"])
     assert code == 0 and json.loads(capsys.readouterr().out)["result"]["agent"] == "billing"
-    code = await asyncio.to_thread(main, ["call", "--api", api.base, "--token", READ, "hangup", "c1@edge"])
-    assert code == 1 and "lacks the 'control' scope" in capsys.readouterr().out
+    code = await asyncio.to_thread(main, ["call", "hangup", "c1@edge", "--api", api.base, "--token", READ])
+    assert code == 1 and "lacks the 'control' scope" in capsys.readouterr().err
     code = await asyncio.to_thread(main, ["call", "--api", api.base, "--token", CONTROL, "transfer", "c1@edge"])
     assert code == 2

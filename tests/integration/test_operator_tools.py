@@ -117,5 +117,6 @@ def test_calls_trace(redis_url, monkeypatch, capsys):
     monkeypatch.setenv("CALLFABRIC_REDIS_URL", redis_url)
     assert main(["calls", "trace", "done-1@host"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("+   0.000s  decided") and "ended" in lines[1] and '"reason": "bye-caller"' in lines[1]
+    assert lines[0].startswith("done-1@host: started 20")     # ISO 8601, local time
+    assert lines[1].startswith("+   0.000s  decided") and "ended" in lines[2] and '"reason": "bye-caller"' in lines[2]
     assert main(["calls", "trace", "nope"]) == 1

@@ -112,8 +112,10 @@ async def test_the_example_app_routes_follows_and_transfers_a_call(tmp_path, red
             await asyncio.sleep(0.05)
         media = plane.calls[call_id]
         assert [(f.target, f.state) for f in media.forks.values()] == [("stt", "up")]  # the app asked for it
-        timeline = [e["event"] for e in await app[STORE].timeline(call_id)]
-        assert "fork_started" in timeline and "transfer_completed" in timeline
+        deadline = time.monotonic() + 10     # the plane moves on first; its timeline steps are written after
+        while not {"fork_started", "transfer_completed"} <= {e["event"] for e in await app[STORE].timeline(call_id)}:
+            assert time.monotonic() < deadline, [e["event"] for e in await app[STORE].timeline(call_id)]
+            await asyncio.sleep(0.05)
         decided = (await app[STORE].timeline(call_id))[0]
         assert decided["webhook"]["applied"] == "answer"
         result = await caller

@@ -26,7 +26,7 @@ def test_the_fake_serves_exactly_the_described_operations():
 
 def test_the_controller_calls_only_described_operations():
     calls = []
-    for path in (ROOT / "controller" / "media").glob("*.py"):
+    for path in (ROOT / "controller" / "media").rglob("*.py"):
         calls += re.findall(r'request\(\s*"\w+",\s*"(GET|POST|PUT|DELETE)",\s*f?"(/[^"?]*)"', path.read_text())
     assert len(calls) >= 14, calls
     for method, template in calls:

@@ -16,7 +16,8 @@ SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
 # On a live call the same documents act on the call: route_agent transfers to an agent,
 # route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
 # only mid-call.
-LIVE_VERBS = ("route_agent", "route_sip", "fork", "stop_fork", "add_human", "play", "hangup", "set_metadata")
+LIVE_VERBS = ("route_agent", "route_sip", "fork", "stop_fork", "add_human", "play", "hangup", "set_metadata",
+              "send_dtmf", "gather")
 CONTEXT_KEYS = ("summary", "intent", "sentiment")
 
 FORK_DIRECTIONS = ("in", "out", "both")
@@ -48,6 +49,10 @@ _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
 PLAY_MEDIA_PATTERN = r"^(sound|recording|tone|digits|number|characters):[^\s,]{1,200}$|^https?://[^\s,]{1,2000}$"
 FORK_ID_PATTERN = r"^f[0-9]{1,6}$"
+LEG_PATTERN = r"^(caller|h[0-9]{1,6})$"  # the caller, or a human leg (its leg_id)
+SEND_DIGITS_PATTERN = r"^[0-9A-Da-d*#wW]{1,64}$"
+DIGITS_PATTERN = r"^[0-9A-D*#]{0,64}$"
+WEBHOOK_URL_PATTERN = r"^https?://[^\s]+$"
 _DURATION = re.compile(DURATION_PATTERN)
 _DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, None: 1000}
 
@@ -115,6 +120,7 @@ def reason_problem(reason: str) -> str | None:
 
 
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64}
+
 _DURATION_SCHEMA = {
     "oneOf": [
         {"type": "integer", "minimum": 1, "description": "seconds"},
@@ -209,9 +215,10 @@ _CONTEXT = {
 }
 
 
-def live_action_schema() -> dict[str, Any]:
-    """JSON Schema of one action on a live call (REST API commands)."""
-    return {
+def live_action_schema(with_gather: bool = True) -> dict[str, Any]:
+    """JSON Schema of one action on a live call (REST API commands); a gather's branches hold
+    live actions without a gather of their own (no $ref: OpenAPI tools want plain schemas)."""
+    schema = {
         "type": "object",
         "description": "One action on a live call: a mapping with exactly one verb as its key.",
         "minProperties": 1,
@@ -256,8 +263,80 @@ def live_action_schema() -> dict[str, Any]:
                 **_CONTEXT,
                 "minProperties": 1,
             },
+            "send_dtmf": {
+                "description": "Send DTMF (RFC 4733) to the caller or a human leg: 0-9 A-D * #, w / W pause "
+                               "half a second / a second.",
+                "oneOf": [{"type": "string", "pattern": SEND_DIGITS_PATTERN},
+                          {"type": "object", "required": ["digits"], "additionalProperties": False,
+                           "properties": {"digits": {"type": "string", "pattern": SEND_DIGITS_PATTERN},
+                                          "to": {"type": "string", "pattern": LEG_PATTERN},
+                                          "duration_ms": {"type": "integer", "minimum": 40, "maximum": 2000},
+                                          "between_ms": {"type": "integer", "minimum": 40, "maximum": 2000}}}],
+            },
         },
     }
+    if with_gather:
+        schema["properties"]["gather"] = gather_schema()
+    return schema
+
+
+def gather_schema() -> dict[str, Any]:
+    """Collect digits from the caller; the result goes to a policy branch (`then`) or a webhook."""
+    return {
+        "description": "Collect DTMF digits from the caller (or a human leg): at most `max_digits`, up to "
+                       "`finish_key`, until `timeout` passes without a digit (counted from the prompt's end). "
+                       "The result (`gather.completed`: digits, reason) goes to the first `then` branch whose "
+                       "`match` holds, or to `webhook`, whose answer `{\"actions\": [...]}` is carried out.",
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "max_digits": {"type": "integer", "minimum": 1, "maximum": 64, "default": 32},
+            "finish_key": {"enum": list("0123456789*#") + [""], "default": "#"},
+            "timeout": {**_DURATION_SCHEMA, "description": "Without a digit (90, 5s, 1500ms); default 5s."},
+            "prompt": {"type": "string", "pattern": PLAY_MEDIA_PATTERN,
+                       "description": "Played first; the first digit stops it."},
+            "leg": {"type": "string", "pattern": LEG_PATTERN, "default": "caller"},
+            "then": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+                "type": "object", "required": ["actions"], "additionalProperties": False,
+                "properties": {
+                    "match": gathered_condition_schema(),
+                    "actions": {"type": "array", "minItems": 1, "maxItems": 16,
+                                "items": live_action_schema(with_gather=False)},
+                }}},
+            "webhook": {"type": "string", "pattern": WEBHOOK_URL_PATTERN, "maxLength": 2048},
+        },
+        "not": {"required": ["then", "webhook"]},
+    }
+
+
+def gathered_condition_schema(depth: int = 2) -> dict[str, Any]:
+    """A condition on a gather's result: the digits, and why it ended (all / any / not nest
+    `depth` levels deep)."""
+    digits = {"type": "string", "pattern": DIGITS_PATTERN}
+    schema = {
+        "type": "object", "minProperties": 1, "additionalProperties": False,
+        "description": "Holds when every key holds: `digits` (exact value(s), or {exact, prefix, regex, "
+                       "min_length, max_length}), `reason` (max_digits, finish_key, timeout), all / any / not.",
+        "properties": {
+            "digits": {"oneOf": [digits, {"type": "array", "minItems": 1, "items": digits},
+                                 {"type": "object", "minProperties": 1, "additionalProperties": False,
+                                  "properties": {
+                                      "exact": {"oneOf": [digits, {"type": "array", "minItems": 1, "items": digits}]},
+                                      "prefix": {"oneOf": [digits, {"type": "array", "minItems": 1, "items": digits}]},
+                                      "regex": {"type": "string", "minLength": 1, "maxLength": 256},
+                                      "min_length": {"type": "integer", "minimum": 0, "maximum": 64},
+                                      "max_length": {"type": "integer", "minimum": 0, "maximum": 64}}}]},
+            "reason": {"oneOf": [{"enum": list(GATHER_REASONS)},
+                                 {"type": "array", "minItems": 1, "items": {"enum": list(GATHER_REASONS)}}]},
+        },
+    }
+    if depth > 1:
+        inner = gathered_condition_schema(depth - 1)
+        schema["properties"].update({"all": {"type": "array", "minItems": 1, "items": inner},
+                                     "any": {"type": "array", "minItems": 1, "items": inner}, "not": inner})
+    return schema
+
+
+GATHER_REASONS = ("max_digits", "finish_key", "timeout")
 
 
 def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
@@ -274,4 +353,6 @@ def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
         arg = {"target": arg}
     elif verb == "play" and isinstance(arg, str):
         arg = {"media": arg}
+    elif verb == "send_dtmf" and isinstance(arg, str):
+        arg = {"digits": arg}
     return verb, arg

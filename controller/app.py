@@ -301,7 +301,8 @@ async def _api_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = EventHub(store.target.subscriber)
     app[api.CONTROL] = CallControl(app[MEDIA], store, lambda: app[POLICIES].policy,
                                    outbound_trunk=app[SETTINGS].outbound_trunk,
-                                   forwarding=Forwarding(app[LEASES], app[INBOX], app[METRICS]))
+                                   forwarding=Forwarding(app[LEASES], app[INBOX], app[METRICS]),
+                                   ask_webhook=app[WEBHOOKS].ask)
     app[api.HUB] = hub
     app[api.STORE] = app[STORE]
     app[api.POLICIES] = app[POLICIES]

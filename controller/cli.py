@@ -450,6 +450,19 @@ def _call_action(args: argparse.Namespace) -> dict:
         return {"play": args.media}
     if args.call_command == "hangup":
         return {"hangup": True}
+    if args.call_command == "dtmf":
+        return {"send_dtmf": {"digits": args.digits, "to": args.to}}
+    if args.call_command == "gather":
+        if args.webhook and args.then:
+            raise ValueError("give --webhook or --then, not both")
+        try:
+            then = json.loads(args.then) if args.then else None
+        except ValueError as exc:
+            raise ValueError(f"--then is not JSON: {exc}") from None
+        return {"gather": {"max_digits": args.max_digits, "finish_key": args.finish_key, "timeout": args.timeout,
+                           **({"prompt": args.prompt} if args.prompt else {}),
+                           **({"webhook": args.webhook} if args.webhook else {}),
+                           **({"then": then} if then is not None else {})}}
     try:
         return json.loads(args.document)
     except ValueError as exc:
@@ -672,10 +685,22 @@ def build_parser() -> argparse.ArgumentParser:
     play.add_argument("media")
     hang = call_commands.add_parser("hangup", help="end the call")
     hang.add_argument("call_id")
+    dtmf = call_commands.add_parser("dtmf", help="send DTMF digits (0-9 A-D * #, w/W pauses) to the caller or a human")
+    dtmf.add_argument("call_id")
+    dtmf.add_argument("digits")
+    dtmf.add_argument("--to", default="caller", help="caller, or a human leg id (h3)")
+    gather = call_commands.add_parser("gather", help="collect digits from the caller; result to a webhook or branches")
+    gather.add_argument("call_id")
+    gather.add_argument("--max-digits", type=int, default=32)
+    gather.add_argument("--finish-key", default="#", help="'' for none")
+    gather.add_argument("--timeout", default="5s", help="without a digit (5s, 1500ms)")
+    gather.add_argument("--prompt", help="sound:NAME or a URL played first")
+    gather.add_argument("--webhook", help="asked with the result; its answer's actions are carried out")
+    gather.add_argument("--then", help='branches as JSON: [{"match": {"digits": "1"}, "actions": [...]}, ...]')
     raw = call_commands.add_parser("action", help="any action document (JSON)")
     raw.add_argument("call_id")
     raw.add_argument("document")
-    for sub in (transfer, human, fork, stop_fork, play, hang, raw):
+    for sub in (transfer, human, fork, stop_fork, play, hang, dtmf, gather, raw):
         _client_options(sub, "control", suppress=True)
         _json_option(sub)
     call.set_defaults(func=cmd_call)

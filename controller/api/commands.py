@@ -6,23 +6,32 @@ owner (forwarded through the node's inbox in Redis)."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from jsonschema import Draft202012Validator
 
-from controller.actions import canonical_action, live_action_schema
+from controller.actions import canonical_action, live_action_schema, parse_duration_ms
 from controller.media.ari import AriError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
+from controller.policy.gathered import branch_actions, regex_problems
 from controller.schema_errors import describe
-from controller.state.calls import CallStore
+from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import InboxTimeout, NodeInbox
 from controller.state.leases import NodeLeases
 
+log = logging.getLogger("callfabric.api.commands")
+
 IDEMPOTENCY_TTL_S = 24 * 3600
+GATHER_WEBHOOK_TIMEOUT_S = 5.0
 _LIVE_ACTION = Draft202012Validator(live_action_schema())
+_WEBHOOK_ANSWER = Draft202012Validator({
+    "type": "object", "required": ["actions"], "additionalProperties": False,
+    "properties": {"actions": {"type": "array", "maxItems": 16, "items": live_action_schema()}},
+})
 
 
 class CommandError(Exception):
@@ -41,9 +50,24 @@ def validate_action(document: Any, path: str = "action") -> dict[str, Any]:
     for error in _LIVE_ACTION.iter_errors(document):
         for sub_path, message, _ in describe(error):
             errors.append({"path": ".".join([path, *map(str, sub_path)]), "message": message})
+    if not errors:
+        errors = [{"path": ".".join([path, *map(str, sub_path)]), "message": message}
+                  for sub_path, message in _nested_problems(document)]
     if errors:
         raise CommandError(422, "invalid action", errors)
     return document
+
+
+def _nested_problems(action: dict[str, Any], path: tuple = ()) -> list[tuple[tuple, str]]:
+    """What the schema cannot say about a valid action: the regexes of a gather's branches."""
+    verb, arg = canonical_action(action)
+    out = []
+    if verb == "gather":
+        for i, branch in enumerate(arg.get("then", [])):
+            out += regex_problems(branch.get("match", {}), path + (verb, "then", i, "match"))
+            for j, nested in enumerate(branch["actions"]):
+                out += _nested_problems(nested, path + (verb, "then", i, "actions", j))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +88,15 @@ class Forwarding:
 
 class CallControl:
     def __init__(self, plane: MediaPlane, store: CallStore, current_policy: Callable[[], Any],
-                 outbound_trunk: str = "", forwarding: Forwarding | None = None):
+                 outbound_trunk: str = "", forwarding: Forwarding | None = None,
+                 ask_webhook: Callable[[str, dict[str, Any], float], Awaitable[tuple[str, Any]]] | None = None):
         self.plane = plane
         self.outbound_trunk = outbound_trunk  # host[:port] numbers are dialled at (through the edge)
         self.store = store
         self._policy = current_policy
         self.forwarding = forwarding
+        self._ask_webhook = ask_webhook
+        plane.on_gathered = self.gathered
 
     async def execute(self, call_id: str, action: dict[str, Any], idempotency_key: str | None = None) -> CommandResult:
         validate_action(action)
@@ -211,7 +238,62 @@ class CallControl:
         if verb == "set_metadata":
             await self.store.merge_metadata(call_id, {k: str(v) for k, v in arg.items()})
             return {"action": verb, "result": {"metadata": sorted(arg)}}
+        if verb == "send_dtmf":
+            return {"action": verb, "result": await plane.dtmf.send(
+                call_id, arg["digits"], to=arg.get("to", "caller"), duration_ms=arg.get("duration_ms", 100),
+                between_ms=arg.get("between_ms", 100))}
+        if verb == "gather":
+            for branch in arg.get("then", []):
+                for nested in branch["actions"]:
+                    self._check_names(nested)
+            return {"action": verb, "result": await plane.dtmf.gather(
+                call_id, leg=arg.get("leg", "caller"), max_digits=arg.get("max_digits", 32),
+                finish_key=arg.get("finish_key", "#"), timeout_ms=parse_duration_ms(arg.get("timeout", "5s")),
+                prompt=arg.get("prompt", ""), then=arg.get("then"), webhook=arg.get("webhook", ""))}
         raise CommandError(422, f"unknown action {verb!r}")  # unreachable after validation
+
+    def _check_names(self, action: dict[str, Any]) -> None:
+        """A nested action (a gather's branch) names what the serving policy declares."""
+        verb, arg = canonical_action(action)
+        sections = {"route_agent": ("agents", "agent"), "route_sip": ("destinations", "destination"),
+                    "add_human": ("destinations", "destination"), "fork": ("fork_targets", "target")}
+        if verb in sections:
+            section, key = sections[verb]
+            self._names(section, arg[key])
+        elif verb == "gather":
+            for branch in arg.get("then", []):
+                for nested in branch["actions"]:
+                    self._check_names(nested)
+
+    async def gathered(self, call_id: str, result: dict[str, Any]) -> None:
+        """A gather ended: carry out its branch's actions, or ask its webhook for them. Each
+        action's failure is recorded on the call's timeline and does not stop the next one."""
+        if result.get("webhook"):
+            actions = await self._ask_gather_webhook(call_id, result)
+        else:
+            actions = branch_actions(result.get("then") or [], result.get("digits", ""), result.get("reason", ""))
+        for i, action in enumerate(actions or []):
+            try:
+                await self._run(call_id, validate_action(action, f"actions.{i}"))
+            except (MediaError, CommandError, AriError) as exc:
+                log.warning("call %s: action %d after gather %s failed: %s", call_id, i, result.get("gather_id"), exc)
+                await self.store.append_event(call_id, {"event": "gather_action_failed", "ts": now_ms(),
+                                                        "gather": result.get("gather_id"), "action": i,
+                                                        "reason": str(exc)})
+
+    async def _ask_gather_webhook(self, call_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+        if self._ask_webhook is None:
+            return []
+        payload = {"type": "gather.completed", "call_id": call_id, "ts": now_ms(),
+                   "data": {k: result[k] for k in ("gather_id", "leg", "digits", "reason")}}
+        outcome, answer = await self._ask_webhook(result["webhook"], payload, GATHER_WEBHOOK_TIMEOUT_S)
+        problems = [] if outcome != "ok" else [m for e in _WEBHOOK_ANSWER.iter_errors(answer) for _, m, _ in describe(e)]
+        if outcome != "ok" or problems:
+            why = outcome if outcome != "ok" else f"invalid answer: {problems[0]}"
+            await self.store.append_event(call_id, {"event": "gather_webhook_failed", "ts": now_ms(),
+                                                    "gather": result.get("gather_id"), "reason": why})
+            return []
+        return answer["actions"]
 
     async def originate(self, to: str, agent: str, caller_id: str | None = None,
                         context: dict[str, str] | None = None) -> dict[str, Any]:

@@ -26,6 +26,9 @@ PUBLIC_TYPES = {
     "handoff_completed": "transfer.completed", "human_dialing": "human.dialing", "human_joined": "human.joined",
     "human_failed": "human.failed", "human_left": "human.left", "agent_lost": "agent.lost",
     "one_way_audio": "media.one_way_audio", "play": "media.play",
+    "dtmf": "call.dtmf", "dtmf_sent": "call.dtmf_sent", "gather_started": "gather.started",
+    "gather_completed": "gather.completed", "gather_action_failed": "gather.action_failed",
+    "gather_webhook_failed": "gather.webhook_failed",
 }
 EVENT_TYPES = tuple(sorted(set(PUBLIC_TYPES.values())))
 

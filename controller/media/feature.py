@@ -50,12 +50,14 @@ class Feature:
     - its actions: public coroutines that take the call's lock (`plane.lock`) and record each
       change (`plane.save`: media record + timeline step) before the next step;
     - its ARI events: `entered` (one of its channels entered our application), `gone` (one of
-      its channels left);
+      its channels left), and the other event types it names in `events` (`on_event`);
     - its steps in the plane's record keeping: `missing` (a resync found its legs gone),
       `take_over` (a call adopted from another controller), `ending` (the call's teardown),
       `adopted` / `released` (the call's legs are counted by this controller, or not any more).
 
     The plane keeps node sync, event dispatch and the per-call lock; a feature owns its legs."""
+
+    events: tuple[str, ...] = ()  # ARI event types (besides StasisStart/End) this feature handles
 
     def __init__(self, plane: "MediaPlane"):
         self.plane = plane
@@ -72,6 +74,10 @@ class Feature:
         """A channel of the call left (StasisEnd / ChannelDestroyed), lock held: True when it
         was this feature's (handled)."""
         return False
+
+    async def on_event(self, media: CallMedia, channel_id: str, event: dict[str, Any]) -> None:
+        """An event of a type named in `events` about one of the call's channels or bridges
+        (`channel_id` is that object's id), lock held."""
 
     # -- record keeping --------------------------------------------------------------------------
     def missing(self, media: CallMedia, channels: dict[str, dict]) -> bool:

@@ -85,6 +85,26 @@ class HumanLeg:
 
 
 @dataclass(slots=True)
+class Gather:
+    """Digits being collected from a leg (the caller, or a human) until `max_digits`, the
+    finish key or `timeout_ms` without a digit; what happens then (`then` branches, a
+    `webhook`) travels with it so any controller can finish it."""
+
+    gather_id: str
+    leg: str  # "caller" or a human leg id
+    max_digits: int
+    finish_key: str  # "" for none
+    timeout_ms: int  # without a digit (the first one counts from the prompt's end)
+    then: list[dict[str, Any]] = field(default_factory=list)
+    webhook: str = ""
+    prompt: str = ""  # media played before
+    prompt_playback: str = ""  # its playback id, while it plays
+    digits: str = ""
+    started_ms: int = 0
+    waiting_since_ms: int = 0  # the timeout counts from here (0: the prompt is still playing)
+
+
+@dataclass(slots=True)
 class CallMedia:
     call_id: str
     token: str
@@ -101,6 +121,7 @@ class CallMedia:
     max_duration_s: int | None = None
     direction: str = "inbound"  # outbound: originated by the API
     pending_agent: str = ""  # outbound: the agent that joins when the call is answered
+    gather: Gather | None = None
 
     def next_id(self, kind: str) -> str:
         self.sequence += 1
@@ -127,7 +148,9 @@ class CallMedia:
         old_agents = data.pop("old_agents", [])
         forks = data.pop("forks", {})
         humans = data.pop("humans", {})
+        gather = data.pop("gather", None)
         media = cls(**data)
+        media.gather = Gather(**gather) if gather else None
         media.agent = AgentLeg(**agent) if agent else None
         media.old_agents = [AgentLeg(**a) for a in old_agents]
         media.forks = {k: ForkLeg(**v) for k, v in forks.items()}

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from redis.exceptions import RedisError
 
 from controller.media.ari import AriClient, AriError
 from controller.media.feature import LEG_UP_TIMEOUT_S, Endpoint, Feature, MediaError, external_media_params
 from controller.media.features.call import Call
+from controller.media.features.dtmf import Dtmf
 from controller.media.features.forks import Forks
 from controller.media.features.humans import Humans
 from controller.media.features.playback import Playback
@@ -70,7 +71,15 @@ class MediaPlane:
         self.forks = Forks(self)
         self.humans = Humans(self)
         self.playback = Playback(self)
-        self.features: tuple[Feature, ...] = (self.call, self.forks, self.humans, self.playback)
+        self.dtmf = Dtmf(self)
+        self.features: tuple[Feature, ...] = (self.call, self.forks, self.humans, self.playback, self.dtmf)
+        # Carries out what a finished gather leads to (its policy branch, its webhook's answer):
+        # set by whoever runs actions on calls (the API's call control).
+        self.on_gathered: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+        self._handlers: dict[str, list[Feature]] = {}  # ARI event type -> the features that handle it
+        for feature in self.features:
+            for kind in feature.events:
+                self._handlers.setdefault(kind, []).append(feature)
 
     # -- node lifecycle ---------------------------------------------------------------------------
     async def serve_node(self, name: str) -> None:
@@ -264,6 +273,12 @@ class MediaPlane:
         kind = event.get("type")
         channel = event.get("channel") if isinstance(event.get("channel"), dict) else {}
         channel_id = channel.get("id", "") if isinstance(channel.get("id", ""), str) else ""
+        if kind in self._handlers:
+            subject = channel_id or _subject(event)
+            media = self._media_of_channel(subject) if subject else None
+            if media is not None:
+                self.spawn(node, self._feature_event(self._handlers[kind], media, subject, event), kind)
+            return
         if not channel_id:
             return
         if kind == "StasisStart":
@@ -297,11 +312,20 @@ class MediaPlane:
                 if await feature.gone(media, channel_id, cause):
                     return
 
-    def spawn(self, node: str, coroutine, what: str) -> None:
+    async def _feature_event(self, features: list[Feature], media: CallMedia, subject: str,
+                             event: dict[str, Any]) -> None:
+        async with self.lock(media.call_id):
+            if media.state == "ended":
+                return
+            for feature in features:
+                await feature.on_event(media, subject, event)
+
+    def spawn(self, node: str, coroutine, what: str) -> asyncio.Task:
         """Run `coroutine` as part of serving `node` (cancelled when the node is released)."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.setdefault(node, set()).add(task)
         task.add_done_callback(lambda t: self._task_done(t, node, what))
+        return task
 
     def _task_done(self, task: asyncio.Task, node: str, what: str) -> None:
         self._tasks.get(node, set()).discard(task)
@@ -458,3 +482,16 @@ class MediaPlane:
         except (AriError, MediaError, asyncio.TimeoutError) as exc:
             log.warning("media: %s", exc)
             return None
+
+
+def _subject(event: dict[str, Any]) -> str:
+    """The id of the channel or bridge an event without a `channel` is about: a playback's or
+    a recording's target (`channel:<id>`, `bridge:<id>`), or the event's bridge."""
+    for key in ("playback", "recording"):
+        target = (event.get(key) or {}).get("target_uri") if isinstance(event.get(key), dict) else None
+        if isinstance(target, str) and ":" in target:
+            return target.split(":", 1)[1]
+    bridge = event.get("bridge")
+    if isinstance(bridge, dict) and isinstance(bridge.get("id"), str):
+        return bridge["id"]
+    return ""

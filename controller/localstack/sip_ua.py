@@ -4,7 +4,9 @@ what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import os
 import random
 import re
 import struct
@@ -21,16 +23,40 @@ class CallResult:
     rtp_sent: int = 0
     rtp_received: int = 0
     received_at: list[float] = field(default_factory=list)
+    sdp: str = ""  # the answer's SDP
+    raw: list[bytes] = field(default_factory=list)  # the first RTP datagrams as they arrived (on the wire)
+    payloads: list[bytes] = field(default_factory=list)  # their payloads (decrypted, with SRTP)
+    srtp_failed: int = 0  # datagrams that did not authenticate with the answered key
 
 
 class _Rtp(asyncio.DatagramProtocol):
     def __init__(self, result: CallResult):
         self.result = result
+        self.unprotect = None  # SRTP: decrypts and authenticates, raises on a bad packet
 
     def datagram_received(self, data, addr):
         if len(data) >= 12 and data[0] >> 6 == 2:
+            if len(self.result.raw) < 50:
+                self.result.raw.append(data)
+            if self.unprotect is not None:
+                try:
+                    data = self.unprotect(data)
+                except Exception:  # noqa: BLE001 - pylibsrtp.Error: not SRTP with the answered key
+                    self.result.srtp_failed += 1
+                    return
             self.result.rtp_received += 1
             self.result.received_at.append(time.monotonic())
+            if len(self.result.payloads) < 50:
+                self.result.payloads.append(data[12:])
+
+
+def _srtp_session(key_b64: str, outbound: bool):
+    import pylibsrtp
+
+    policy = pylibsrtp.Policy(key=base64.b64decode(key_b64), srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+                              ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND if outbound else
+                              pylibsrtp.Policy.SSRC_ANY_INBOUND)
+    return pylibsrtp.Session(policy)
 
 
 class _Sip(asyncio.DatagramProtocol):
@@ -73,12 +99,13 @@ class SipCaller:
     (username, password) answering a 407."""
 
     def __init__(self, edge_port: int, from_user: str = "+12025550123", *, source_ip: str = "127.0.0.1",
-                 announce_ip: str | None = None, auth: tuple[str, str] | None = None):
+                 announce_ip: str | None = None, auth: tuple[str, str] | None = None, srtp: bool = False):
         self.edge = ("127.0.0.1", edge_port)
         self.from_user = from_user
         self.source_ip = source_ip
         self.announce_ip = announce_ip or source_ip
         self.auth = auth
+        self.srtp = srtp  # offer RTP/SAVP with an SDES key (AES_CM_128_HMAC_SHA1_80) and encrypt
         self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
@@ -89,14 +116,17 @@ class SipCaller:
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
         sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, 0))
-        rtp_transport, _ = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
+        rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
         me = self.announce_ip
+        key = base64.b64encode(os.urandom(30)).decode()
         sip_port = sip_transport.get_extra_info("sockname")[1]
         rtp_port = rtp_transport.get_extra_info("sockname")[1]
         tag = uuid.uuid4().hex[:8]
         try:
+            profile = "RTP/SAVP" if self.srtp else "RTP/AVP"
+            crypto = f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{key}\r\n" if self.srtp else ""
             sdp = (f"v=0\r\no=- 1 1 IN IP4 {me}\r\ns=-\r\nc=IN IP4 {me}\r\nt=0 0\r\n"
-                   f"m=audio {rtp_port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n")
+                   f"m=audio {rtp_port} {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}a=sendrecv\r\n")
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
             ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}"
             cseq, authorization = 1, ""
@@ -131,6 +161,7 @@ class SipCaller:
                 cseq += 1
             first, hdrs, body = final
             result.status, result.reason = int(first.split()[1]), first.split(" ", 2)[2]
+            result.sdp = body
             to_header = hdrs["to"][0]
             route = list(reversed(hdrs.get("record-route", [])))
             if result.status >= 300:
@@ -143,6 +174,13 @@ class SipCaller:
             contact = re.search(r"<([^>]+)>", hdrs["contact"][0]).group(1)
             media_ip = re.search(r"c=IN IP4 (\S+)", body).group(1)
             media_port = int(re.search(r"m=audio (\d+)", body).group(1))
+            protect = None
+            if self.srtp:
+                answered = re.search(r"a=crypto:\d+ AES_CM_128_HMAC_SHA1_80 inline:([A-Za-z0-9+/=]+)", body)
+                if answered is None:
+                    raise RuntimeError("SRTP offered but the answer has no AES_CM_128_HMAC_SHA1_80 key")
+                protect = _srtp_session(key, outbound=True).protect
+                rtp.unprotect = _srtp_session(answered.group(1), outbound=False).unprotect
             route_lines = "".join(f"Route: {r}\r\n" for r in route)
 
             def in_dialog(method: str, cseq: int) -> bytes:
@@ -159,7 +197,7 @@ class SipCaller:
                 started = loop.time()
                 while loop.time() - started < hold_s:
                     packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + tone
-                    rtp_transport.sendto(packet, (media_ip, media_port))
+                    rtp_transport.sendto(protect(packet) if protect else packet, (media_ip, media_port))
                     result.rtp_sent += 1
                     seq, ts = seq + 1, ts + 160
                     await asyncio.sleep(0.02)

@@ -82,8 +82,10 @@ def parse_sip(raw: str, direction: str = "in") -> SipMessage:
 class SippUAS:
     """A SIPp UAS on a free loopback UDP port, running until stop()."""
 
-    def __init__(self, workdir: Path | str, scenario: str = "uas_answer.xml", name: str | None = None):
+    def __init__(self, workdir: Path | str, scenario: str = "uas_answer.xml", name: str | None = None,
+                 extra_args: list[str] | None = None):
         self.scenario = scenario
+        self.extra_args = list(extra_args or [])  # e.g. ["-mp", port, "-rtp_echo"]: echo the RTP it gets
         self.name = name or Path(scenario).stem
         self.workdir = Path(workdir) / f"uas-{self.name}-{uuid.uuid4().hex[:4]}"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ class SippUAS:
         self.proc = spawn(
             [SIPP_BIN, "-sf", str(SCENARIOS / self.scenario), "-i", "127.0.0.1",
              "-p", str(self.port), "-t", "u1", "-nostdin", "-trace_msg",
-             "-message_file", str(self.msg_file), "-max_recv_loops", "1000"],
+             "-message_file", str(self.msg_file), "-max_recv_loops", "1000", *self.extra_args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.workdir)
         # SIPp binds before it starts its loop; wait until the port is taken

@@ -559,6 +559,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from controller.localstack.up import run_up
+
+    return run_up(args.config or "callfabric.yaml", check=args.check, media=args.media)
+
+
 # ---------------------------------------------------------------------- describing
 def cmd_metrics_describe(args: argparse.Namespace) -> int:
     """Every metric the controller exports: name, type, labels, help."""
@@ -732,6 +738,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start Redis, Kamailio and the controller locally, place calls, report")
     demo.add_argument("--keep", action="store_true", help="keep the working directory (logs, SIPp traces)")
     demo.set_defaults(func=cmd_demo)
+
+    up = commands.add_parser("up", help="the whole stack on this machine until Ctrl-C: Redis, Kamailio, the "
+                                        "controller, Prometheus, a media node (Asterisk, or a stand-in)")
+    up.add_argument("--config", help="settings file, written on the first run and reused (default: ./callfabric.yaml)")
+    up.add_argument("--check", action="store_true", help="place one call through the stack (the running one, or "
+                                                         "one started for it) and exit 0 if it did what it should")
+    up.add_argument("--media", choices=("auto", "asterisk", "stand-in"), help="the media node (default: the config's "
+                                                                             "x-up.media, auto)")
+    up.set_defaults(func=cmd_up)
 
     api = commands.add_parser("api", help="the REST API")
     api_commands = api.add_subparsers(dest="api_command", required=True)

@@ -152,6 +152,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must be a mapping of settings")
         for key, value in data.items():
+            if isinstance(key, str) and key.startswith("x-"):   # other tools' sections (`callfabric up`'s x-up)
+                continue
             if key not in known:
                 raise ConfigError(f"config file {path}: unknown setting {key!r} (known: {', '.join(known)})")
             values[key] = _coerce(key, known[key].type, value)

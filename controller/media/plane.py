@@ -437,6 +437,9 @@ class MediaPlane:
         """The call an action is for, if actions can be carried out on it now (else MediaError)."""
         media = self.calls.get(call_id)
         if media is None:
+            if not self.nodes:   # the usual surprise: live-call actions need a media node
+                raise MediaError(f"no live call {call_id!r}: this controller has no media nodes (ari_nodes); "
+                                 f"live-call actions act on calls an Asterisk media node holds", 404)
             raise MediaError(f"no live call {call_id!r} on this controller's media nodes", 404)
         if media.state in ("ending", "ended"):
             raise MediaError(f"call {call_id!r} has ended", 409)

@@ -143,6 +143,9 @@ def test_the_token_with_the_needed_scope_is_picked_and_a_missing_one_is_named(co
 def test_a_live_call_action_on_an_unknown_call_is_one_line(controller, capsys):
     code, out, err = run(capsys, "call", "--config", str(controller.client_config), "hangup", "nope@x")
     assert code == 1 and out == "" and len(err.splitlines()) == 1 and err.startswith("error: 40"), err
+    populate(controller.redis_url, 1)          # a call this controller decided, but it has no media node
+    code, out, err = run(capsys, "call", "hangup", "cli-0@host", "--config", str(controller.client_config))
+    assert code == 1 and "404" in err and "this controller has no media nodes (ari_nodes)" in err, err
 
 
 def test_an_api_that_is_not_there_is_one_line(capsys):

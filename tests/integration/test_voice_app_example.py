@@ -1,11 +1,14 @@
-"""examples/voice_app.py against the local stack: a SIPp caller → real Kamailio → the
-controller, whose policy asks the example app where the call goes (decision webhook); the
-call reaches the media node (the fake ARI stands in for Asterisk's Stasis side), the fork
-the app asked for starts, the app hears fork.started through its events webhook and moves
-the call to the billing agent through the REST API."""
+"""examples/voice_app.py against the shipped policies (policies/): every action document it
+answers or sends names what they declare, at the address their `partner-webhook` rule asks;
+and against the local stack: a SIPp caller → real Kamailio → the controller (the shipped
+declarations, a rule asking the app), the call reaches the media node (the fake ARI stands in
+for Asterisk's Stasis side), the fork the app asked for starts, the app hears fork.started
+through its events webhook and moves the call to the billing agent through the REST API."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
@@ -28,21 +32,52 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(any(shutil.which(b) is None for b in ("kamailio", "sipp", "redis-server")),
                                 reason="kamailio, sipp and redis-server binaries are required")
 SECRET, TOKEN = "w" * 32, "t" * 32
-POLICY = """\
-node_sets: {{media: {{dispatcher_set: 1}}}}
-agents:
-  intake: {{node_set: media, endpoint: "127.0.0.1:4000"}}
-  vip: {{node_set: media, endpoint: "127.0.0.1:4002"}}
-  billing: {{node_set: media, endpoint: "127.0.0.1:4001"}}
-fork_targets:
-  stt: {{endpoint: "127.0.0.1:9100"}}
+ROUTING = """\
 rules:
-  - name: ask-the-app
+  - name: partner-webhook
     actions:
-      - ask_webhook: {{url: "http://127.0.0.1:{port}/call-initiated", timeout_ms: 600, fallback: [route_agent: intake]}}
+      - ask_webhook: {{url: "http://127.0.0.1:{port}/hooks/call-initiated", timeout_ms: 600,
+                      fallback: [route_agent: intake]}}
 default:
   actions: [route_agent: intake]
 """
+
+
+def load_example(monkeypatch):
+    monkeypatch.setenv("CALLFABRIC_API", "http://127.0.0.1:8460")
+    monkeypatch.setenv("CALLFABRIC_TOKEN", TOKEN)
+    monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
+    spec = importlib.util.spec_from_file_location("voice_app_example", ROOT / "examples" / "voice_app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_example_answers_with_what_the_shipped_policy_declares(monkeypatch):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from controller.api.webhooks import SIGNATURE_HEADER, sign
+    from controller.policy import load_policy
+    from controller.policy.answers import decision_from_answer
+    from controller.policy.testing import build_call
+
+    example = load_example(monkeypatch)
+    policy = await asyncio.to_thread(load_policy, ROOT / "policies")
+    asked = policy.decide(build_call({"from": "+12025550123", "to": "+18005550300", "at": "2026-11-25T10:00"},
+                                     policy.source.settings.timezone))
+    assert asked.outcome == "webhook" and asked.rule == "partner-webhook"
+    url = urlsplit(asked.webhook.url)
+    assert url.port == 8081 and 'os.environ.get("PORT", "8081")' in (ROOT / "examples" / "voice_app.py").read_text()
+    assert example.API == "http://127.0.0.1:8460/v1"
+    assert url.path in {r.resource.canonical for r in example.app.router.routes()}
+    async with TestClient(TestServer(example.app)) as client:
+        for caller, outcome, target in (("+12025550123", "agent", "intake"), ("+14155550100", "sip", "vip-desk")):
+            body = json.dumps({"type": "call.initiated", "call_id": "c1", "data": {"from": caller}}).encode()
+            response = await client.post(url.path, data=body, headers={SIGNATURE_HEADER: sign(SECRET, int(time.time()),
+                                                                                               body)})
+            decision = decision_from_answer(policy.source, asked, await response.json())
+            assert (decision.outcome, (decision.agent or decision.destination).name) == (outcome, target)
+    assert "billing" in policy.source.agents      # what it moves callers to mid-call
 
 
 @pytest.fixture
@@ -65,17 +100,18 @@ async def test_the_example_app_routes_follows_and_transfers_a_call(tmp_path, red
     fake = await FakeAri(stasis_delay=0.005).start()
     policy_dir = tmp_path / "policy"
     await asyncio.to_thread(policy_dir.mkdir)
-    await asyncio.to_thread((policy_dir / "p.yaml").write_text, POLICY.format(port=voice_app["port"]))
+    await asyncio.to_thread(shutil.copy, ROOT / "policies" / "00-declarations.yaml", policy_dir)
+    await asyncio.to_thread((policy_dir / "20-routing.yaml").write_text, ROUTING.format(port=voice_app["port"]))
     settings = Settings(policy_dir=str(policy_dir), redis_url=redis_url, instance_id="example",
                         edge_evapi=[f"127.0.0.1:{kamailio.evapi_port}"], edge_decision_budget_ms=1000,
                         http_listen=f"127.0.0.1:{free_port()}", ari_nodes=[f"media1=http://callfabric:secret@127.0.0.1:{fake.port}/ari"],
-                        webhook_url=f"http://127.0.0.1:{voice_app['port']}/events", webhook_secret=SECRET,
+                        webhook_url=f"http://127.0.0.1:{voice_app['port']}/hooks/events", webhook_secret=SECRET,
                         api_tokens=[f"voice-app:read,control:{TOKEN}"])
     app = build_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", int(settings.http_listen.split(":")[1])).start()
-    env = {**os.environ, "CALLFABRIC_API": f"http://{settings.http_listen}/v1", "CALLFABRIC_TOKEN": TOKEN,
+    env = {**os.environ, "CALLFABRIC_API": f"http://{settings.http_listen}", "CALLFABRIC_TOKEN": TOKEN,
            "WEBHOOK_SECRET": SECRET, "PORT": str(voice_app["port"])}
     log = await asyncio.to_thread(open, voice_app["log"], "wb")
     example = await asyncio.to_thread(

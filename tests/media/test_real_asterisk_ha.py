@@ -111,11 +111,16 @@ async def test_kill_minus_nine_of_the_owner_keeps_real_media_flowing(stack, tmp_
         assert moments["caller_heard_after_transfer"] >= 40, "the caller keeps hearing an agent"
         store = CallStore(redis_url)
         try:
+            # The record is `ended` by the edge's dialog event; the media side writes `media_end`
+            # a little later (its StasisEnd / cleanup): wait for what is asserted, not for `ended`.
             deadline = time.monotonic() + 10
-            while (await store.get(result.call_id) or {}).get("state") != "ended":
-                assert time.monotonic() < deadline, await store.get(result.call_id)
+            while True:
+                record = await store.get(result.call_id) or {}
+                events = [e["event"] for e in await store.timeline(result.call_id)]
+                if record.get("state") == "ended" and "media_end" in events:
+                    break
+                assert time.monotonic() < deadline, (record, events)
                 await asyncio.sleep(0.1)
-            events = [e["event"] for e in await store.timeline(result.call_id)]
         finally:
             await store.aclose()
         for event in ("decided", "answered", "media_up", "fork_started", "resync", "transfer_completed", "ended",

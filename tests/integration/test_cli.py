@@ -143,8 +143,8 @@ def test_the_token_with_the_needed_scope_is_picked_and_a_missing_one_is_named(co
 def test_a_live_call_action_on_an_unknown_call_is_one_line(controller, capsys):
     code, out, err = run(capsys, "call", "--config", str(controller.client_config), "hangup", "nope@x")
     assert code == 1 and out == "" and len(err.splitlines()) == 1 and err.startswith("error: 40"), err
-    populate(controller.redis_url, 1)          # a call this controller decided, but it has no media node
-    code, out, err = run(capsys, "call", "hangup", "cli-0@host", "--config", str(controller.client_config))
+    populate(controller.redis_url, 1, "decided")   # a call this controller decided, but it has no media node
+    code, out, err = run(capsys, "call", "hangup", "decided-0@host", "--config", str(controller.client_config))
     assert code == 1 and "404" in err and "this controller has no media nodes (ari_nodes)" in err, err
 
 
@@ -153,13 +153,13 @@ def test_an_api_that_is_not_there_is_one_line(capsys):
     assert code == 1 and len(err.splitlines()) == 1 and "is the controller running?" in err
 
 
-def populate(redis_url: str, count: int) -> list[int]:
+def populate(redis_url: str, count: int, prefix: str = "cli") -> list[int]:
     async def go() -> list[int]:
         store = CallStore(redis_url)
         created = []
         for n in range(count):
             at = now_ms() - n * 1000
-            await store.create(f"cli-{n}@host", {"state": "routing", "outcome": "agent", "rule": "default",
+            await store.create(f"{prefix}-{n}@host", {"state": "routing", "outcome": "agent", "rule": "default",
                                                   "target": "intake", "caller": "+12025550123",
                                                   "dialled": "+18005550101", "created_at_ms": at},
                                live_scopes={}, window_counters=[], at_ms=at, event={"event": "decided", "ts": at})
@@ -191,7 +191,7 @@ def cli(*argv: str) -> subprocess.Popen:
 @pytest.mark.parametrize("argv", [("api", "openapi"), ("calls", "list", "--recent", "--json", "--limit", "400")])
 def test_a_reader_that_stops_reading_ends_the_command_quietly(controller, argv):
     if "calls" in argv:
-        populate(controller.redis_url, 400)     # more than a pipe holds
+        populate(controller.redis_url, 400, "many")     # more than a pipe holds
         argv = (*argv, "--config", str(controller.client_config))
     proc = cli(*argv)
     first = proc.stdout.readline()             # `| head -1`

@@ -27,6 +27,13 @@ CODECS = ("ulaw", "alaw", "slin", "slin16", "g722", "opus")
 MAX_HEADER_BYTES = 1024
 MAX_HEADERS = 32
 RESERVED_HEADER_PREFIX = "x-callfabric-"
+# Header names callfabric sets and its parts trust: its internal namespace (X-Callfabric-*:
+# agent, rule, policy, fallback, call id) and the context handed to a human (X-Summary … and
+# the X-…-Ref form of a long value). A caller never gets to send them: the edge strips them
+# from every caller's request and every reply it relays (kamailio.cfg TRUSTED_HDR_RE, which
+# must be trusted_header_regex(): tests/edge/test_trusted_headers.py), and the controller
+# drops them from the headers the edge reports.
+TRUSTED_HEADER_NAMES = tuple(f"x-{key}{suffix}" for key in CONTEXT_KEYS for suffix in ("", "-ref"))
 
 # Informational standard headers a policy may set besides X- ones.
 STANDARD_SETTABLE_HEADERS = {
@@ -89,6 +96,17 @@ def header_name_problem(name: str) -> str | None:
         allowed = ", ".join(sorted(STANDARD_SETTABLE_HEADERS))
         return f"custom header {name!r} must start with 'X-' (standard headers allowed: {allowed})"
     return None
+
+
+def is_trusted_header(name: str) -> bool:
+    """A header name callfabric sets or trusts (any case): never taken from a caller."""
+    lower = name.strip().lower()
+    return lower.startswith(RESERVED_HEADER_PREFIX) or lower in TRUSTED_HEADER_NAMES
+
+
+def trusted_header_regex() -> str:
+    """The trusted names as the POSIX extended regex kamailio.cfg matches header names with."""
+    return f"^({RESERVED_HEADER_PREFIX}.*|{'|'.join(TRUSTED_HEADER_NAMES)})$"
 
 
 def header_value_problem(value: str) -> str | None:

@@ -35,6 +35,7 @@ from controller.policy.reload import PolicyHolder, ReloadOutcome, reload_on_sigh
 from controller.security.bans import BanList
 from controller.security.hot import HotScopes
 from controller.security.guard import SecurityGuard
+from controller.security.trust import TrustedPeers, parse_networks
 from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import NodeInbox
 from controller.state.leases import NodeLeases
@@ -168,10 +169,14 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
     for url in settings.edge_rpc:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
+    try:
+        trusted = parse_networks(settings.trusted_peers)
+    except ValueError as exc:
+        raise ConfigError(f"setting {exc}") from None
     session = aiohttp.ClientSession()
     edges = [KamailioRpc(url, session) for url in settings.edge_rpc]
     app[EDGE_RPCS] = edges
-    bans = BanList(store.batch, metrics, edges)
+    bans = BanList(store.batch, metrics, edges, TrustedPeers(trusted, edges))
     app[HOT] = HotScopes(edges, metrics)
     guard = SecurityGuard(store, bans, metrics, lambda: app[POLICIES].policy, settings.instance_id, hot=app[HOT])
     app[BANS], app[GUARD] = bans, guard

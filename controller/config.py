@@ -57,6 +57,11 @@ class Settings:
     edge_realm: str = _setting("callfabric", "Digest realm the edges challenge inbound trunks with.")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
                                   "bans are recorded but no edge enforces them.")
+    trusted_peers: list = _setting([], "Addresses or subnets of trusted peers (carriers' SBCs, the media nodes if "
+                                       "you want them listed) that are never banned: a ban on one is refused (API "
+                                       "422, logged and counted for the policy's, Asterisk's and the edge's bans). "
+                                       "The media nodes in the edges' dispatcher lists are trusted without being "
+                                       "listed. Give Kamailio the same subnets (TRUSTED_NET).")
     ban_resync_s: float = _setting(30.0, "How often every ban in force is pushed to every edge again (an edge "
                                          "that restarted gets them back).")
     http_listen: str = _setting("127.0.0.1:8460", "host:port of the controller's HTTP server (/metrics, /healthz).")

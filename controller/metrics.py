@@ -103,6 +103,9 @@ class Metrics:
         self.bans = Counter("callfabric_bans_total", "Sources banned at the edge, by origin (policy, api, asterisk) "
                             "and the detector that weighed most (manual for the API).", ["origin", "detector"],
                             registry=r)
+        self.bans_refused = Counter("callfabric_bans_refused_total", "Bans refused because they would hit a trusted "
+                                    "peer (a media node, trusted_peers), by origin (policy, api, asterisk, edge).",
+                                    ["origin"], registry=r)
         self.bans_active = Gauge("callfabric_bans_active", "Bans in force (at the last resync).", registry=r)
         self.edge_rpc_errors = Counter("callfabric_edge_rpc_errors_total", "Failed JSON-RPC calls to an edge.",
                                        ["method"], registry=r)

@@ -5,6 +5,7 @@
 #   HTTP_PORT (8090), HTTP_ALLOWED_NET (who may read /metrics and /health: Prometheus),
 #   RPC_ALLOWED_NET (who may use JSON-RPC /RPC: the controllers, which push bans there),
 #   MEDIA_NODES (space-separated sip:host:port of the Asterisk nodes: set 1),
+#   TRUSTED_NET (comma-separated subnets of trusted peers, e.g. carriers' SBCs: never banned),
 #   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4),
 #   EDGE_POLICY (the policy file the controller writes, its edge_policy_file: the edge then
 #   decides the common calls itself; unset: every call is asked over evapi),
@@ -24,6 +25,7 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
   -A "FALLBACK=${FALLBACK:-open}" -A "DECISION_TIMEOUT_MS=${DECISION_TIMEOUT_MS:-200}" \
   -A "CHILDREN=${CHILDREN:-4}"
 if [ -n "${SIP_ADVERTISE:-}" ]; then set -- "$@" -A "SIP_ADVERTISE=${SIP_ADVERTISE}"; fi
+if [ -n "${TRUSTED_NET:-}" ]; then set -- "$@" -A "TRUSTED_NET=\"${TRUSTED_NET}\""; fi
 if [ -n "${EDGE_POLICY:-}" ]; then set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\""; fi
 if [ -n "${TRUNKS_DIR:-}" ]; then
   if [ ! -f "$TRUNKS_DIR/cftrunk" ]; then

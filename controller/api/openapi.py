@@ -167,7 +167,7 @@ _SUMMARIES = {
     "validate_policy": "Validate a candidate policy (files as text) without loading it.",
     "events": "Websocket of call events (JSON), filtered by call_id and types (e.g. fork.*).",
     "list_bans": "Sources banned at the edge, with why and until when.",
-    "add_ban": "Ban a source address at every edge for a while.",
+    "add_ban": "Ban a source address at every edge for a while (a trusted peer, never: 422).",
     "get_ban": "One ban.",
     "remove_ban": "Lift a ban (at every edge).",
     "admin_status": "This controller: instance, state (serving, draining, drained), media nodes it owns, edges, "

@@ -22,6 +22,7 @@ from controller.policy import PolicyInvalid, policy_from_texts
 from controller.actions import parse_duration_ms
 from controller.schema_errors import describe
 from controller.security.bans import MAX_BAN_S, normalise_ip
+from controller.security.trust import BanRefused
 from controller.state.calls import now_ms
 
 log = logging.getLogger("callfabric.api")
@@ -264,9 +265,12 @@ async def add_ban(request: web.Request) -> web.Response:
     seconds = parse_duration_ms(body["for"]) // 1000
     if seconds > MAX_BAN_S:
         raise _Invalid([{"path": "for", "message": f"at most {MAX_BAN_S // 86400} days ({MAX_BAN_S} s)"}])
-    ban = await request.config_dict[BANS].add(ip, seconds, body.get("reason") or "banned through the API",
-                                              origin="api", detector="manual", now_ms=now_ms(),
-                                              by=request.get("token"))
+    try:
+        ban = await request.config_dict[BANS].add(ip, seconds, body.get("reason") or "banned through the API",
+                                                  origin="api", detector="manual", now_ms=now_ms(),
+                                                  by=request.get("token"))
+    except BanRefused as exc:
+        return error(422, str(exc))
     return web.json_response({"ban": ban.to_dict()}, status=201)
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from controller.actions import is_trusted_header
 from controller.policy import Call, Decision
 from controller.policy.model import CounterProbe
 
@@ -84,11 +85,13 @@ def _text(message: dict[str, Any], key: str, limit: int = 1024) -> str:
 
 
 def _headers(raw: Any) -> dict[str, list[str]]:
+    """The caller's headers; names callfabric itself sets (is_trusted_header) are never taken
+    from a caller, even from an edge that did not strip them."""
     if not isinstance(raw, dict):
         return {}
     out: dict[str, list[str]] = {}
     for name, values in list(raw.items())[:64]:
-        if isinstance(name, str) and isinstance(values, list):
+        if isinstance(name, str) and isinstance(values, list) and not is_trusted_header(name):
             kept = [v[:1024] for v in values[:16] if isinstance(v, str)]
             if kept:
                 out[name[:64]] = kept

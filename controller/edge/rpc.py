@@ -1,6 +1,6 @@
 """Kamailio's JSON-RPC management endpoint (xhttp + jsonrpcs, `POST /RPC`): what the controller
 changes at the edge outside calls — the blocklist of banned sources, and lifting the bans the
-edge made by itself (`floodban`)."""
+edge made by itself (`floodban`) — and what it reads there (its media nodes, never bannable)."""
 from __future__ import annotations
 
 import itertools
@@ -58,6 +58,19 @@ class KamailioRpc:
             except RpcError as exc:
                 if "not found" not in str(exc).lower():  # already gone (expired) is what we wanted
                     raise
+
+    async def media_nodes(self) -> list[str]:
+        """The URIs of every dispatcher destination this edge routes to (its media nodes)."""
+        result = await self.call("dispatcher.list")
+        records = result.get("RECORDS") if isinstance(result, dict) else None
+        uris = []
+        for record in records if isinstance(records, list) else []:
+            targets = (record.get("SET") or {}).get("TARGETS") if isinstance(record, dict) else None
+            for target in targets if isinstance(targets, list) else []:
+                uri = (target.get("DEST") or {}).get("URI") if isinstance(target, dict) else None
+                if isinstance(uri, str):
+                    uris.append(uri)
+        return uris
 
     async def _dump(self, table: str) -> list[dict[str, Any]]:
         """The items of an htable (`htable.dump`), whatever else the reply holds skipped."""

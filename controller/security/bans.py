@@ -1,7 +1,8 @@
 """Bans: sources the edge refuses for a while. Redis holds the truth (who, why, until when:
 `cf:ban:{<ip>}` and the index `cf:bans`), every Kamailio's `blocklist` table holds a copy
 with the same expiry. Copies are pushed when a ban is made or lifted and re-pushed
-periodically, so an edge that restarted (its table is in memory) gets them back."""
+periodically, so an edge that restarted (its table is in memory) gets them back. A ban never
+hits a trusted peer (security/trust.py): such a ban is refused, whoever asks."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ from typing import Any
 
 from controller.edge.rpc import KamailioRpc, RpcError
 from controller.metrics import Metrics
+from controller.security.trust import BanRefused, TrustedPeers
 from controller.state.batch import Batcher
 
 log = logging.getLogger("callfabric.security")
@@ -55,15 +57,25 @@ def _text(value: Any) -> str:
 
 
 class BanList:
-    def __init__(self, batch: Batcher, metrics: Metrics, edges: list[KamailioRpc]):
+    def __init__(self, batch: Batcher, metrics: Metrics, edges: list[KamailioRpc], trust: TrustedPeers | None = None):
         self.batch = batch
         self.metrics = metrics
         self.edges = edges
+        self.trust = trust or TrustedPeers((), [])
 
     async def add(self, ip: str, seconds: int, reason: str, *, origin: str, detector: str, now_ms: int,
                   call_id: str | None = None, by: str | None = None) -> Ban:
-        """Record a ban (a longer existing one is kept) and push it to every edge."""
+        """Record a ban (a longer existing one is kept) and push it to every edge. BanRefused
+        (logged and counted) when `ip` is a trusted peer."""
         ip = normalise_ip(ip)
+        if not self.trust.complete:  # an edge's media nodes were never read: try now
+            await self.trust.refresh()
+        try:
+            self.trust.check(ip)
+        except BanRefused as exc:
+            self.metrics.bans_refused.labels(origin).inc()
+            log.error("ban refused (%s, %s): %s", origin, detector, exc)
+            raise
         seconds = max(1, min(int(seconds), MAX_BAN_S))
         ban = Ban(ip, reason[:REASON_LIMIT], origin, detector, now_ms, now_ms + seconds * 1000, call_id, by)
         key = ban_key(ip)
@@ -111,9 +123,16 @@ class BanList:
         return bans
 
     async def resync(self, now_ms: int) -> int:
-        """Push every ban in force to every edge (with the time each has left)."""
+        """Push every ban in force to every edge (with the time each has left). A ban recorded
+        before its address became a trusted peer is lifted instead."""
+        await self.trust.refresh()
         bans = await self.active(now_ms)
         for ban in bans:
+            reason = self.trust.why(ban.ip)
+            if reason is not None:
+                log.error("lifting the ban of %s: %s", ban.ip, reason)
+                await self.remove(ban.ip)
+                continue
             seconds = max(1, (ban.expires_ms - now_ms + 999) // 1000)
             await self._push(lambda edge, b=ban, s=seconds: edge.block(b.ip, s), "block")
         return len(bans)

@@ -16,6 +16,7 @@ from controller.policy.facts import Facts
 from controller.policy.risk import ASTERISK_SECURITY_SCOPE, SHORT_CALLS_SCOPE
 from controller.security.bans import BanList, normalise_ip
 from controller.security.hot import HotScopes
+from controller.security.trust import BanRefused
 from controller.state.calls import CallStore, CounterRequest, Transition, now_ms, window_key
 
 log = logging.getLogger("callfabric.security")
@@ -103,9 +104,14 @@ class SecurityGuard:
 
     async def edge_ban(self, ip: str, seconds: int, reason: str, detail: str) -> None:
         """A ban the edge made by itself (flood, scanner, sweep): recorded, and pushed to the
-        other edges too (a scanner seen at one edge is banned at all of them)."""
+        other edges too (a scanner seen at one edge is banned at all of them). One on a trusted
+        peer (an edge whose TRUSTED_NET misses it) is lifted at every edge instead."""
         text = f"banned by the edge ({reason})" + (f": {detail}" if detail else "")
-        await self.bans.add(ip, seconds, text, origin="edge", detector=reason, now_ms=now_ms(), by=self.instance_id)
+        try:
+            await self.bans.add(ip, seconds, text, origin="edge", detector=reason, now_ms=now_ms(),
+                                by=self.instance_id)
+        except BanRefused:
+            await self.bans.remove(ip)
 
     async def _bump(self, scope: str, value: str, windows: set[int], at_ms: int) -> None:
         commands: list[tuple] = []
@@ -139,6 +145,8 @@ class SecurityGuard:
     async def _guarded(self, work) -> None:
         try:
             await work
+        except BanRefused:  # logged and counted by BanList.add
+            pass
         except RedisError as exc:
             self.metrics.redis_errors.labels("security").inc()
             log.error("security: Redis: %s", exc)

@@ -18,7 +18,7 @@ from controller.api import routes as api
 from controller.api.commands import CallControl, Forwarding
 from controller.api.events import EventHub, matches, public_event
 from controller.api.webhooks import WebhookSender
-from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port
+from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port, trusted_networks
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
 from controller.edge.publish import EdgePolicyPublisher
@@ -35,7 +35,7 @@ from controller.policy.reload import PolicyHolder, ReloadOutcome, reload_on_sigh
 from controller.security.bans import BanList
 from controller.security.hot import HotScopes
 from controller.security.guard import SecurityGuard
-from controller.security.trust import TrustedPeers, parse_networks
+from controller.security.trust import TrustedPeers
 from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import NodeInbox
 from controller.state.leases import NodeLeases
@@ -169,10 +169,7 @@ async def _security_ctx(app: web.Application) -> AsyncIterator[None]:
     for url in settings.edge_rpc:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"setting edge_rpc: {url!r} is not http://host:port/RPC")
-    try:
-        trusted = parse_networks(settings.trusted_peers)
-    except ValueError as exc:
-        raise ConfigError(f"setting {exc}") from None
+    trusted = trusted_networks(settings)
     session = aiohttp.ClientSession()
     edges = [KamailioRpc(url, session) for url in settings.edge_rpc]
     app[EDGE_RPCS] = edges

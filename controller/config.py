@@ -210,6 +210,16 @@ def redis_target(settings: Settings):
         raise ConfigError(f"setting {exc}") from None
 
 
+def trusted_networks(settings: Settings):
+    """The trusted_peers setting as networks, or ConfigError."""
+    from controller.security.trust import parse_networks
+
+    try:
+        return parse_networks(settings.trusted_peers)
+    except ValueError as exc:
+        raise ConfigError(f"setting {exc}") from None
+
+
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -237,6 +247,7 @@ def check_settings(settings: Settings) -> None:
         parse_tokens(settings.api_tokens)
     except ValueError as exc:
         raise ConfigError(f"setting {exc}") from None
+    trusted_networks(settings)
     redis_target(settings)
     if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
         raise ConfigError(f"setting redis_outage_decisions: {settings.redis_outage_decisions!r}: expected one of "

@@ -1,0 +1,115 @@
+"""In-call telephony with a real Asterisk (our asterisk/ config set), a real Kamailio edge, real
+Redis and real SIPp: DTMF a SIPp caller presses (RFC 4733) reaches the webhook with the right
+digits, in order.
+
+Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
+reason otherwise."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from controller.api.webhooks import verify
+from controller.app import MEDIA, build_app
+from controller.config import Settings
+from controller.localstack.kamailio import free_port
+from controller.localstack.sipp import run_uac
+from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
+
+SECRET = "incall-secret"
+POLICY = """\
+settings:
+  numbering: {{country_code: "1", national_prefix: "1"}}
+node_sets:
+  media: {{dispatcher_set: 1}}
+agents:
+  intake: {{node_set: media, endpoint: "127.0.0.1:{intake}", transport: rtp, codec: ulaw}}
+default:
+  actions: [route_agent: intake]
+"""
+
+
+class Receiver:
+    """The application's webhook: keeps every signed event it is sent."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> "Receiver":
+        async def hook(request: web.Request) -> web.Response:
+            body = await request.read()
+            if not verify(SECRET, request.headers.get("Callfabric-Signature", ""), body):
+                return web.Response(status=401)
+            self.events.append(json.loads(body))
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_post("/events", hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/events"
+
+    def of(self, call_id: str, kind: str) -> list[dict]:
+        return [e for e in self.events if e["call_id"] == call_id and e["type"] == kind]
+
+
+@pytest.fixture
+async def controller(stack):  # noqa: F811
+    loop = asyncio.get_running_loop()
+    agent = media_agent.RtpAgent(echo=True)
+    port = free_port(socket.SOCK_DGRAM)
+    transport, _ = await loop.create_datagram_endpoint(lambda: agent, local_addr=("127.0.0.1", port))
+    receiver = await Receiver().start()
+    policy_dir = stack["tmp"] / "policy"
+    await asyncio.to_thread(policy_dir.mkdir)
+    await asyncio.to_thread((policy_dir / "p.yaml").write_text, POLICY.format(intake=port))
+    settings = Settings(policy_dir=str(policy_dir), redis_url=stack["redis_url"],
+                        edge_evapi=[f"127.0.0.1:{stack['kamailio'].evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
+                        ari_nodes=[stack["asterisk"].ari_node()], instance_id="incall-suite",
+                        webhook_url=receiver.url, webhook_secret=SECRET)
+    app = build_app(settings)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    deadline = time.monotonic() + 20
+    while not app[MEDIA].metrics.registry.get_sample_value("callfabric_ari_connected", {"node": "media1"}):
+        assert time.monotonic() < deadline, "the controller did not connect to Asterisk's ARI"
+        await asyncio.sleep(0.1)
+    try:
+        yield {"app": app, "plane": app[MEDIA], "agent": agent, "receiver": receiver, **stack}
+    finally:
+        await runner.cleanup()
+        await receiver.runner.cleanup()
+        transport.close()
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_dtmf_a_sipp_caller_presses_reaches_the_webhook_in_order(controller):
+    result = await asyncio.to_thread(run_uac, controller["tmp"], controller["kamailio"].sip_port, "uac_dtmf.xml",
+                                     service="18005550199", hold_ms=1500, dtmf="1479", timeout_s=20)
+    assert result.successful == 1, result.output
+    call_id = next(m.header("Call-ID")[0] for m in result.messages if m.direction == "out")
+    receiver = controller["receiver"]
+    with contextlib.suppress(AssertionError):
+        await until(lambda: len(receiver.of(call_id, "call.dtmf")) >= 4, 10, "")
+    pressed = receiver.of(call_id, "call.dtmf")
+    assert [e["data"]["digit"] for e in pressed] == list("1479"), pressed
+    assert all(e["data"]["leg"] == "caller" and e["data"]["duration_ms"] > 0 for e in pressed)

@@ -17,10 +17,11 @@ SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
 # route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
 # only mid-call.
 LIVE_VERBS = ("route_agent", "route_sip", "fork", "stop_fork", "add_human", "play", "hangup", "set_metadata",
-              "send_dtmf", "gather")
+              "send_dtmf", "gather", "record", "stop_record")
 CONTEXT_KEYS = ("summary", "intent", "sentiment")
 
 FORK_DIRECTIONS = ("in", "out", "both")
+RECORDING_CHANNELS = ("both", "caller", "agent")
 MEDIA_TRANSPORTS = ("rtp", "audiosocket", "websocket")
 CODECS = ("ulaw", "alaw", "slin", "slin16", "g722", "opus")
 
@@ -56,6 +57,7 @@ _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
 PLAY_MEDIA_PATTERN = r"^(sound|recording|tone|digits|number|characters):[^\s,]{1,200}$|^https?://[^\s,]{1,2000}$"
 FORK_ID_PATTERN = r"^f[0-9]{1,6}$"
+RECORDING_ID_PATTERN = r"^r[0-9]{1,6}$"
 LEG_PATTERN = r"^(caller|h[0-9]{1,6})$"  # the caller, or a human leg (its leg_id)
 SEND_DIGITS_PATTERN = r"^[0-9A-Da-d*#wW]{1,64}$"
 DIGITS_PATTERN = r"^[0-9A-D*#]{0,64}$"
@@ -291,11 +293,36 @@ def live_action_schema(with_gather: bool = True) -> dict[str, Any]:
                                           "duration_ms": {"type": "integer", "minimum": 40, "maximum": 2000},
                                           "between_ms": {"type": "integer", "minimum": 40, "maximum": 2000}}}],
             },
+            "record": record_schema(),
+            "stop_record": {
+                "description": "Stop a recording (`recording.completed` follows), or every one with `true`.",
+                "oneOf": [{"const": True},
+                          {"type": "object", "required": ["recording_id"], "additionalProperties": False,
+                           "properties": {"recording_id": {"type": "string", "pattern": RECORDING_ID_PATTERN}}}],
+            },
         },
     }
     if with_gather:
         schema["properties"]["gather"] = gather_schema()
     return schema
+
+
+def record_schema() -> dict[str, Any]:
+    """Record the call: `both` (the conversation), `caller` (their voice) or `agent` (what the
+    caller hears: the agent and anyone else)."""
+    return {
+        "description": "Record the call (wav) until stop_record, the call's end or `max_duration`: `both` sides, "
+                       "the `caller`'s voice or what the caller hears (`agent`). `beep` / `announcement` (played "
+                       "to everyone first) for consent. The file is listed by GET /v1/calls/{id}/recordings; "
+                       "`recording.completed` gives its duration and size.",
+        "oneOf": [{"enum": list(RECORDING_CHANNELS)},
+                  {"type": "object", "additionalProperties": False, "properties": {
+                      "channels": {"enum": list(RECORDING_CHANNELS), "default": "both"},
+                      "beep": {"type": "boolean", "default": False},
+                      "announcement": {"type": "string", "pattern": PLAY_MEDIA_PATTERN},
+                      "max_duration": {**_DURATION_SCHEMA, "description": "At most this long (default: the call's)."},
+                  }}],
+    }
 
 
 def gather_schema() -> dict[str, Any]:
@@ -373,4 +400,8 @@ def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
         arg = {"media": arg}
     elif verb == "send_dtmf" and isinstance(arg, str):
         arg = {"digits": arg}
+    elif verb == "record" and isinstance(arg, str):
+        arg = {"channels": arg}
+    elif verb == "stop_record" and arg is True:
+        arg = {}
     return verb, arg

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import signal
+from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
@@ -29,6 +30,7 @@ from controller.media.ari import AriClient
 from controller.lifecycle import Lifecycle
 from controller.media.health import MediaHealth
 from controller.media.ownership import NodeOwnership
+from controller.media.features.recording import prune as prune_recordings
 from controller.media.plane import Endpoint, MediaPlane
 from controller.metrics import Metrics
 from controller.policy.reload import PolicyHolder, ReloadOutcome, reload_on_sighup
@@ -62,6 +64,7 @@ EDGE_RPCS = web.AppKey("edge_rpcs", list)  # KamailioRpc per edge_rpc endpoint
 
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
+RECORDING_RETENTION_INTERVAL_S = 3600
 
 
 async def cancel_tasks(*tasks: asyncio.Task) -> None:
@@ -260,7 +263,7 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                        resolve_agent=_endpoint_resolver(app[POLICIES], "agents"),
                        resolve_fork_target=_endpoint_resolver(app[POLICIES], "fork_targets"),
                        edge_endpoint=settings.ari_edge_endpoint, instance_id=settings.instance_id,
-                       api_base_url=settings.api_base_url)
+                       api_base_url=settings.api_base_url, recording_dir=settings.recording_dir)
     app[MEDIA] = plane
     # One controller at a time owns each node's events (a lease); any takes commands for any
     # call and has the owner carry them out (api.CONTROL is set up after this context).
@@ -330,9 +333,24 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.debug("housekeeping: %s", exc)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
-    task = asyncio.create_task(loop())
+    tasks = [asyncio.create_task(loop())]
+    settings = app[SETTINGS]
+    if settings.recording_dir and settings.recording_retention_days:
+        tasks.append(asyncio.create_task(_recording_retention(Path(settings.recording_dir),
+                                                              settings.recording_retention_days * 86400)))
     yield
-    await cancel_tasks(task)
+    await cancel_tasks(*tasks)
+
+
+async def _recording_retention(directory: Path, max_age_s: float) -> None:
+    """Recordings older than the retention are deleted, checked every hour."""
+    while True:
+        if await asyncio.to_thread(directory.is_dir):
+            deleted = await asyncio.to_thread(prune_recordings, directory, max_age_s)
+            if deleted:
+                log.info("recording retention: %d recording(s) older than %d days deleted", deleted,
+                         max_age_s // 86400)
+        await asyncio.sleep(RECORDING_RETENTION_INTERVAL_S)
 
 
 async def metrics_view(request: web.Request) -> web.Response:

@@ -450,6 +450,13 @@ def _call_action(args: argparse.Namespace) -> dict:
         return {"play": args.media}
     if args.call_command == "hangup":
         return {"hangup": True}
+    if args.call_command == "record":
+        options = {"channels": args.channels, **({"beep": True} if args.beep else {}),
+                   **({"announcement": args.announcement} if args.announcement else {}),
+                   **({"max_duration": args.max_duration} if args.max_duration else {})}
+        return {"record": options}
+    if args.call_command == "stop-record":
+        return {"stop_record": {"recording_id": args.recording_id} if args.recording_id else True}
     if args.call_command == "dtmf":
         return {"send_dtmf": {"digits": args.digits, "to": args.to}}
     if args.call_command == "gather":
@@ -703,10 +710,19 @@ def build_parser() -> argparse.ArgumentParser:
     gather.add_argument("--prompt", help="sound:NAME or a URL played first")
     gather.add_argument("--webhook", help="asked with the result; its answer's actions are carried out")
     gather.add_argument("--then", help='branches as JSON: [{"match": {"digits": "1"}, "actions": [...]}, ...]')
+    record = call_commands.add_parser("record", help="record the call (both sides, the caller, or the agent side)")
+    record.add_argument("call_id")
+    record.add_argument("--channels", default="both", choices=("both", "caller", "agent"))
+    record.add_argument("--beep", action="store_true", help="a beep first (consent)")
+    record.add_argument("--announcement", help="sound:NAME or a URL played to everyone first (consent)")
+    record.add_argument("--max-duration", help="at most this long (90s, 1h)")
+    stop_record = call_commands.add_parser("stop-record", help="stop a recording (all of them without an id)")
+    stop_record.add_argument("call_id")
+    stop_record.add_argument("recording_id", nargs="?")
     raw = call_commands.add_parser("action", help="any action document (JSON)")
     raw.add_argument("call_id")
     raw.add_argument("document")
-    for sub in (transfer, human, fork, stop_fork, play, hang, dtmf, gather, raw):
+    for sub in (transfer, human, fork, stop_fork, play, hang, dtmf, gather, record, stop_record, raw):
         _client_options(sub, "control", suppress=True)
         _json_option(sub)
     call.set_defaults(func=cmd_call)

@@ -76,6 +76,10 @@ class Settings:
     ami_nodes: list = _setting([], "AMI of the media nodes, each 'name=tcp://user:secret@host:5038' (security events, "
                                    "PJSIP contact status).")
     media_health_interval_s: float = _setting(5.0, "How often RTP statistics of agent and fork legs are checked.")
+    recording_dir: str = _setting("", "Where call recordings are fetched to from the media nodes (then removed from "
+                                      "them); shared by the controllers for high availability. Empty: recordings "
+                                      "stay on the node and are downloaded through ARI.")
+    recording_retention_days: int = _setting(30, "Recordings in recording_dir older than this are deleted (0: kept).")
     api_base_url: str = _setting("", "Public base URL of this controller's API (references in context headers).")
     outbound_trunk: str = _setting("", "host[:port] that outbound calls to phone numbers are sent to, through the "
                                        "edge (API originate); empty: only sip: URIs can be called.")
@@ -252,6 +256,10 @@ def check_settings(settings: Settings) -> None:
     if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
         raise ConfigError(f"setting redis_outage_decisions: {settings.redis_outage_decisions!r}: expected one of "
                           f"{', '.join(STATE_UNAVAILABLE_MODES)}")
+    if settings.recording_retention_days < 0:
+        raise ConfigError(f"setting recording_retention_days: {settings.recording_retention_days}: 0 (keep) or more")
+    if settings.recording_dir and os.path.exists(settings.recording_dir) and not os.path.isdir(settings.recording_dir):
+        raise ConfigError(f"setting recording_dir: {settings.recording_dir!r} is not a directory")
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"setting log_format: {settings.log_format!r}: expected json or text")
     for entry in [f"={settings.log_level}", *settings.log_levels]:

@@ -76,6 +76,10 @@ class Metrics:
                                             "From the call entering the media plane (or the fork request) to the fork "
                                             "bridged.", buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
                                             registry=r)
+        self.recordings = Counter("callfabric_recordings_total", "Call recordings by result (completed, failed).",
+                                  ["result"], registry=r)
+        self.recording_bytes = Counter("callfabric_recording_bytes_total", "Bytes of call recordings written "
+                                       "(fetched from the media nodes).", registry=r)
         self.transfers = Counter("callfabric_transfers_total", "Transfers by kind and result.", ["kind", "result"],
                                  registry=r)
         self.rtp_packets = Counter("callfabric_media_rtp_packets_total", "RTP packets on ExternalMedia legs.",

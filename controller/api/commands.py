@@ -27,6 +27,7 @@ log = logging.getLogger("callfabric.api.commands")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 GATHER_WEBHOOK_TIMEOUT_S = 5.0
+MAX_RECORDING_S = 24 * 3600
 _LIVE_ACTION = Draft202012Validator(live_action_schema())
 _WEBHOOK_ANSWER = Draft202012Validator({
     "type": "object", "required": ["actions"], "additionalProperties": False,
@@ -250,7 +251,25 @@ class CallControl:
                 call_id, leg=arg.get("leg", "caller"), max_digits=arg.get("max_digits", 32),
                 finish_key=arg.get("finish_key", "#"), timeout_ms=parse_duration_ms(arg.get("timeout", "5s")),
                 prompt=arg.get("prompt", ""), then=arg.get("then"), webhook=arg.get("webhook", ""))}
+        if verb == "record":
+            max_s = parse_duration_ms(arg["max_duration"]) // 1000 if "max_duration" in arg else 0
+            if max_s > MAX_RECORDING_S:
+                raise CommandError(422, "invalid action", [{"path": "action.record.max_duration",
+                                                            "message": f"at most {MAX_RECORDING_S // 3600} hours"}])
+            return {"action": verb, "result": await plane.recording.start(
+                call_id, arg.get("channels", "both"), beep=arg.get("beep", False),
+                announcement=arg.get("announcement", ""), max_duration_s=max_s)}
+        if verb == "stop_record":
+            return {"action": verb, "result": await plane.recording.stop(call_id, arg.get("recording_id"))}
         raise CommandError(422, f"unknown action {verb!r}")  # unreachable after validation
+
+    async def recording_stored(self, node: str, name: str) -> bool:
+        """Whether the media node still has this stored recording."""
+        return await self.plane.recording.stored(node, name)
+
+    async def recording_file(self, node: str, name: str, sink: Callable[[bytes], Awaitable[None]]) -> int:
+        """A recording kept on its media node, streamed to `sink`."""
+        return await self.plane.recording.download(node, name, sink)
 
     def _check_names(self, action: dict[str, Any]) -> None:
         """A nested action (a gather's branch) names what the serving policy declares."""

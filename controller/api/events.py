@@ -28,7 +28,8 @@ PUBLIC_TYPES = {
     "one_way_audio": "media.one_way_audio", "play": "media.play",
     "dtmf": "call.dtmf", "dtmf_sent": "call.dtmf_sent", "gather_started": "gather.started",
     "gather_completed": "gather.completed", "gather_action_failed": "gather.action_failed",
-    "gather_webhook_failed": "gather.webhook_failed",
+    "gather_webhook_failed": "gather.webhook_failed", "recording_started": "recording.started",
+    "recording_completed": "recording.completed", "recording_failed": "recording.failed",
 }
 EVENT_TYPES = tuple(sorted(set(PUBLIC_TYPES.values())))
 

@@ -18,6 +18,8 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
     ("GET", "/calls/{call_id}/timeline", "get_timeline", "read"),
     ("GET", "/calls/{call_id}/forks", "get_forks", "read"),
     ("GET", "/calls/{call_id}/context/{name}", "get_context", "read"),
+    ("GET", "/calls/{call_id}/recordings", "list_recordings", "read"),
+    ("GET", "/calls/{call_id}/recordings/{recording_id}", "get_recording", "read"),
     ("POST", "/calls/{call_id}/actions", "post_action", "control"),
     ("GET", "/policy", "get_policy", "read"),
     ("POST", "/policy/reload", "reload_policy", "admin"),
@@ -109,6 +111,19 @@ _RESPONSES: dict[str, dict[str, Any]] = {
                                             "events": {"type": "array", "items": _OBJECT}}}},
     "get_forks": {"200": {"type": "object", "required": ["forks"],
                           "properties": {"call_id": {"type": "string"}, "forks": {"type": "array", "items": _OBJECT}}}},
+    "list_recordings": {"200": {"type": "object", "required": ["call_id", "recordings"], "properties": {
+        "call_id": {"type": "string"},
+        "recordings": {"type": "array", "items": {
+            "type": "object", "required": ["recording_id", "channels", "state"],
+            "properties": {"recording_id": {"type": "string"}, "channels": {"enum": ["both", "caller", "agent"]},
+                           "format": {"type": "string"},
+                           "state": {"enum": ["starting", "recording", "stopping", "saving", "done", "failed"]},
+                           "started_ms": {"type": "integer"}, "ended_ms": {"type": "integer"},
+                           "duration_ms": {"type": "integer"}, "size_bytes": {"type": "integer"},
+                           "reason": {"type": "string"},
+                           "url": {"type": ["string", "null"], "description": "Where to download it (done ones)."}}}},
+    }}},
+    "get_recording": {"200": "audio/wav"},
     "get_context": {"200": {"type": "object", "required": ["value"],
                             "properties": {"call_id": {"type": "string"}, "name": {"type": "string"},
                                            "value": {"type": "string"}}}},
@@ -145,6 +160,7 @@ _RESPONSES: dict[str, dict[str, Any]] = {
 _ERRORS = {  # which error statuses each route can answer, besides 401/403 for protected routes
     "list_calls": ["400", "503"], "post_call": ["400", "413", "422", "502", "503"], "get_call": ["404", "503"],
     "get_timeline": ["404", "503"], "get_forks": ["404", "503"], "get_context": ["404", "503"],
+    "list_recordings": ["404", "503"], "get_recording": ["404", "409", "502", "503"],
     "post_action": ["400", "404", "409", "413", "422", "502", "503"], "get_policy": ["503"],
     "reload_policy": ["422"], "validate_policy": ["400", "413", "422"], "events": ["400"], "openapi": [],
     "list_bans": ["503"], "add_ban": ["400", "413", "422", "503"], "get_ban": ["404", "422", "503"],
@@ -159,9 +175,13 @@ _SUMMARIES = {
     "get_call": "A call's record, media (legs, forks, humans) and metadata.",
     "get_timeline": "A call's timeline: every step, with timings.",
     "get_forks": "A call's forks.",
+    "list_recordings": "A call's recordings: state, duration, size, and where to download each.",
+    "get_recording": "A finished recording's file (audio/wav): from this controller's recording_dir, or streamed "
+                     "from the media node that recorded it. 409 while it is still being recorded or fetched.",
     "get_context": "A long context value (a summary, a transcript …) sent to a human by reference.",
     "post_action": "Carry out an action on a live call: route_agent (transfer), route_sip (hand off), add_human, "
-                   "fork, stop_fork, play, hangup, set_metadata. An Idempotency-Key header makes retries safe.",
+                   "fork, stop_fork, play, hangup, set_metadata, send_dtmf, gather, record, stop_record. An "
+                   "Idempotency-Key header makes retries safe.",
     "get_policy": "The serving policy's version and declarations.",
     "reload_policy": "Reload the policy from disk (the last good version keeps serving if it is invalid).",
     "validate_policy": "Validate a candidate policy (files as text) without loading it.",
@@ -208,6 +228,9 @@ def document() -> dict[str, Any]:
         for status, schema in _RESPONSES[name].items():
             if schema is None:
                 operation["responses"][status] = {"description": "Switching to the websocket protocol."}
+            elif schema == "audio/wav":
+                operation["responses"][status] = {"description": "The file", "content": {"audio/wav": {
+                    "schema": {"type": "string", "contentMediaType": "audio/wav"}}}}
             else:
                 operation["responses"][status] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
         for status in _ERRORS[name] + (["401", "403"] if scope else []):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -150,6 +151,59 @@ async def get_forks(request: web.Request) -> web.Response:
     return web.json_response({"call_id": call_id, "forks": [
         {k: f.get(k) for k in ("fork_id", "target", "direction", "state", "reason", "started_ms", "up_ms")}
         for f in forks if isinstance(f, dict)]})
+
+
+async def list_recordings(request: web.Request) -> web.Response:
+    store = request.config_dict[STORE]
+    call_id = request.match_info["call_id"]
+    record = await store.get(call_id)
+    if record is None:
+        return error(404, f"no call {call_id!r}")
+    route = request.app.router["get_recording"]
+    keep = ("recording_id", "channels", "format", "state", "started_ms", "ended_ms", "duration_ms", "size_bytes",
+            "reason")
+    out = []
+    for rec in _recordings(record).values():
+        item = {k: rec[k] for k in keep if rec.get(k) not in (None, "", 0) or k in ("recording_id", "state")}
+        item["url"] = str(route.url_for(call_id=call_id, recording_id=rec["recording_id"])) \
+            if rec.get("state") == "done" else None
+        out.append(item)
+    return web.json_response({"call_id": call_id, "recordings": out})
+
+
+def _recordings(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    media = record.get("media") if isinstance(record.get("media"), dict) else {}
+    recordings = media.get("recordings") if isinstance(media.get("recordings"), dict) else {}
+    return {k: v for k, v in recordings.items() if isinstance(v, dict) and isinstance(v.get("recording_id"), str)}
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    """The file: from this controller's recording_dir, or streamed from the node that has it."""
+    store = request.config_dict[STORE]
+    call_id, recording_id = request.match_info["call_id"], request.match_info["recording_id"]
+    record = await store.get(call_id)
+    rec = _recordings(record).get(recording_id) if record is not None else None
+    if rec is None:
+        return error(404, f"no recording {recording_id!r} of call {call_id!r}")
+    if rec.get("state") != "done":
+        return error(409, f"recording {recording_id} is {rec.get('state')}, not done")
+    headers = {"Content-Type": "audio/wav",
+               "Content-Disposition": f'attachment; filename="{recording_id}.{rec.get("format", "wav")}"'}
+    media = record.get("media") or {}
+    if rec.get("location") == "local":
+        path = rec.get("path") or ""
+        if not await asyncio.to_thread(os.path.isfile, path):
+            return error(404, f"recording {recording_id} is not in this controller's recording_dir (share the "
+                              "directory between controllers)")
+        return web.FileResponse(path, headers=headers)
+    control = request.config_dict[CONTROL]
+    if not await control.recording_stored(str(media.get("node")), str(rec.get("name"))):
+        return error(404, f"recording {recording_id} is no longer on media node {media.get('node')}")
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    await control.recording_file(str(media.get("node")), str(rec.get("name")), response.write)
+    await response.write_eof()
+    return response
 
 
 async def get_context(request: web.Request) -> web.Response:
@@ -312,7 +366,8 @@ def api_app(tokens: list[str]) -> web.Application:
     app = web.Application(middlewares=[_errors, auth_middleware(parse_tokens(tokens), _scope)])
     handlers = {
         "list_calls": list_calls, "get_call": get_call, "get_timeline": get_timeline, "get_forks": get_forks,
-        "get_context": get_context, "post_action": post_action, "post_call": post_call, "get_policy": get_policy,
+        "get_context": get_context, "list_recordings": list_recordings, "get_recording": get_recording,
+        "post_action": post_action, "post_call": post_call, "get_policy": get_policy,
         "reload_policy": reload_policy, "validate_policy": validate_policy, "events": events_socket,
         "openapi": get_openapi, "list_bans": list_bans, "add_ban": add_ban, "get_ban": get_ban,
         "remove_ban": remove_ban, "admin_status": admin_status, "admin_drain": admin_drain,

@@ -79,7 +79,7 @@ class Asterisk:
                 text = text.replace(f"@@{key}@@", value)
             path.write_text(text)
         dirs = {name: self.workdir / name for name in ("run", "log", "spool", "lib", "db")}
-        for d in dirs.values():
+        for d in [*dirs.values(), dirs["spool"] / "recording"]:  # ARI recordings are written to spool/recording
             d.mkdir(parents=True, exist_ok=True)
         modules = next((p for p in (prefix / "lib" / "asterisk" / "modules", prefix / "lib64" / "asterisk" / "modules",
                                     Path("/usr/lib/asterisk/modules"), Path("/usr/lib/x86_64-linux-gnu/asterisk/modules"))

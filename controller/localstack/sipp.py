@@ -25,7 +25,7 @@ from controller.localstack.process import spawn
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SIPP_BIN = shutil.which("sipp") or "/usr/bin/sipp"
-SIPP_PCAPS = Path("/usr/share/sip-tester")  # RFC 4733 key presses shipped with SIPp: dtmf_2833_<digit>.pcap
+SIPP_PCAPS = Path("/usr/share/sip-tester")  # shipped with SIPp: dtmf_2833_<digit>.pcap (RFC 4733), g711a.pcap
 
 
 def _render(template: str, workdir: Path, values: dict[str, str]) -> Path:
@@ -231,20 +231,24 @@ def run_uac(
     source_ip: str = "127.0.0.1",
     number_per_call: bool = False,
     dtmf: str = "",
+    audio: str = "",
 ) -> UacResult:
     """Run a SIPp UAC to completion (bounded by -m and -timeout); return counts.
 
     `source_ip`: any 127.0.0.0/8 address (calls from several "sources" on one machine);
     `number_per_call`: each call dials `service` followed by its call number (1, 2, …);
-    `dtmf`: digits (0-9) the caller presses (uac_dtmf.xml: RFC 4733 events from SIPp's pcaps, which
+    `dtmf`: digits (0-9) the caller presses (uac_media.xml: RFC 4733 events from SIPp's pcaps, which
     share one SSRC and carry sequence numbers rising 1-9 then 0: a receiver drops a key whose
-    numbers go back, so give digits in that order)."""
+    numbers go back, so give digits in that order); `audio`: a pcap of PCMA speech the caller
+    plays from the start (uac_media.xml; SIPp's g711a.pcap is 7 s of it)."""
     order = [("1234567890".index(d) if d in "1234567890" else -1) for d in dtmf]
     if -1 in order or order != sorted(set(order)):
         raise ValueError(f"dtmf {dtmf!r}: distinct digits 0-9 in the order 1…9, 0 (see the docstring)")
     workdir = Path(workdir) / f"uac-{uuid.uuid4().hex[:6]}"
     workdir.mkdir(parents=True, exist_ok=True)
     values = {"EXTRA_HEADERS": _headers_block(headers), "HOLD_MS": str(hold_ms), "FROM_USER": from_user,
+              "CODEC": "PCMA" if audio else "PCMU", "CODEC_PT": "8" if audio else "0",
+              "AUDIO": f'  <nop><action><exec play_pcap_audio="{audio}"/></action></nop>' if audio else "",
               "DTMF_PCAPS": "\n".join(f'  <nop><action><exec play_pcap_audio="{SIPP_PCAPS}/dtmf_2833_{d}.pcap"/>'
                                       f'</action></nop>\n  <pause milliseconds="400"/>' for d in dtmf)}
     if code is not None:

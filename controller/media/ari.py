@@ -102,6 +102,30 @@ class AriClient:
         except ValueError:
             raise AriError(operation, status, f"{self.node.name}: answer is not JSON: {text[:80]!r}") from None
 
+    async def download(self, operation: str, path: str, sink: Callable[[bytes], Awaitable[None]],
+                       chunk_bytes: int = 1 << 16) -> int:
+        """A binary answer (a stored recording's file), handed to `sink` chunk by chunk (no
+        total timeout: a long recording takes as long as it takes; 30 s without data fails).
+        Returns the bytes received."""
+        started = time.perf_counter()
+        status, size = 0, 0
+        try:
+            async with self.session.get(self.node.url + path,
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_read=30)) as response:
+                status = response.status
+                if status >= 300:
+                    text = await response.text()
+                    raise AriError(operation, status, f"{self.node.name}: {text[:300]}")
+                async for chunk in response.content.iter_chunked(chunk_bytes):
+                    size += len(chunk)
+                    await sink(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise AriError(operation, 0, f"{self.node.name}: {type(exc).__name__} {exc}".strip()) from None
+        finally:
+            if self._observe:
+                self._observe(operation, time.perf_counter() - started, status)
+        return size
+
     # -- operations the media plane uses (paths and parameters as in the ARI description) ------
     async def answer(self, channel_id: str) -> None:
         await self.request("answer", "POST", f"/channels/{channel_id}/answer")

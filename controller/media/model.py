@@ -85,6 +85,27 @@ class HumanLeg:
 
 
 @dataclass(slots=True)
+class RecordingLeg:
+    """A recording of the call: a snoop on the caller (`in`: the caller's voice, `out`: what the
+    caller hears — the agent and anyone else —, `both`: the conversation) recorded by Asterisk
+    as `name`.wav, then fetched from the node."""
+
+    recording_id: str
+    name: str  # the node's stored recording (and the local file's name)
+    channels: str  # both | caller | agent
+    snoop: str
+    format: str = "wav"
+    state: str = "starting"  # starting | recording | stopping | saving | done | failed
+    started_ms: int = 0
+    ended_ms: int = 0
+    duration_ms: int = 0
+    size_bytes: int = 0
+    location: str = ""  # local (the recording_dir of the controller that fetched it) | node
+    path: str = ""
+    reason: str = ""
+
+
+@dataclass(slots=True)
 class Gather:
     """Digits being collected from a leg (the caller, or a human) until `max_digits`, the
     finish key or `timeout_ms` without a digit; what happens then (`then` branches, a
@@ -122,6 +143,7 @@ class CallMedia:
     direction: str = "inbound"  # outbound: originated by the API
     pending_agent: str = ""  # outbound: the agent that joins when the call is answered
     gather: Gather | None = None
+    recordings: dict[str, RecordingLeg] = field(default_factory=dict)
 
     def next_id(self, kind: str) -> str:
         self.sequence += 1
@@ -133,6 +155,7 @@ class CallMedia:
         for fork in self.forks.values():
             out += [fork.snoop, fork.channel]
         out += [h.channel for h in self.humans.values()]
+        out += [r.snoop for r in self.recordings.values()]
         return out
 
     def bridges(self) -> list[str]:
@@ -149,8 +172,10 @@ class CallMedia:
         forks = data.pop("forks", {})
         humans = data.pop("humans", {})
         gather = data.pop("gather", None)
+        recordings = data.pop("recordings", {})
         media = cls(**data)
         media.gather = Gather(**gather) if gather else None
+        media.recordings = {k: RecordingLeg(**v) for k, v in recordings.items()}
         media.agent = AgentLeg(**agent) if agent else None
         media.old_agents = [AgentLeg(**a) for a in old_agents]
         media.forks = {k: ForkLeg(**v) for k, v in forks.items()}

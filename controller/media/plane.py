@@ -9,7 +9,7 @@ from Redis + ARI.
 The plane itself keeps what all features share: node sync, event dispatch and the per-call
 lock. Each feature is a module of the same anatomy (media/feature.py, media/features/): the
 call's bridge and agent leg (`plane.call`), forks (`plane.forks`), humans (`plane.humans`),
-playback (`plane.playback`).
+playback (`plane.playback`), DTMF (`plane.dtmf`), recording (`plane.recording`).
 
 Each node's events are handled by one controller at a time (its lease owner, see
 ownership.py): `adopt_node` takes the node's live calls from Redis, `serve_node` consumes
@@ -32,6 +32,7 @@ from controller.media.features.dtmf import Dtmf
 from controller.media.features.forks import Forks
 from controller.media.features.humans import Humans
 from controller.media.features.playback import Playback
+from controller.media.features.recording import Recording
 from controller.media.model import CallMedia, parse_object_id, session_uuid
 from controller.metrics import Metrics
 from controller.state.calls import CallStore, FencedOut, now_ms
@@ -45,7 +46,7 @@ class MediaPlane:
     def __init__(self, nodes: dict[str, AriClient], store: CallStore, metrics: Metrics, *,
                  resolve_agent: Callable[[str], Endpoint | None],
                  resolve_fork_target: Callable[[str], Endpoint | None],
-                 edge_endpoint: str, instance_id: str, api_base_url: str = ""):
+                 edge_endpoint: str, instance_id: str, api_base_url: str = "", recording_dir: str = ""):
         self.nodes = nodes
         self.store = store
         self.metrics = metrics
@@ -72,7 +73,9 @@ class MediaPlane:
         self.humans = Humans(self)
         self.playback = Playback(self)
         self.dtmf = Dtmf(self)
-        self.features: tuple[Feature, ...] = (self.call, self.forks, self.humans, self.playback, self.dtmf)
+        self.recording = Recording(self, recording_dir)
+        self.features: tuple[Feature, ...] = (self.call, self.forks, self.humans, self.playback, self.dtmf,
+                                              self.recording)
         # Carries out what a finished gather leads to (its policy branch, its webhook's answer):
         # set by whoever runs actions on calls (the API's call control).
         self.on_gathered: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None

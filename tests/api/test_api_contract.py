@@ -11,6 +11,7 @@ Redis is a closed port (503), and one with no valid policy that is then drained 
 503, reload 422, drain 202) so the drain does not affect the others."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -42,7 +43,7 @@ REGISTRY = Registry().with_resource(DOC_URI, Resource.from_contents(DOCUMENT, de
 CONTROL_ONLY = "k" * 24  # a token without `read`: the 403 of read routes
 TOKENS = [f"viewer:read:{READ}", f"bot:read,control:{CONTROL}", f"ops:admin:{ADMIN}", f"pusher:control:{CONTROL_ONLY}"]
 LACKING = {"read": CONTROL_ONLY, "control": READ, "admin": CONTROL}  # a token without the scope
-SAMPLE_PARAMS = {"call_id": "ghost@edge", "name": "summary", "ip": "192.0.2.200"}  # for 401/403 cases
+SAMPLE_PARAMS = {"call_id": "ghost@edge", "name": "summary", "ip": "192.0.2.200", "recording_id": "r1"}  # for 401/403 cases
 
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     (method.upper(), path): operation
@@ -91,6 +92,8 @@ class Contract:
         body = None
         if content is None:
             assert not raw, f"{where}: the document says no content, got {raw[:200]!r}"
+        elif "audio/wav" in content:
+            assert content_type == "audio/wav" and raw[:4] == b"RIFF", f"{where}: {content_type}, {raw[:12]!r}"
         else:
             assert content_type == "application/json", f"{where}: Content-Type {content_type!r}, not JSON"
             body = json.loads(raw)
@@ -246,6 +249,31 @@ async def _main_cases(api: ContractApi) -> None:
     body = await api.expect(200, "GET", "/calls/c1@edge/context/summary", READ)
     assert body["value"].strip() == summary.strip()
     await api.expect(404, "GET", "/calls/c1@edge/context/transcript", READ, case="unknown context name")
+
+    # -- recordings: one on the node (no recording_dir), one still recording
+    body = await api.expect(200, "POST", "/calls/c1@edge/actions", json={"action": {"record": "caller"}})
+    kept = body["result"]["recording_id"]
+    await api.fake.wait_for_event("RecordingStarted")
+    await api.expect(200, "POST", "/calls/c1@edge/actions", json={"action": {"stop_record": {"recording_id": kept}}})
+    for _ in range(100):
+        body = await api.expect(200, "GET", "/calls/c1@edge/recordings", READ)
+        if body["recordings"][0]["state"] == "done":
+            break
+        await asyncio.sleep(0.05)
+    assert body["recordings"][0]["url"] == f"/v1/calls/c1@edge/recordings/{kept}"
+    await api.expect(200, "GET", f"/calls/c1@edge/recordings/{kept}", READ)
+    body = await api.expect(200, "POST", "/calls/c1@edge/actions", json={"action": {"record": "both"}})
+    live = body["result"]["recording_id"]
+    body = await api.expect(409, "GET", f"/calls/c1@edge/recordings/{live}", READ, case="recording in progress")
+    assert "not done" in body["error"]["message"]
+    await api.expect(404, "GET", "/calls/c1@edge/recordings/r999", READ, case="unknown recording")
+    await api.expect(404, "GET", "/calls/ghost@edge/recordings", READ)
+    with ari_failing(api.fake, ("recordings", "getStored")):
+        await api.expect(502, "GET", f"/calls/c1@edge/recordings/{kept}", READ, case="the node fails")
+    name = next(n for n in api.fake.stored_recordings)
+    del api.fake.stored_recordings[name]
+    body = await api.expect(404, "GET", f"/calls/c1@edge/recordings/{kept}", READ, case="gone from the node")
+    assert "no longer on media node" in body["error"]["message"]
     await api.expect(404, "GET", "/calls/ghost@edge/context/summary", READ, case="context of an unknown call")
 
     await api.expect(400, "POST", "/calls/c1@edge/actions", case="action not JSON", **not_json)
@@ -351,6 +379,8 @@ async def _degraded_cases(api: ContractApi) -> None:
     await api.expect(503, "GET", "/calls/c1@edge/timeline", READ)
     await api.expect(503, "GET", "/calls/c1@edge/forks", READ)
     await api.expect(503, "GET", "/calls/c1@edge/context/summary", READ)
+    await api.expect(503, "GET", "/calls/c1@edge/recordings", READ)
+    await api.expect(503, "GET", "/calls/c1@edge/recordings/r1", READ)
     await api.expect(503, "POST", "/calls/c1@edge/actions", json={"action": {"hangup": True}})
     await api.expect(503, "POST", "/calls", json={"to": "sip:bob@carrier.example.com", "agent": "intake"})
     await api.expect(503, "GET", "/bans", ADMIN)

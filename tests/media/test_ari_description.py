@@ -38,9 +38,9 @@ def test_the_controller_calls_only_described_operations():
 
 
 def test_an_undescribed_operation_is_refused_like_an_unknown_resource():
-    assert "channels.record" not in {f"{op.resource}.{op.nickname}" for op in SPEC.operations}
+    assert "bridges.record" not in {f"{op.resource}.{op.nickname}" for op in SPEC.operations}
     with pytest.raises(SpecError) as err:
-        SPEC.resolve("POST", "/ari/channels/c1/record")
+        SPEC.resolve("POST", "/ari/bridges/b1/record")
     assert err.value.status == 404
 
 

@@ -1,6 +1,7 @@
 """In-call telephony with a real Asterisk (our asterisk/ config set), a real Kamailio edge, real
 Redis and real SIPp: DTMF a SIPp caller presses (RFC 4733) reaches the webhook with the right
-digits, in order.
+digits, in order; a recording of a caller playing known speech has the expected duration and
+sound in it, and its `recording.completed` webhook says so.
 
 Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
 reason otherwise."""
@@ -9,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
+import struct
 import time
+
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -19,7 +24,7 @@ from controller.api.webhooks import verify
 from controller.app import MEDIA, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
-from controller.localstack.sipp import run_uac
+from controller.localstack.sipp import SIPP_PCAPS, run_uac
 from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
 
 SECRET = "incall-secret"
@@ -79,7 +84,8 @@ async def controller(stack):  # noqa: F811
     settings = Settings(policy_dir=str(policy_dir), redis_url=stack["redis_url"],
                         edge_evapi=[f"127.0.0.1:{stack['kamailio'].evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
                         ari_nodes=[stack["asterisk"].ari_node()], instance_id="incall-suite",
-                        webhook_url=receiver.url, webhook_secret=SECRET)
+                        webhook_url=receiver.url, webhook_secret=SECRET,
+                        recording_dir=str(stack["tmp"] / "recordings"))
     app = build_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -103,7 +109,7 @@ async def until(predicate, timeout: float, what: str) -> None:
 
 
 async def test_dtmf_a_sipp_caller_presses_reaches_the_webhook_in_order(controller):
-    result = await asyncio.to_thread(run_uac, controller["tmp"], controller["kamailio"].sip_port, "uac_dtmf.xml",
+    result = await asyncio.to_thread(run_uac, controller["tmp"], controller["kamailio"].sip_port, "uac_media.xml",
                                      service="18005550199", hold_ms=1500, dtmf="1479", timeout_s=20)
     assert result.successful == 1, result.output
     call_id = next(m.header("Call-ID")[0] for m in result.messages if m.direction == "out")
@@ -113,3 +119,46 @@ async def test_dtmf_a_sipp_caller_presses_reaches_the_webhook_in_order(controlle
     pressed = receiver.of(call_id, "call.dtmf")
     assert [e["data"]["digit"] for e in pressed] == list("1479"), pressed
     assert all(e["data"]["leg"] == "caller" and e["data"]["duration_ms"] > 0 for e in pressed)
+
+
+async def the_call(plane, timeout: float = 10.0):
+    """The one call on the plane, once it is active."""
+    deadline = time.monotonic() + timeout
+    while True:
+        active = [m for m in plane.calls.values() if m.state == "active"]
+        if active:
+            return active[0]
+        assert time.monotonic() < deadline, "no call became active"
+        await asyncio.sleep(0.05)
+
+
+def wav_samples(data: bytes) -> tuple[int, list[int]]:
+    """(sample rate, 16-bit samples) of Asterisk's wav (RIFF, PCM 16-bit mono)."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    rate = struct.unpack("<I", data[24:28])[0]
+    at = data.index(b"data") + 8
+    pcm = data[at:]
+    return rate, list(struct.unpack(f"<{len(pcm) // 2}h", pcm[:len(pcm) // 2 * 2]))
+
+
+async def test_a_recording_of_known_speech_has_its_duration_and_sound(controller):
+    plane, receiver = controller["plane"], controller["receiver"]
+    uac = asyncio.create_task(asyncio.to_thread(
+        run_uac, controller["tmp"], controller["kamailio"].sip_port, "uac_media.xml", service="18005550199",
+        hold_ms=6000, audio=str(SIPP_PCAPS / "g711a.pcap"), timeout_s=30))
+    media = await the_call(plane)
+    started = await plane.recording.start(media.call_id, "caller")
+    await asyncio.sleep(3.0)
+    await plane.recording.stop(media.call_id, started["recording_id"])
+    result = await uac
+    assert result.successful == 1, result.output
+    await until(lambda: receiver.of(media.call_id, "recording.completed"), 10, "no recording.completed webhook")
+    (done,) = receiver.of(media.call_id, "recording.completed")
+    assert 2500 <= done["data"]["duration_ms"] <= 3600, done
+    rec = media.recordings[started["recording_id"]]
+    data = await asyncio.to_thread(Path(rec.path).read_bytes)
+    assert len(data) == done["data"]["size_bytes"]
+    rate, samples = wav_samples(data)
+    assert rate == 8000 and abs(len(samples) / rate * 1000 - done["data"]["duration_ms"]) < 50
+    rms = math.sqrt(sum(s * s for s in samples) / len(samples))
+    assert rms > 300, f"the recording is (nearly) silent: RMS {rms:.0f}"

@@ -35,6 +35,7 @@ import json
 import random
 import re
 import socket
+import struct
 import time
 import uuid
 from collections import Counter
@@ -199,6 +200,13 @@ def _cid_parse(text: str | None) -> tuple[str, str]:
     return text.strip(), ""
 
 
+def _silent_wav(seconds: float, rate: int = 8000) -> bytes:
+    """What Asterisk's wav format writes: 16-bit mono PCM at 8 kHz (here: silence)."""
+    data = b"\x00\x00" * int(seconds * rate)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", len(data)) + data)
+
+
 def _split_args(app_args: str | None) -> list[str]:
     """Stasis(app,a,b): the dialplan argument split of appArgs."""
     return app_args.split(",") if app_args else []
@@ -235,6 +243,10 @@ class FakeAri:
         self.playbacks: dict[str, dict] = {}
         self._pb_target: dict[str, tuple[str, str]] = {}
         self._pb_tasks: dict[str, asyncio.Task] = {}
+        self.live_recordings: dict[str, dict] = {}     # name -> LiveRecording (queued / recording)
+        self.stored_recordings: dict[str, tuple[str, bytes]] = {}   # name -> (format, file bytes)
+        self._rec_started: dict[str, float] = {}
+        self.recording_formats = {"wav", "gsm", "ulaw", "alaw", "sln", "sln16", "g722", "wav16"}
         self._apps: dict[str, _App] = {}
         self._conns: list[_Conn] = []
         # --- machinery
@@ -727,6 +739,9 @@ class FakeAri:
         for pb_id, (kind, target) in list(self._pb_target.items()):
             if kind == "channel" and target == ch.id:
                 self._finish_playback(pb_id, "done")
+        for name, rec in list(self.live_recordings.items()):  # ast_play_and_record_full() returns on hangup
+            if rec["target_uri"] == f"channel:{ch.id}":
+                self._finish_recording(name, "done")
         if ch.bridge_id:
             self._leave_bridge(ch)
         self._stasis_end(ch)
@@ -957,6 +972,8 @@ class FakeAri:
         self._notify()
         if payload is None:
             return web.Response(status=status, headers=headers)
+        if isinstance(payload, bytes):  # a stored recording's file
+            return web.Response(body=payload, status=status, headers=headers)
         return web.json_response(payload, status=status, headers=headers)
 
     def _check_response(self, op: Operation, status: int, payload: Any) -> None:
@@ -1368,6 +1385,97 @@ class FakeAri:
         self._control_state_ok(a["channelId"])
         if not a.get("endpoint"):
             raise _AriError(400, "Endpoint parameter not provided")
+        return 204, None
+
+    # ---- recordings (res/ari/resource_channels.c record, resource_recordings.c, res_stasis_recording.c)
+    def _h_channels__record(self, a):
+        ch = self._control(a["channelId"])
+        name, fmt = a["name"], a["format"]
+        if a.get("maxDurationSeconds", 0) < 0 or a.get("maxSilenceSeconds", 0) < 0:
+            raise _AriError(400, "max_duration_seconds cannot be negative")
+        if fmt not in self.recording_formats:
+            raise _AriError(422, "specified format is unknown on this system")
+        if ".." in name.split("/") or name.startswith("/"):
+            raise _AriError(400, "Recording name invalid")
+        exists = a.get("ifExists", "fail")
+        if name in self.live_recordings or (exists == "fail" and name in self.stored_recordings):
+            raise _AriError(409, f"Recording '{name}' already exists and can not be overwritten")
+        rec = {"name": name, "format": fmt, "state": "queued", "target_uri": f"channel:{ch.id}"}
+        self.live_recordings[name] = rec
+        self._rec_started[name] = time.monotonic()
+        self._soon(0, self._recording_starts, name, ch.id, int(a.get("maxDurationSeconds", 0)))
+        return 201, dict(rec), {"Location": f"/recordings/live/{name}"}
+
+    def _recording_starts(self, name: str, channel_id: str, max_s: int) -> None:
+        """record_file(): fails in a bridge; else the channel is answered and recording starts."""
+        rec, ch = self.live_recordings.get(name), self._chans.get(channel_id)
+        if rec is None or ch is None:
+            return
+        if ch.bridge_id:
+            self._finish_recording(name, "failed", cause="Cannot record channel while in bridge")
+            return
+        if ch.state != "Up":
+            self._set_state(ch, "Up")
+        rec["state"] = "recording"
+        self._rec_started[name] = time.monotonic()
+        self._emit("RecordingStarted", self._chan_recipients(ch), recording=dict(rec))
+        if max_s:
+            self._soon(max_s, self._finish_recording, name, "done")
+
+    def _finish_recording(self, name: str, state: str, cause: str = "") -> None:
+        rec = self.live_recordings.pop(name, None)
+        if rec is None:
+            return
+        elapsed = time.monotonic() - self._rec_started.pop(name, time.monotonic())
+        channel_id = rec["target_uri"].split(":", 1)[1]
+        ch = self._chans.get(channel_id)
+        rec["state"] = state
+        if state == "failed":
+            rec["cause"] = cause
+        else:
+            rec["duration"] = int(elapsed)
+            self.stored_recordings[name] = (rec["format"], _silent_wav(elapsed) if rec["format"] == "wav" else b"")
+        kind = {"done": "RecordingFinished", "canceled": "RecordingFinished", "failed": "RecordingFailed"}[state]
+        self._emit(kind, self._chan_recipients(ch) if ch else [], recording=dict(rec))
+
+    def _h_recordings__listStored(self, a):
+        return 200, [{"name": n, "format": f} for n, (f, _) in sorted(self.stored_recordings.items())]
+
+    def _stored_or_404(self, name: str) -> tuple[str, bytes]:
+        if name not in self.stored_recordings:
+            raise _AriError(404, "Recording not found")
+        return self.stored_recordings[name]
+
+    def _h_recordings__getStored(self, a):
+        fmt, _ = self._stored_or_404(a["recordingName"])
+        return 200, {"name": a["recordingName"], "format": fmt}
+
+    def _h_recordings__getStoredFile(self, a):
+        fmt, data = self._stored_or_404(a["recordingName"])
+        return 200, data, {"Content-Type": f"audio/{fmt}"}
+
+    def _h_recordings__deleteStored(self, a):
+        self._stored_or_404(a["recordingName"])
+        del self.stored_recordings[a["recordingName"]]
+        return 204, None
+
+    def _live_or_404(self, name: str) -> dict:
+        if name not in self.live_recordings:
+            raise _AriError(404, "Recording not found")
+        return self.live_recordings[name]
+
+    def _h_recordings__getLive(self, a):
+        return 200, dict(self._live_or_404(a["recordingName"]))
+
+    def _h_recordings__stop(self, a):
+        self._live_or_404(a["recordingName"])
+        self._finish_recording(a["recordingName"], "done")
+        return 204, None
+
+    def _h_recordings__cancel(self, a):
+        self._live_or_404(a["recordingName"])
+        self._finish_recording(a["recordingName"], "canceled")
+        self.stored_recordings.pop(a["recordingName"], None)
         return 204, None
 
     # ---- channels: creation

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Fills the config set's @@NAME@@ placeholders from the environment into /etc/asterisk and
-# runs Asterisk in the foreground. ARI_USER/ARI_PASSWORD and AMI_USER/AMI_PASSWORD are read
-# by bin/env-user.sh at load time (never written to disk).
+# runs Asterisk in the foreground with the set's asterisk.conf (the same [options] as local
+# runs). ARI_USER/ARI_PASSWORD and AMI_USER/AMI_PASSWORD are read by bin/env-user.sh at load
+# time (never written to disk).
 set -eu
 src=/etc/callfabric/asterisk
 dst=/etc/asterisk
@@ -14,5 +15,4 @@ for file in "$src"/*.conf; do
       -e "s|@@AMI_BIND@@|${AMI_BIND:-0.0.0.0}|g" -e "s|@@AMI_PORT@@|${AMI_PORT:-5038}|g" \
       -e "s|@@CONFIG_DIR@@|$src|g" "$file" > "$dst/$(basename "$file")"
 done
-printf '[options]\nexecincludes = yes\n' > "$dst/asterisk.conf"
 exec asterisk -f -C "$dst/asterisk.conf"

@@ -17,6 +17,7 @@ from controller.localstack.process import spawn, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_SET = REPO / "asterisk"
+SYSTEM_SOUNDS = Path("/usr/share/asterisk/sounds")  # Debian's asterisk-core-sounds-en* packages
 
 
 def asterisk_binary() -> str | None:
@@ -84,16 +85,34 @@ class Asterisk:
         modules = next((p for p in (prefix / "lib" / "asterisk" / "modules", prefix / "lib64" / "asterisk" / "modules",
                                     Path("/usr/lib/asterisk/modules"), Path("/usr/lib/x86_64-linux-gnu/asterisk/modules"))
                         if p.is_dir()), prefix / "lib" / "asterisk" / "modules")
-        data = next((p for p in (prefix / "var" / "lib" / "asterisk", Path("/usr/share/asterisk"), Path("/var/lib/asterisk"))
-                     if p.is_dir()), dirs["lib"])
+        data = self._data_dir(prefix)
+        # The config set's asterisk.conf carries the [options] (the container uses it as it is).
+        options = (CONFIG_SET / "asterisk.conf").read_text()
         (self.etc / "asterisk.conf").write_text(
             "[directories]\n"
             f"astetcdir => {self.etc}\nastmoddir => {modules}\nastvarlibdir => {dirs['lib']}\n"
             f"astdbdir => {dirs['db']}\nastkeydir => {dirs['lib']}\nastdatadir => {data}\n"
             f"astagidir => {dirs['lib']}\nastspooldir => {dirs['spool']}\nastrundir => {dirs['run']}\n"
-            f"astlogdir => {dirs['log']}\nastsbindir => {Path(self.binary).parent}\n"
-            "[options]\nexecincludes = yes\nhighpriority = no\nnocolor = yes\ntransmit_silence = yes\n"
-            "documentation_language = en_US\n")
+            f"astlogdir => {dirs['log']}\nastsbindir => {Path(self.binary).parent}\n\n" + options)
+
+    def _data_dir(self, prefix: Path) -> Path:
+        """Asterisk's data directory: the install's own (documentation, rest-api …) with the
+        sounds of Debian's asterisk-core-sounds-en* packages where the install has none."""
+        own = next((p for p in (prefix / "var" / "lib" / "asterisk", prefix / "share" / "asterisk",
+                                Path("/usr/share/asterisk"), Path("/var/lib/asterisk")) if p.is_dir()), None)
+        sounds = next((p for p in ((own / "sounds") if own else None, SYSTEM_SOUNDS)
+                       if p is not None and (p / "en").is_dir()), None)
+        if own is not None and (sounds is None or sounds == own / "sounds"):
+            return own
+        data = self.workdir / "data"
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        for entry in (own.iterdir() if own else ()):
+            if entry.name != "sounds":
+                (data / entry.name).symlink_to(entry)
+        if sounds is not None:
+            (data / "sounds").symlink_to(sounds)
+        return data
 
     def start(self, timeout: float = 60.0) -> "Asterisk":
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,37 @@
 """A minimal SIP caller with real RTP, for the demo and the real-Asterisk suite: INVITE with an SDP offer
-(PCMU), ACK along the Record-Route, RTP at 50 packets/s from its own socket while it counts
-what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
+(PCMU), ACK along the Record-Route, RTP at 50 packets/s (a 1 kHz tone, so talk detection
+hears it) from its own socket while it counts what comes back, BYE. Only what a test needs; asyncio, 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+import math
 import os
 import random
 import re
 import struct
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+
+
+def ulaw(sample: int) -> int:
+    """G.711 µ-law code of a signed 16-bit sample."""
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), 32635) + 0x84
+    exponent = max(0, magnitude.bit_length() - 8)
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
+def ulaw_silent(payload: bytes) -> bool:
+    """True for a µ-law payload of (near) digital silence: every code within 2 steps of zero."""
+    return all((b & 0x7F) >= 0x7D for b in payload)
+
+
+TONE = bytes(ulaw(round(8000 * math.sin(2 * math.pi * i / 8))) for i in range(160))  # 20 ms of 1 kHz
 
 
 @dataclass
@@ -22,6 +41,8 @@ class CallResult:
     reason: str = ""
     rtp_sent: int = 0
     rtp_received: int = 0
+    voiced: int = 0  # packets received that carry sound, not silence
+    payload_types: Counter = field(default_factory=Counter)  # of the packets received
     received_at: list[float] = field(default_factory=list)
     sdp: str = ""  # the answer's SDP
     raw: list[bytes] = field(default_factory=list)  # the first RTP datagrams as they arrived (on the wire)
@@ -46,6 +67,9 @@ class _Rtp(asyncio.DatagramProtocol):
                     return
             self.result.rtp_received += 1
             self.result.received_at.append(time.monotonic())
+            self.result.payload_types[data[1] & 0x7F] += 1
+            if not ulaw_silent(data[12 + 4 * (data[0] & 0x0F):]):
+                self.result.voiced += 1
             if len(self.result.payloads) < 50:
                 self.result.payloads.append(data[12:])
 
@@ -109,12 +133,15 @@ class SipCaller:
         self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
-                   while_up=None) -> CallResult:
+                   while_up=None, observe=None) -> CallResult:
         """Call `to_user`, stream audio for `hold_s` seconds (awaiting `while_up(result)` if
-        given, concurrently), hang up."""
+        given, concurrently), hang up. `observe(result)` is called before the INVITE leaves
+        (to watch the call while it is being answered)."""
         loop = asyncio.get_running_loop()
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
+        if observe is not None:
+            observe(result)
         sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, 0))
         rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
         me = self.announce_ip
@@ -193,10 +220,9 @@ class SipCaller:
 
             async def stream() -> None:
                 ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
-                tone = bytes((0x7F if (i // 10) % 2 else 0xFF) for i in range(160))  # a PCMU square wave
                 started = loop.time()
                 while loop.time() - started < hold_s:
-                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + tone
+                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + TONE
                     rtp_transport.sendto(protect(packet) if protect else packet, (media_ip, media_port))
                     result.rtp_sent += 1
                     seq, ts = seq + 1, ts + 160

@@ -232,7 +232,7 @@ async def test_unknown_ids_are_404_like_asterisk(fake, http):
     assert await call(http, fake, "DELETE", "/channels/nope") == (404, {"message": "Channel not found"})
     assert await call(http, fake, "POST", "/channels/nope/answer") == (404, {"message": "Channel not found"})
     assert (await call(http, fake, "POST", "/channels/nope/snoop", {"app": APP, "spy": "in"}))[0] == 404
-    assert await call(http, fake, "DELETE", "/playbacks/nope") == (404, {"message": "The playback cannot be found"})
+    assert await call(http, fake, "DELETE", "/playbacks/nope") == (404, {"message": "Playback not found"})
     assert await call(http, fake, "GET", "/applications/nope") == (404, {"message": "Application does not exist."})
     assert [r.status for r in fake.requests] == [404] * 7 and not fake.rejected
 
@@ -399,9 +399,11 @@ async def test_playback_started_finished_and_stopped(fake, http):
                             {"media": "sound:hello-world,sound:goodbye"})
     assert status == 201 and pb == {"id": "pb-1", "media_uri": "sound:hello-world", "next_media_uri": "sound:goodbye",
                                     "target_uri": f"channel:{chan}", "language": "en", "state": "queued"}
-    started, _cont, finished = await ev.expect("PlaybackStarted", "PlaybackContinuing", "PlaybackFinished")
+    started, _cont, second, finished = await ev.expect("PlaybackStarted", "PlaybackContinuing", "PlaybackStarted",
+                                                       "PlaybackFinished")
     assert started["playback"]["state"] == "playing" and finished["playback"]["state"] == "done"
-    await call(http, fake, "POST", f"/channels/{chan}/play/pb-2", {"media": "sound:long"}, expect=201)
+    assert second["playback"]["media_uri"] == "sound:goodbye"
+    await call(http, fake, "POST", f"/channels/{chan}/play/pb-2", {"media": "tone:ring"}, expect=201)  # until stopped
     await ev.expect("PlaybackStarted")
     await call(http, fake, "DELETE", "/playbacks/pb-2", expect=204)
     (stopped,) = await ev.expect("PlaybackFinished")

@@ -88,7 +88,16 @@ _DIALSTATUS = {17: "BUSY", 18: "NOANSWER", 19: "NOANSWER", 21: "CHANUNAVAIL", 34
                41: "CONGESTION", 42: "CONGESTION", 44: "CHANUNAVAIL", 1: "CHANUNAVAIL", 3: "CHANUNAVAIL",
                20: "CHANUNAVAIL", 27: "CHANUNAVAIL"}
 _RTP_TECHS = {"PJSIP", "UnicastRTP"}                 # channel techs with RTP glue (rtp_statistics)
-_MEDIA_SCHEMES = ("sound:", "recording:", "number:", "digits:", "characters:", "tone:")
+# RTPstat fields Asterisk 22.10.1 sends that its own ARI description does not list (media
+# experience scores, recorded in ari_conversations/rtp_statistics.json)
+RTP_MES_FIELDS = ("txmes", "rxmes", "local_maxmes", "local_minmes", "local_normdevmes", "local_stdevmes",
+                  "remote_maxmes", "remote_minmes", "remote_normdevmes", "remote_stdevmes")
+# indications.conf tone names of our config set's zones, and ast_playtones_start()'s tone strings
+_TONE_NAMES = {"dial", "busy", "ring", "congestion", "callwaiting", "dialrecall", "record", "info", "stutter"}
+_TONE_STRING = re.compile(r"!?\d+([+*]\d+)?(/\d+)?(,!?\d+([+*]\d+)?(/\d+)?)*")
+# Prompts of Debian's asterisk-core-sounds-en (the ones callfabric's docs and tests use)
+CORE_SOUNDS = frozenset({"hello-world", "beep", "demo-congrats", "tt-monkeys", "tt-weasels", "vm-goodbye",
+                         "pls-hold-while-try", "please-try-again", "goodbye", "silence/1", "agent-loginok"})
 AST_MAX_PUBLIC_UNIQUEID = 149
 
 
@@ -146,6 +155,9 @@ class FakeChannel:
     muted: str | None = None
     held: bool = False
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    audio: str = "none"            # what the channel's far end sends: talking | silence | none (no packets)
+    talk_detect_ms: int | None = None   # TALK_DETECT(set)=<silence ms>: talk events on
+    talking_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -163,6 +175,7 @@ class FakeBridge:
     variables: dict[str, str] = field(default_factory=dict)
     reportable: set[str] = field(default_factory=set)
     moh: str | None = None
+    announcer: bool = False        # a bridge playback ran: its playback channel outlives our channels
 
 
 @dataclass
@@ -237,6 +250,7 @@ class FakeAri:
         self.originations: list[dict] = []        # args of every originate/create, in order
         self.global_vars: dict[str, str] = {}
         self.missing_media: set[str] = set()      # media URIs whose playback fails
+        self.sounds: set[str] = set(CORE_SOUNDS)  # sound: names installed on this node (others fail)
         self._chans: dict[str, FakeChannel] = {}
         self.destroyed: dict[str, FakeChannel] = {}
         self._bridges: dict[str, FakeBridge] = {}
@@ -502,6 +516,33 @@ class FakeAri:
         self._emit("ChannelDtmfReceived", self._chan_recipients(ch), digit=digit, duration_ms=duration_ms,
                    channel=self._snapshot(ch))
 
+    def set_audio(self, channel_id: str, audio: str) -> None:
+        """What the channel's far end sends from now on: "talking" (voice), "silence" (packets
+        of silence) or "none" (no packets at all). With TALK_DETECT set, talking raises
+        ChannelTalkingStarted, silence ChannelTalkingFinished after the silence threshold, and
+        no packets raise nothing: Asterisk's DSP only judges frames it reads (recorded in
+        ari_conversations/talk_detect.json: an agent that stops sending never "finishes")."""
+        if audio not in ("talking", "silence", "none"):
+            raise ValueError(f"audio must be talking, silence or none, not {audio!r}")
+        ch = self._live(channel_id)
+        ch.audio = audio
+        self._talk(ch)
+
+    def _talk(self, ch: FakeChannel) -> None:
+        if ch.talk_detect_ms is None or ch.state != "Up":   # no media before the channel is up
+            return
+        if ch.audio == "talking" and ch.talking_since is None:
+            ch.talking_since = time.monotonic()
+            self._emit("ChannelTalkingStarted", self._chan_recipients(ch), channel=self._snapshot(ch))
+        elif ch.audio == "silence" and ch.talking_since is not None:
+            def finished() -> None:
+                if ch.id in self._chans and ch.audio == "silence" and ch.talking_since is not None:
+                    duration = round((time.monotonic() - ch.talking_since) * 1000)
+                    ch.talking_since = None
+                    self._emit("ChannelTalkingFinished", self._chan_recipients(ch), duration=duration,
+                               channel=self._snapshot(ch))
+            ch.timers.append(self._loop.call_later(ch.talk_detect_ms / 1000, finished))
+
     def set_rtp(self, channel_id: str, **counters: Any) -> None:
         """Set RTPstat fields (txcount=, rxcount=, rxploss=, rxjitter=...) returned by rtp_statistics."""
         ch = self._live(channel_id)
@@ -696,6 +737,7 @@ class FakeAri:
         if ch.model["state"] != state:
             ch.model["state"] = state
             self._emit("ChannelStateChange", self._chan_recipients(ch), channel=self._snapshot(ch))
+            self._talk(ch)
 
     def _stasis_start(self, ch: FakeChannel, app: str, args: list[str]) -> None:
         if ch.id not in self._chans:
@@ -827,6 +869,24 @@ class FakeAri:
         self._emit("ChannelLeftBridge", recips, bridge=self._bridge_snapshot(br), channel=self._snapshot(ch))
 
     # ================================================================== internals: playbacks
+    def _media_outcome(self, uri: str) -> str:
+        """How Asterisk's res_stasis_playback plays one media URI (recorded from 22.10.1,
+        tests/media/ari_conversations/playback.json): "play" for a while then done, "loop"
+        until stopped (tones), "fail" (PlaybackFinished failed: a sound that is not
+        installed, a tone that is neither a zone's name nor a tone string), or "lost" (an
+        unknown scheme: PlaybackStarted, then no event at all and the playback is gone)."""
+        scheme, _, rest = uri.partition(":")
+        if uri in self.missing_media:
+            return "fail"
+        if scheme == "sound":
+            return "play" if rest in self.sounds or rest.startswith(("http://", "https://")) else "fail"
+        if scheme == "tone":
+            name = rest.split(";")[0]
+            return "loop" if name in _TONE_NAMES or _TONE_STRING.fullmatch(name) else "fail"
+        if scheme in ("recording", "number", "digits", "characters"):
+            return "play"
+        return "lost"
+
     def _start_playback(self, pb_id: str, kind: str, target: str, media: list[str], lang: str) -> dict:
         pb = {"id": pb_id, "media_uri": media[0], "target_uri": f"{kind}:{target}", "language": lang,
               "state": "queued"}
@@ -844,14 +904,20 @@ class FakeAri:
                         pb["next_media_uri"] = media[i + 1]
                     else:
                         pb.pop("next_media_uri", None)
-                    if i == 0:
-                        pb["state"] = "playing"
-                        self._emit("PlaybackStarted", self._pb_recipients(pb_id), playback=dict(pb))
-                    if uri in self.missing_media or not uri.startswith(_MEDIA_SCHEMES):
-                        if i + 1 == len(media):
-                            self._finish_playback(pb_id, "failed", from_task=True)
-                            return
-                    else:
+                    pb["state"] = "playing"
+                    self._emit("PlaybackStarted", self._pb_recipients(pb_id), playback=dict(pb))
+                    outcome = self._media_outcome(uri)
+                    if outcome == "lost":         # res_stasis_playback: no handler, the playback is dropped
+                        self.playbacks.pop(pb_id, None)
+                        self._pb_target.pop(pb_id, None)
+                        self._pb_tasks.pop(pb_id, None)
+                        return
+                    if outcome == "fail" and i + 1 == len(media):
+                        self._finish_playback(pb_id, "failed", from_task=True)
+                        return
+                    if outcome == "loop":
+                        await asyncio.Event().wait()   # a tone plays until the playback is stopped
+                    elif outcome == "play":
                         await asyncio.sleep(self.playback_duration)
                     if i + 1 < len(media):
                         pb["state"] = "continuing"
@@ -982,6 +1048,8 @@ class FakeAri:
                 if op.response_class == "void":
                     if status != 204 or payload is not None:
                         raise SpecError(f"void operation answered {status} with a body")
+                elif op.response_class == "RTPstat":
+                    SPEC.validate_value("RTPstat", {k: v for k, v in payload.items() if k not in RTP_MES_FIELDS})
                 else:
                     SPEC.validate_value(op.response_class, payload)
             else:
@@ -1244,21 +1312,27 @@ class FakeAri:
         return 200, self._snapshot(self._chan_or_404(a["channelId"]))
 
     def _read_var(self, ch: FakeChannel, name: str) -> str | None:
+        """A variable's value (None: 404 "Provided variable was not found"); a dialplan function
+        the fake cannot read raises 500 "Unable to read provided function", as ast_func_read2()
+        failing does on Asterisk: a missing header, an unknown item or function, a write-only
+        one (TALK_DETECT, PJSIP_HEADER(add,…)) — recorded in ari_conversations/variables.json."""
+        if not name.endswith(")"):
+            return ch.variables.get(name)
         m = re.fullmatch(r"PJSIP_HEADER\(read,([^,)]+)(?:,\d+)?\)", name)
-        if m:
-            return ch.sip_headers.get(m.group(1), "")
-        m = re.fullmatch(r"CALLERID\((num|name)\)", name)
-        if m:
-            return ch.model["caller"]["number" if m.group(1) == "num" else "name"]
-        if name == "CHANNEL(name)":
-            return ch.name
-        if name == "CHANNEL(uniqueid)":
-            return ch.id
-        if name == "CHANNEL(pjsip,call-id)" or name == "CHANNEL(callid)":
-            return ch.model["protocol_id"]
-        if name.endswith(")"):
-            return ch.variables.get(name, "")            # other dialplan functions: read what was written
-        return ch.variables.get(name)
+        value = None
+        if m and ch.tech == "PJSIP":
+            value = next((v for k, v in ch.sip_headers.items() if k.lower() == m.group(1).lower()), None)
+        elif (m := re.fullmatch(r"CALLERID\((num|name)\)", name)):
+            value = ch.model["caller"]["number" if m.group(1) == "num" else "name"]
+        elif name == "CHANNEL(name)":
+            value = ch.name
+        elif name == "CHANNEL(uniqueid)":
+            value = ch.id
+        elif name in ("CHANNEL(pjsip,call-id)", "CHANNEL(callid)") and ch.tech == "PJSIP":
+            value = ch.model["protocol_id"]
+        if value is None:
+            raise _AriError(500, "Unable to read provided function")
+        return value
 
     def _h_channels__getChannelVar(self, a):
         ch = self._chan_or_404(a["channelId"], "Provided channel was not found")
@@ -1284,6 +1358,11 @@ class FakeAri:
             raise _AriError(400, "Variable name is required")
         ch = self._control(a["channelId"])
         value = a.get("value", "")
+        if a["variable"] == "TALK_DETECT(set)":   # func_talkdetect.c: dsp_silence_threshold[,talking threshold]
+            ch.talk_detect_ms = int((value or "2500").split(",")[0] or 2500)
+            self._talk(ch)
+        elif a["variable"] == "TALK_DETECT(remove)":
+            ch.talk_detect_ms, ch.talking_since = None, None
         ch.variables[a["variable"]] = value
         if a.get("report_events"):
             ch.reportable.add(a["variable"])
@@ -1302,14 +1381,21 @@ class FakeAri:
         return 204, None
 
     def _h_channels__rtpstatistics(self, a):
+        # resource_channels.c ast_ari_channels_rtpstatistics(): a tech without RTP glue is 403;
+        # UnicastRTP has glue, but chan_rtp hands out its RTP instance only to channels made
+        # with its `g` option, which externalMedia never sets: 404 "RTP info not found"
+        # (recorded in ari_conversations/rtp_statistics.json).
         ch = self._chan_or_404(a["channelId"])
         if ch.tech not in _RTP_TECHS:
             raise _AriError(403, "Unsupported channel type")      # no RTP glue (Snoop, AudioSocket, WebSocket)
+        if ch.tech == "UnicastRTP":
+            raise _AriError(404, "RTP info not found")
         stats: dict[str, Any] = {}
         for name, prop in SPEC.models["RTPstat"].properties.items():
             stats[name] = 0.0 if prop.type == "double" else 0
         stats["local_ssrc"] = (hash(ch.id) & 0x7FFFFFFF)
         stats["remote_ssrc"] = (hash(ch.id[::-1]) & 0x7FFFFFFF)
+        stats.update({name: 0 if name in ("txmes", "rxmes") else 0.0 for name in RTP_MES_FIELDS})
         stats.update(ch.rtp)
         stats["channel_uniqueid"] = ch.id
         return 200, stats
@@ -1677,28 +1763,30 @@ class FakeAri:
 
     def _h_bridges__play(self, a):
         br = self._bridge_or_404(a["bridgeId"])
+        br.announcer = True
         return self._play(a, "bridge", br.id, "en", a.get("playbackId"))
 
     def _h_bridges__playWithId(self, a):
         br = self._bridge_or_404(a["bridgeId"])
+        br.announcer = True
         return self._play(a, "bridge", br.id, "en", a["playbackId"])
 
     def _h_playbacks__get(self, a):
         pb = self.playbacks.get(a["playbackId"])
         if pb is None:
-            raise _AriError(404, "The playback cannot be found")
+            raise _AriError(404, "Playback not found")
         return 200, dict(pb)
 
     def _h_playbacks__stop(self, a):
         if a["playbackId"] not in self.playbacks:
-            raise _AriError(404, "The playback cannot be found")
+            raise _AriError(404, "Playback not found")
         self._finish_playback(a["playbackId"], "done")
         return 204, None
 
     def _h_playbacks__control(self, a):
         pb = self.playbacks.get(a["playbackId"])
         if pb is None:
-            raise _AriError(404, "The playback cannot be found")
+            raise _AriError(404, "Playback not found")
         if pb["state"] not in ("playing", "continuing"):
             raise _AriError(409, "Playback not in a controllable state")
         return 204, None
@@ -1773,6 +1861,8 @@ class FakeAri:
         del self._bridges[br.id]
         for app in self._apps.values():
             app.bridges.pop(br.id, None)
+        if br.announcer:   # the playback channel's own departure ends the bridge, after ours left
+            recips = []    # (ari_conversations/playback.json: no BridgeDestroyed for our app)
         self._emit("BridgeDestroyed", recips + [x for x in self._all_apps() if x not in recips],
                    bridge=self._bridge_snapshot(br))
         return 204, None

@@ -141,6 +141,10 @@ def reason_problem(reason: str) -> str | None:
 
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64}
 
+# Who a called human (or callee) sees calling: a number, or "Name" <number> (default: the caller's number)
+CALLER_ID_SCHEMA = {"type": "string", "maxLength": 128, "pattern": r"^[^\r\n\x00]*$",
+                    "description": "who the called party sees calling: a number or \"Name\" <number> "
+                                   "(default: the destination's caller_id, else the caller's number)"}
 _DURATION_SCHEMA = {
     "oneOf": [
         {"type": "integer", "minimum": 1, "description": "seconds"},
@@ -254,12 +258,14 @@ def live_action_schema(with_gather: bool = True) -> dict[str, Any]:
                 "description": "Hand the call to a SIP destination (a PBX, a human queue): the destination is "
                                "called through the edge, with context headers; on answer it replaces the AI agent.",
                 "oneOf": [_NAME, {"type": "object", "required": ["destination"], "additionalProperties": False,
-                                  "properties": {"destination": _NAME, "context": _CONTEXT}}],
+                                  "properties": {"destination": _NAME, "context": _CONTEXT,
+                                                 "caller_id": CALLER_ID_SCHEMA}}],
             },
             "add_human": {
                 "description": "Bring a human in (conference: the AI agent stays; handoff: it leaves on answer).",
                 "type": "object", "required": ["destination"], "additionalProperties": False,
-                "properties": {"destination": _NAME, "mode": {"enum": ["conference", "handoff"]}, "context": _CONTEXT},
+                "properties": {"destination": _NAME, "mode": {"enum": ["conference", "handoff"]}, "context": _CONTEXT,
+                               "caller_id": CALLER_ID_SCHEMA},
             },
             "fork": {
                 "description": "Start a live copy of the call's audio to a fork target.",

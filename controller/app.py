@@ -273,7 +273,8 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     app[OWNERSHIPS] = ownerships
     tasks = [asyncio.create_task(o.run(), name=f"ownership {o.node}") for o in ownerships]
     if clients:
-        tasks.append(asyncio.create_task(MediaHealth(plane, settings.media_health_interval_s).run()))
+        tasks.append(asyncio.create_task(MediaHealth(plane, settings.media_health_interval_s,
+                                                                settings.one_way_audio_after_s).run()))
     watchers = []
     for text in settings.ami_nodes:
         try:

@@ -405,6 +405,8 @@ def _print_trace(args: argparse.Namespace, timeline: list[dict]) -> int:
     if args.json:
         _print_json(timeline)
         return EXIT_OK
+    # in time order: steps are written by several writers (edge, controller, media plane)
+    timeline = sorted(timeline, key=lambda e: e["ts"] if isinstance(e.get("ts"), int) else 0)
     start = next((e["ts"] for e in timeline if isinstance(e.get("ts"), int)), 0)
     print(f"{args.call_id}: started {_when(start)}")
     for event in timeline:
@@ -441,7 +443,8 @@ def _call_action(args: argparse.Namespace) -> dict:
         context = {k: v for k, v in (("summary", args.summary), ("intent", args.intent),
                                      ("sentiment", args.sentiment)) if v}
         return {"add_human": {"destination": args.destination, "mode": "handoff" if args.handoff else "conference",
-                              **({"context": context} if context else {})}}
+                              **({"context": context} if context else {}),
+                              **({"caller_id": args.caller_id} if args.caller_id else {})}}
     if args.call_command == "fork":
         return {"fork": {"target": args.target, "direction": args.direction}}
     if args.call_command == "stop-fork":
@@ -478,7 +481,15 @@ def _call_action(args: argparse.Namespace) -> dict:
 
 @_api_command
 def cmd_call(args: argparse.Namespace) -> int:
-    """Send an action on a live call through the REST API (control scope)."""
+    """Send an action on a live call through the REST API (control scope), or place an outbound call."""
+    if args.call_command == "originate":
+        body = {"to": args.to, "agent": args.agent, **({"caller_id": args.caller_id} if args.caller_id else {})}
+        answer = _api_call(args, "control", "POST", "/calls", body)
+        if args.json:
+            _print_json(answer)
+        else:
+            print(f"{answer.get('call_id')}: calling {args.to} (agent {answer.get('agent', args.agent)})")
+        return EXIT_OK
     try:
         action = _call_action(args)
     except ValueError as exc:
@@ -686,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     human.add_argument("--summary")
     human.add_argument("--intent")
     human.add_argument("--sentiment")
+    human.add_argument("--caller-id", help="who the human sees calling (default: the caller's number)")
     fork = call_commands.add_parser("fork", help="start a fork to a fork target")
     fork.add_argument("call_id")
     fork.add_argument("--target", required=True)
@@ -719,10 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
     stop_record = call_commands.add_parser("stop-record", help="stop a recording (all of them without an id)")
     stop_record.add_argument("call_id")
     stop_record.add_argument("recording_id", nargs="?")
+    originate = call_commands.add_parser("originate", help="call out through the edge; the agent joins on answer")
+    originate.add_argument("to", help="sip:… or a number (with the policy's outbound_trunk)")
+    originate.add_argument("--agent", required=True)
+    originate.add_argument("--caller-id", help="who the callee sees calling (a number or '\"Name\" <number>')")
     raw = call_commands.add_parser("action", help="any action document (JSON)")
     raw.add_argument("call_id")
     raw.add_argument("document")
-    for sub in (transfer, human, fork, stop_fork, play, hang, dtmf, gather, record, stop_record, raw):
+    for sub in (transfer, human, fork, stop_fork, play, hang, dtmf, gather, record, stop_record, originate, raw):
         _client_options(sub, "control", suppress=True)
         _json_option(sub)
     call.set_defaults(func=cmd_call)

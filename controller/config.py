@@ -75,7 +75,9 @@ class Settings:
                                               "(calls to humans go out through it).")
     ami_nodes: list = _setting([], "AMI of the media nodes, each 'name=tcp://user:secret@host:5038' (security events, "
                                    "PJSIP contact status).")
-    media_health_interval_s: float = _setting(5.0, "How often RTP statistics of agent and fork legs are checked.")
+    media_health_interval_s: float = _setting(5.0, "How often the RTP statistics of callers' channels are read.")
+    one_way_audio_after_s: float = _setting(10.0, "Audio flowing one way only this long flags the call "
+                                                  "(media.one_way_audio).")
     recording_dir: str = _setting("", "Where call recordings are fetched to from the media nodes (then removed from "
                                       "them); shared by the controllers for high availability. Empty: recordings "
                                       "stay on the node and are downloaded through ARI.")

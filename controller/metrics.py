@@ -82,11 +82,13 @@ class Metrics:
                                        "(fetched from the media nodes).", registry=r)
         self.transfers = Counter("callfabric_transfers_total", "Transfers by kind and result.", ["kind", "result"],
                                  registry=r)
-        self.rtp_packets = Counter("callfabric_media_rtp_packets_total", "RTP packets on ExternalMedia legs.",
-                                   ["leg", "direction"], registry=r)
+        self.rtp_packets = Counter("callfabric_media_rtp_packets_total",
+                                   "RTP packets of callers' channels (leg=caller; direction: sent to the caller, "
+                                   "received from the caller).", ["leg", "direction"], registry=r)
         self.one_way_audio = Counter("callfabric_one_way_audio_total",
-                                     "Legs flagged with one-way or no audio (agent sends nothing back; fork gets "
-                                     "nothing).", ["leg"], registry=r)
+                                     "Calls whose audio flowed one way only for one_way_audio_after_s (leg=agent: "
+                                     "the caller hears nothing; leg=caller: the caller sends nothing).", ["leg"],
+                                     registry=r)
         self.ami_connected = Gauge("callfabric_ami_connected", "1 while logged in to a node's AMI.", ["node"], registry=r)
         self.asterisk_security_events = Counter("callfabric_asterisk_security_events_total",
                                                 "Security events reported by Asterisk (failed auth, bad requests …).",

@@ -221,7 +221,8 @@ class CallControl:
             destination = self._names("destinations", arg["destination"])
             mode = "handoff" if verb == "route_sip" else arg.get("mode", "conference")
             context = await self._context(call_id, arg.get("context"))
-            leg = await plane.humans.add(call_id, destination.name, destination.uris[0], mode=mode, context=context)
+            leg = await plane.humans.add(call_id, destination.name, destination.uris[0], mode=mode, context=context,
+                                         caller_id=arg.get("caller_id") or destination.caller_id)
             return {"action": verb, "result": leg}
         if verb == "fork":
             target = self._names("fork_targets", arg["target"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from controller.actions import live_action_schema
+from controller.actions import CALLER_ID_SCHEMA, live_action_schema
 from controller.api.events import EVENT_TYPES
 
 # method, path (relative to /v1), handler name, scope (None: public)
@@ -54,7 +54,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "to": {"type": "string", "minLength": 2, "maxLength": 256,
                    "description": "A phone number (routed by the edge) or a sip: URI."},
             "agent": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64},
-            "caller_id": {"type": "string", "maxLength": 128, "pattern": r"^[^\r\n\x00]*$"},
+            "caller_id": CALLER_ID_SCHEMA,
             "context": _CONTEXT,
         },
     },

@@ -68,6 +68,7 @@ class Destination:
     uris: tuple[str, ...]  # primary first, then failover in order
     attempt_timeout_ms: int | None
     trunks: tuple[str, ...] = ()  # a number reached through outbound trunks: the trunk of each URI
+    caller_id: str | None = None  # who a human called there sees calling (else the caller's number)
 
 
 @dataclass(frozen=True, slots=True)

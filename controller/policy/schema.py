@@ -301,6 +301,9 @@ def policy_file_schema() -> dict[str, Any]:
                     "failover": {"type": "array", "items": {"type": "string"}},
                     "attempt_timeout_ms": {"type": "integer", "minimum": 1000, "maximum": 600000,
                                            "description": "how long each target may ring before the next is tried"},
+                    "caller_id": {"type": "string", "maxLength": 128, "pattern": r"^[^\r\n\x00]*$",
+                                  "description": "who a human called there by add_human / route_sip sees calling "
+                                                 "(a number or \"Name\" <number>; default: the caller's number)"},
                     "description": _TEXT,
                 },
             }),

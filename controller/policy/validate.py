@@ -217,7 +217,8 @@ class _Builder:
                 sub = path + (("uri",) if i == 0 else ("failover", i - 1))
                 if not isinstance(uri, str) or not _SIP_URI.match(uri):
                     self.error(doc, sub, f"{show(uri)} is not a SIP URI (e.g. 'sip:desk@pbx.example.com:5060')")
-            destinations[name] = Destination(name, tuple(uris), body.get("attempt_timeout_ms"))
+            destinations[name] = Destination(name, tuple(uris), body.get("attempt_timeout_ms"),
+                                             caller_id=body.get("caller_id"))
         fork_targets: dict[str, ForkTarget] = {}
         for name, (doc, path, body) in decls["fork_targets"].items():
             if not self.valid(doc, path):
@@ -506,7 +507,7 @@ class _Builder:
             self.error(doc, path + ("number",), f"{show(body['number'])} is not a phone number (E.164 after normalisation)")
         chain_ = [trunk_name] + [t for t in trunk.outbound.failover if t in trunks and trunks[t].outbound is not None]
         return Destination(name, tuple(trunks[t].outbound.uri(number) for t in chain_), body.get("attempt_timeout_ms"),
-                           tuple(chain_))
+                           tuple(chain_), caller_id=body.get("caller_id"))
 
     # -- conditions ----------------------------------------------------------------------------
     def _condition(self, doc, path, node, settings, numbering, number_lists, risk_lists, tenants) -> None:

@@ -103,8 +103,11 @@ async def test_agent_leg_is_bridged_with_the_caller(h):
     media = h.plane.calls["call-1@edge"]
     kinds = path_kinds(h.calls())
     assert sorted(kinds[:2]) == ["GET bridges", "GET channels"]  # resync on connect
-    assert sorted(kinds[2:4]) == ["POST bridges", "POST channels/answer"]  # together
-    assert kinds[4:] == ["POST bridges/addChannel", "POST channels/externalMedia", "POST bridges/addChannel"]
+    assert sorted(kinds[2:4]) == ["POST bridges", "POST channels/externalMedia"]  # together
+    # bridge first, then answer: the agent is in the bridge before the caller's first packet
+    assert kinds[4:] == ["POST bridges/addChannel", "POST channels/answer"]
+    add = next(r for r in h.fake.requests if r.path.endswith("/addChannel"))
+    assert add.query["channel"] == f"{channel},{media.agent.channel}"
     external = next(r for r in h.fake.requests if r.path.endswith("/externalMedia"))
     assert external.query["external_host"] == "127.0.0.1:4000" and external.query["format"] == "ulaw"
     assert external.query["encapsulation"] == "rtp" and external.query["transport"] == "udp"
@@ -282,20 +285,56 @@ async def test_controller_restart_mid_call_resumes_from_redis(h):
     assert not [c for c in h.fake.channels if c.startswith("cf-")] and not h.fake.bridges
 
 
-async def test_one_way_audio_is_flagged(h):
+async def test_one_way_audio_is_flagged_from_the_callers_statistics(h):
+    """Asterisk has RTP statistics for the caller's channel only (ExternalMedia: 404): an agent
+    that goes silent shows as packets no longer sent to the caller while the caller sends."""
     await h.call_up()
     media = h.plane.calls["call-1@edge"]
-    health = MediaHealth(h.plane, interval_s=1, grace_s=0)
-    h.fake.set_rtp(media.agent.channel, txcount=50, rxcount=0)
-    await health.check_all()
-    h.fake.set_rtp(media.agent.channel, txcount=100, rxcount=0)
-    await health.check_all()
-    assert h.metrics.registry.get_sample_value("callfabric_one_way_audio_total", {"leg": "agent"}) == 1
+    now = [0.0]
+    health = MediaHealth(h.plane, interval_s=1, one_way_after_s=5, clock=lambda: now[0])
+
+    async def look(at: float, tx: int, rx: int) -> None:
+        now[0] = at
+        h.fake.set_rtp(media.caller_channel, txcount=tx, rxcount=rx)
+        await health.check_all()
+
+    def flagged(leg: str) -> float | None:
+        return h.metrics.registry.get_sample_value("callfabric_one_way_audio_total", {"leg": leg})
+    await look(0, 0, 0)
+    await look(2, 100, 100)            # both ways: fine
+    await look(4, 101, 200)            # the agent falls silent (1 keepalive packet in 2 s)
+    await look(6, 102, 300)
+    assert flagged("agent") is None    # 4 s of one-way audio: not yet
+    await look(8, 103, 400)
+    assert flagged("agent") == 1
+    await look(10, 104, 500)
+    assert flagged("agent") == 1       # once per silent stretch
+    await look(12, 204, 600)           # the agent speaks again
+    await look(14, 204, 600)           # nothing either way (hold): not one-way
+    await look(30, 1004, 600)          # the caller went quiet while the agent speaks
+    assert flagged("caller") == 1 and flagged("agent") == 1
     assert h.metrics.registry.get_sample_value("callfabric_media_rtp_packets_total",
-                                               {"leg": "agent", "direction": "sent"}) == 100
+                                               {"leg": "caller", "direction": "sent"}) == 1004
+    assert h.metrics.registry.get_sample_value("callfabric_media_rtp_packets_total",
+                                               {"leg": "caller", "direction": "received"}) == 600
     await asyncio.sleep(0.05)
-    events = [e for e in await h.store.timeline("call-1@edge") if e["event"] == "one_way_audio"]
-    assert len(events) == 1 and events[0]["leg"] == "agent"
+    events = [e for e in await h.store.timeline("call-1@edge") if e["event"] in ("one_way_audio", "audio_restored")]
+    assert [(e["event"], e["leg"]) for e in events] == [("one_way_audio", "agent"), ("audio_restored", "agent"),
+                                                        ("one_way_audio", "caller")]
+    assert events[0]["silent_s"] >= 5 and events[0]["tx"] == 103
+    asked = {r.path for r in h.fake.requests if r.path.endswith("/rtp_statistics")}
+    assert asked == {f"/channels/{media.caller_channel}/rtp_statistics"}, "only the caller's channel has statistics"
+
+
+async def test_unreadable_statistics_are_skipped(h):
+    await h.call_up()
+    media = h.plane.calls["call-1@edge"]
+    health = MediaHealth(h.plane, interval_s=1, one_way_after_s=0)
+    h.fake.set_rtp(media.caller_channel, txcount=10, rxcount=10)
+    await health.check_all()
+    await h.fake.caller_hangup(media.caller_channel)  # statistics of a channel that is gone: 404, skipped
+    await health.check_all()
+    assert h.metrics.registry.get_sample_value("callfabric_one_way_audio_total", {"leg": "agent"}) is None
 
 
 async def test_garbage_from_ari_does_not_stop_the_plane(h):

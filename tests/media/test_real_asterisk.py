@@ -92,7 +92,7 @@ async def running(stack):
     settings = Settings(policy_dir=str(policy_dir), redis_url=stack["redis_url"],
                         edge_evapi=[f"127.0.0.1:{stack['kamailio'].evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
                         ari_nodes=[stack["asterisk"].ari_node()], ami_nodes=[stack["asterisk"].ami_node()],
-                        instance_id="real-suite", media_health_interval_s=1.0)
+                        instance_id="real-suite", media_health_interval_s=1.0, one_way_audio_after_s=2.0)
     app = build_app(settings)
     from aiohttp import web
     runner = web.AppRunner(app)
@@ -182,3 +182,101 @@ async def test_a_human_brought_in_receives_the_context_headers(running):
     (invite,) = (await asyncio.to_thread(human.invites))[:1]
     assert invite.header("X-Summary") == ["Wants a refund"]
     assert invite.header("X-Intent") == ["refund"] and invite.header("X-Sentiment") == ["negative"]
+
+
+async def test_an_agent_that_goes_silent_is_flagged_as_one_way_audio(running):
+    """Measured on the caller's channel (the only one Asterisk keeps RTP statistics for)."""
+    plane, agent = running["plane"], running["agents"]["intake"]
+    store = running["store"]
+    metrics = plane.metrics.registry
+
+    async def go_silent(result):
+        await wait_active(plane, result.call_id)
+        await asyncio.sleep(1.5)
+        agent.echo = False
+        deadline = time.monotonic() + 8
+        while not [e for e in await store.timeline(result.call_id) if e["event"] == "one_way_audio"]:
+            assert time.monotonic() < deadline, "no one_way_audio for an agent silent for 8 s"
+            await asyncio.sleep(0.2)
+        agent.echo = True
+
+    try:
+        result = await running["caller"].call("18005550199", hold_s=11.0, while_up=go_silent)
+    finally:
+        agent.echo = True
+    assert result.status == 200
+    (event,) = [e for e in await store.timeline(result.call_id) if e["event"] == "one_way_audio"]
+    assert event["leg"] == "agent" and event["silent_s"] >= 2
+    assert metrics.get_sample_value("callfabric_one_way_audio_total", {"leg": "agent"}) >= 1
+    assert metrics.get_sample_value("callfabric_media_rtp_packets_total", {"leg": "caller", "direction": "received"}) > 100
+    assert not metrics.get_sample_value("callfabric_ari_request_errors_total", {"operation": "rtpStatistics"})
+
+
+async def test_rtp_keeps_reaching_the_caller_while_the_agent_is_silent(running):
+    plane, agent = running["plane"], running["agents"]["intake"]
+    window = {}
+
+    async def silence(result):
+        await wait_active(plane, result.call_id)
+        agent.echo = False
+        await asyncio.sleep(0.5)
+        before = len(result.received_at)
+        await asyncio.sleep(4.0)
+        window["packets"] = len(result.received_at) - before
+        window["gaps"] = [b - a for a, b in zip(result.received_at[before:], result.received_at[before + 1:])]
+        agent.echo = True
+
+    try:
+        result = await running["caller"].call("18005550199", hold_s=6.0, while_up=silence)
+    finally:
+        agent.echo = True
+    assert result.status == 200
+    assert window["packets"] >= 3, f"{window['packets']} RTP packets reached the caller in 4 s of agent silence"
+    assert max(window["gaps"]) < 2.5, "the caller went more than 2.5 s without a packet"
+    assert result.payload_types[13] >= 3  # comfort noise (the edge endpoint's rtp_keepalive)
+
+
+async def test_playbacks_report_what_asterisk_did(running):
+    plane = running["plane"]
+    from controller.media.feature import MediaError
+    outcomes = {}
+
+    async def play(result):
+        await wait_active(plane, result.call_id)
+        with pytest.raises(MediaError) as missing:
+            await plane.playback.play(result.call_id, "sound:no-such-sound")
+        outcomes["missing"] = missing.value
+        with pytest.raises(MediaError) as tone:
+            await plane.playback.play(result.call_id, "tone:no-such-tone")
+        outcomes["tone"] = tone.value
+        outcomes["hello"] = await plane.playback.play(result.call_id, "sound:hello-world")
+        outcomes["ring"] = await plane.playback.play(result.call_id, "tone:ring")  # behind hello-world
+        await asyncio.sleep(2.5)  # hello-world (~1.5 s) finishes, the ring starts
+
+    result = await running["caller"].call("18005550199", hold_s=4.0, while_up=play)
+    assert result.status == 200
+    assert outcomes["hello"]["state"] == "playing" and outcomes["ring"]["state"] == "queued"
+    assert outcomes["missing"].status == 422 and "could not be played" in str(outcomes["missing"])
+    assert outcomes["tone"].status == 422
+    timeline = [e for e in await running["store"].timeline(result.call_id) if e["event"].startswith("play")]
+    assert [e["uri"] for e in timeline if e["event"] == "play_failed"] == ["sound:no-such-sound", "tone:no-such-tone"]
+    assert [e["uri"] for e in timeline if e["event"] == "play_finished"][:1] == ["sound:hello-world"]
+
+
+async def test_the_human_receives_a_call_reference_and_the_callers_number(running):
+    plane, human = running["plane"], running["human"]
+
+    async def bring_human(result):
+        await wait_active(plane, result.call_id)
+        await plane.humans.add(result.call_id, "desk", f"sip:desk@{human.addr}", mode="handoff",
+                               context={"summary": "Wants a refund"})
+        deadline = time.monotonic() + 10
+        while not await asyncio.to_thread(human.invites):
+            assert time.monotonic() < deadline, "the human never got the INVITE"
+            await asyncio.sleep(0.1)
+
+    result = await running["caller"].call("18005550199", hold_s=3.0, while_up=bring_human)
+    assert result.status == 200
+    (invite,) = (await asyncio.to_thread(human.invites))[:1]
+    assert invite.header("X-Callfabric-Call-Id") == [result.call_id]
+    assert "+12025550123" in invite.header("From")[0] and "anonymous" not in invite.header("From")[0].lower()

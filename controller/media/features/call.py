@@ -166,34 +166,37 @@ class Call(Feature):
 
     async def _connect_agent(self, media: CallMedia, agent: Endpoint, forks: list[Any], started: float, *,
                              answer: bool) -> None:
-        """Bridge the caller (inbound: answered here; outbound: already up) with the agent, and
-        start the forks beside the agent leg.
+        """Bridge the caller with the agent, then (inbound) answer: the agent leg is in the
+        bridge before the caller's first packet, so none of the caller's audio is lost. The
+        forks start beside it.
 
         Asterisk work happens outside the call's lock (events about the call, forks starting
         beside the agent leg, must not wait for it); the lock guards the record only."""
         plane = self.plane
         client = plane.nodes[media.node]
         call_id, channel_id = media.call_id, media.caller_channel
+        for fork in forks:
+            if isinstance(fork, dict) and fork.get("target"):
+                target = Endpoint(fork["target"], fork.get("endpoint", ""), fork.get("transport", "rtp"),
+                                  fork.get("codec", "slin16"))
+                plane.spawn(media.node, plane.quietly(plane.forks.start(call_id, target, fork.get("direction", "in"),
+                                                                        started=started, during_setup=True)),
+                            "fork")
+        leg = self._agent_leg(media, agent)
         try:
-            first = [client.create_bridge(media.bridge, f"call-{media.token}")]
+            await asyncio.gather(client.create_bridge(media.bridge, f"call-{media.token}"),
+                                 self._bring_up(media, leg, agent))
+            await client.add_channel(media.bridge, f"{channel_id},{leg.channel}")
             if answer:
-                first.append(client.answer(channel_id))
-            await asyncio.gather(*first)
-            await client.add_channel(media.bridge, channel_id)
-            for fork in forks:
-                if isinstance(fork, dict) and fork.get("target"):
-                    target = Endpoint(fork["target"], fork.get("endpoint", ""), fork.get("transport", "rtp"),
-                                      fork.get("codec", "slin16"))
-                    plane.spawn(media.node, plane.quietly(plane.forks.start(call_id, target, fork.get("direction", "in"),
-                                                                            started=started, during_setup=True)),
-                                "fork")
-            leg = await self.start_agent(media, agent)
+                await client.answer(channel_id)
         except (AriError, MediaError, asyncio.TimeoutError) as exc:
             log.error("call %s: media setup failed: %s", call_id, exc)
+            await plane.quietly(client.hangup(leg.channel))
             async with plane.lock(call_id):
                 await plane.timeline(media, "media_failed", reason=str(exc) or type(exc).__name__)
                 await plane.teardown(media, "setup-failed", hang_up_caller=True)
             return
+        leg.state, leg.up_ms = "up", now_ms()
         async with plane.lock(call_id):
             if media.state in ("ending", "ended"):  # the caller left during set-up
                 await plane.quietly(client.hangup(leg.channel))
@@ -206,17 +209,25 @@ class Call(Feature):
     async def start_agent(self, media: CallMedia, agent: Endpoint) -> AgentLeg:
         """A new agent leg, up and in the call's bridge (the caller decides when it becomes
         `media.agent`)."""
+        leg = self._agent_leg(media, agent)
+        await self._bring_up(media, leg, agent)
+        await self.plane.nodes[media.node].add_channel(media.bridge, leg.channel)
+        leg.state, leg.up_ms = "up", now_ms()
+        return leg
+
+    @staticmethod
+    def _agent_leg(media: CallMedia, agent: Endpoint) -> AgentLeg:
         channel_id = media.next_id("agent")
-        leg = AgentLeg(name=agent.name, channel=channel_id, endpoint=agent.endpoint, transport=agent.transport,
-                       codec=agent.codec, started_ms=now_ms(),
-                       session=session_uuid(channel_id) if agent.transport == "audiosocket" else "")
+        return AgentLeg(name=agent.name, channel=channel_id, endpoint=agent.endpoint, transport=agent.transport,
+                        codec=agent.codec, started_ms=now_ms(),
+                        session=session_uuid(channel_id) if agent.transport == "audiosocket" else "")
+
+    async def _bring_up(self, media: CallMedia, leg: AgentLeg, agent: Endpoint) -> None:
+        """The agent leg's ExternalMedia channel, in our application (not yet bridged)."""
         channel = await self.plane.external_media(media, leg.channel, agent)
         variables = channel.get("channelvars") or {}
         if variables.get("UNICASTRTP_LOCAL_ADDRESS"):
             leg.local_rtp = f"{variables['UNICASTRTP_LOCAL_ADDRESS']}:{variables.get('UNICASTRTP_LOCAL_PORT', '')}"
-        await self.plane.nodes[media.node].add_channel(media.bridge, leg.channel)
-        leg.state, leg.up_ms = "up", now_ms()
-        return leg
 
     # -- ARI events ------------------------------------------------------------------------------
     def owns(self, media: CallMedia, channel_id: str) -> bool:

@@ -2,13 +2,18 @@
 on answer they join the call's bridge (conference) or replace the AI agent (handoff)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from controller.media.ari import AriError
 from controller.media.feature import Feature, FollowUp, MediaError
 from controller.media.headers import context_headers
 from controller.media.model import CallMedia, HumanLeg
 from controller.state.calls import now_ms
+
+log = logging.getLogger("callfabric.media")
 
 LIVE = ("starting", "up")
 
@@ -17,8 +22,10 @@ class Humans(Feature):
     # -- actions ---------------------------------------------------------------------------------
     async def add(self, call_id: str, destination: str, uri: str, *, mode: str = "conference",
                   context: dict[str, str] | None = None, caller_id: str | None = None) -> dict[str, Any]:
-        """Call a human through the edge with the conversation's context in X- headers; on
-        answer they join the bridge (conference) or replace the AI agent (handoff)."""
+        """Call a human through the edge with the conversation's context in X- headers and
+        the call's reference (X-Callfabric-Call-Id, which the edge lets through to them),
+        showing `caller_id` — by default the caller's own number; on answer they join the
+        bridge (conference) or replace the AI agent (handoff)."""
         plane = self.plane
         if mode not in ("conference", "handoff"):
             raise MediaError(f"mode must be conference or handoff, not {mode!r}", 422)
@@ -26,6 +33,7 @@ class Humans(Feature):
             media = plane.live(call_id)
             client = plane.nodes[media.node]
             headers = await context_headers(plane.store, plane.api_base_url, call_id, context or {})
+            caller_id = caller_id or await self._callers_number(call_id)
             leg = HumanLeg(leg_id=f"h{media.sequence + 1}", destination=destination, uri=uri,
                            channel=media.next_id("human"), mode=mode, started_ms=now_ms())
             media.humans[leg.leg_id] = leg
@@ -40,6 +48,16 @@ class Humans(Feature):
                 await plane.save(media, "human_failed", leg=leg.leg_id, reason=str(exc))
                 raise MediaError(f"could not call {destination}: {exc}", 502) from None
             return {"leg_id": leg.leg_id, "destination": destination, "mode": mode}
+
+    async def _callers_number(self, call_id: str) -> str | None:
+        """The number of the call's caller (its record's `caller`, normalised), shown to the human."""
+        try:
+            record = await self.plane.store.get(call_id)
+        except RedisError as exc:
+            log.warning("call %s: no caller number for the human (%s)", call_id, exc)
+            return None
+        number = record.get("caller") if isinstance(record, dict) else None
+        return number if isinstance(number, str) and number and not set(number) & set("\r\n\0\"<>") else None
 
     # -- ARI events ------------------------------------------------------------------------------
     def owns(self, media: CallMedia, channel_id: str) -> bool:

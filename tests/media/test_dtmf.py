@@ -117,7 +117,7 @@ async def test_the_first_digit_stops_the_prompt_and_a_new_gather_replaces_the_ol
     h.fake.playback_duration = 30.0  # a long prompt
     caller = await h.call_up()
     ctl = control(h)
-    await ctl.execute(CALL, {"gather": {"prompt": "sound:enter-pin", "max_digits": 4}})
+    await ctl.execute(CALL, {"gather": {"prompt": "sound:conf-getpin", "max_digits": 4}})
     (play,) = h.fake.requests_to("POST", r".*/play/.*")
     playback_id = play.path.rsplit("/", 1)[1]
     assert h.plane.calls[CALL].gather.prompt_playback == playback_id
@@ -135,7 +135,7 @@ async def test_a_gather_webhook_is_asked_and_its_actions_carried_out(h):
         body = await request.read()
         assert verify("s3cret", request.headers["Callfabric-Signature"], body)
         received.append(json.loads(body))
-        return web.json_response({"actions": [{"send_dtmf": "0"}, {"route_agent": "nobody"}, {"play": "sound:bye"}]})
+        return web.json_response({"actions": [{"send_dtmf": "0"}, {"route_agent": "nobody"}, {"play": "sound:vm-goodbye"}]})
 
     app = web.Application()
     app.router.add_post("/gathered", hook)
@@ -185,9 +185,9 @@ def test_the_cli_builds_dtmf_and_gather_actions():
     parse = build_parser().parse_args
     assert _call_action(parse(["call", "dtmf", "c1", "12#", "--to", "h2"])) == \
         {"send_dtmf": {"digits": "12#", "to": "h2"}}
-    action = _call_action(parse(["call", "gather", "c1", "--max-digits", "4", "--prompt", "sound:enter-pin",
+    action = _call_action(parse(["call", "gather", "c1", "--max-digits", "4", "--prompt", "sound:conf-getpin",
                                  "--then", '[{"match": {"digits": "1"}, "actions": [{"hangup": true}]}]']))
-    assert action == {"gather": {"max_digits": 4, "finish_key": "#", "timeout": "5s", "prompt": "sound:enter-pin",
+    assert action == {"gather": {"max_digits": 4, "finish_key": "#", "timeout": "5s", "prompt": "sound:conf-getpin",
                                  "then": [{"match": {"digits": "1"}, "actions": [{"hangup": True}]}]}}
     from controller.api.commands import validate_action
     assert validate_action(action)

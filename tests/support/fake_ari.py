@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -95,9 +96,9 @@ RTP_MES_FIELDS = ("txmes", "rxmes", "local_maxmes", "local_minmes", "local_normd
 # indications.conf tone names of our config set's zones, and ast_playtones_start()'s tone strings
 _TONE_NAMES = {"dial", "busy", "ring", "congestion", "callwaiting", "dialrecall", "record", "info", "stutter"}
 _TONE_STRING = re.compile(r"!?\d+([+*]\d+)?(/\d+)?(,!?\d+([+*]\d+)?(/\d+)?)*")
-# Prompts of Debian's asterisk-core-sounds-en (the ones callfabric's docs and tests use)
-CORE_SOUNDS = frozenset({"hello-world", "beep", "demo-congrats", "tt-monkeys", "tt-weasels", "vm-goodbye",
-                         "pls-hold-while-try", "please-try-again", "goodbye", "silence/1", "agent-loginok"})
+# The prompts Debian's asterisk-core-sounds-en-wav installs (/usr/share/asterisk/sounds/en),
+# the sounds a media node with our config set has: a sound: playback of any other name fails
+CORE_SOUNDS = frozenset(Path(__file__).with_name("core_sounds_en.txt").read_text().split())
 AST_MAX_PUBLIC_UNIQUEID = 149
 
 

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controller.localstack.process import spawn, stop_group
 
@@ -88,6 +89,21 @@ def options_ping(port: int, timeout: float = 0.5) -> str | None:
         s.close()
 
 
+def ndb_redis_spec(url: str, name: str = "cfev") -> str:
+    """Kamailio's ndb_redis server spec for a redis:// URL (EVENTS_REDIS)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        spec = f"name={name};unix={parts.path}"
+    else:
+        spec = f"name={name};addr={parts.hostname or '127.0.0.1'};port={parts.port or 6379}"
+    db = (parts.path or "/0").strip("/") if parts.scheme != "unix" else ""
+    if db.isdigit():
+        spec += f";db={db}"
+    if parts.password:
+        spec += f";pass={parts.password}"
+    return spec
+
+
 class Kamailio:
     def __init__(
         self,
@@ -109,6 +125,8 @@ class Kamailio:
         pike_trusted_net: str | None = "127.0.0.1/32",
         edge_policy: Path | str | None = None,
         trunks_dir: Path | str | None = None,
+        events_redis: str | None = None,
+        edge_name: str = "edge",
     ) -> None:
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +146,9 @@ class Kamailio:
         self.edge_policy = Path(edge_policy) if edge_policy is not None else None
         # where the controller writes the trunk table (None: no trunk checks at the edge)
         self.trunks_dir = Path(trunks_dir) if trunks_dir is not None else None
+        # the Redis (URL) the edge writes its events to (None: over evapi to a controller)
+        self.events_redis = events_redis
+        self.edge_name = edge_name
         env_trusted = os.environ.get("CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET")
         self.pike_trusted_net = pike_trusted_net if env_trusted is None else (env_trusted or None)
         self.sip_port = free_port(socket.SOCK_DGRAM)
@@ -177,6 +198,9 @@ class Kamailio:
             defines["EDGE_SCRIPT"] = f'"{EDGE_SCRIPT}"'
         if self.trunks_dir is not None:
             defines["TRUNKS_DB"] = f'"text://{self.trunks_dir.resolve()}"'
+        if self.events_redis is not None:
+            defines["EVENTS_REDIS"] = f'"{ndb_redis_spec(self.events_redis)}"'
+            defines["EDGE_NAME"] = f'"{self.edge_name}"'
         defines.update(self.extra_defines)
         cmd = [
             KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),

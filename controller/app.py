@@ -23,6 +23,7 @@ from controller.config import ConfigError, Settings, parse_ari_node, redis_targe
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
 from controller.edge.publish import EdgePolicyPublisher
+from controller.edge.recorder import EdgeRecorder
 from controller.edge.rpc import KamailioRpc
 from controller.edge.trunks import EdgeTrunkPublisher
 from controller.media.ami import AmiWatcher, parse_ami_node
@@ -40,6 +41,7 @@ from controller.security.guard import SecurityGuard
 from controller.security.trust import TrustedPeers
 from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import NodeInbox
+from controller.state.journal import Journal
 from controller.state.leases import NodeLeases
 
 log = logging.getLogger("callfabric")
@@ -49,6 +51,7 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", CallStore)
 POLICIES = web.AppKey("policies", PolicyHolder)
 EDGES = web.AppKey("edges", list)
+RECORDER = web.AppKey("recorder", EdgeRecorder)
 MEDIA = web.AppKey("media", MediaPlane)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 BANS = web.AppKey("bans", BanList)
@@ -225,13 +228,23 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
                               ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms,
                               security=app[GUARD], state_unavailable=settings.redis_outage_decisions,
                               hot=app[HOT])
+    if settings.edge_events_batch < 1:
+        raise ConfigError("setting edge_events_batch: expected a positive number of events")
+    recorder = EdgeRecorder(decisions, Journal(app[STORE]), metrics, leases=app[LEASES], security=app[GUARD],
+                            batch_max=settings.edge_events_batch)
+    app[RECORDER] = recorder
     channels = []
     for endpoint in settings.edge_evapi:
         host, port = split_host_port(endpoint, "edge_evapi")
-        channels.append(EdgeChannel(host, port, decisions, metrics, max_in_flight=settings.edge_max_in_flight,
+        channels.append(EdgeChannel(host, port, decisions, recorder, metrics, max_in_flight=settings.edge_max_in_flight,
                                     reconnect_max_s=settings.edge_reconnect_max_s))
     app[EDGES] = channels
     tasks = [asyncio.create_task(c.run(), name=f"edge {c.name}") for c in channels]
+    tasks.append(asyncio.create_task(recorder.run_local(), name="edge events (evapi)"))
+    for edge in settings.edge_streams:
+        if not edge or not all(ch.isalnum() or ch in "-_." for ch in edge):
+            raise ConfigError(f"setting edge_streams: {edge!r} is not an edge name (letters, digits, - _ .)")
+        tasks.append(asyncio.create_task(recorder.run_stream(edge, settings.lease_poll_s), name=f"edge events {edge}"))
     yield
     await cancel_tasks(*tasks)
     await asyncio.gather(*(c.drain() for c in channels), return_exceptions=True)
@@ -373,10 +386,17 @@ async def health_view(request: web.Request) -> web.Response:
     media_nodes = {o.node: {"role": o.state, "connected": bool(metrics.registry.get_sample_value(
         "callfabric_ari_connected", {"node": o.node}))} for o in app[OWNERSHIPS]}
     lifecycle = app[LIFECYCLE].state
-    healthy = policy is not None and redis_ok and all(edges.values()) and lifecycle == "serving"
+    store = app[STORE]
+    # "replaying": Redis answers, but state changes queued during its outage are still being
+    # written (counters the policy reads may be short until then)
+    state = "ok" if not store.degraded else "replaying" if redis_ok and store.available else "unreachable"
+    healthy = policy is not None and redis_ok and state == "ok" and all(edges.values()) and lifecycle == "serving"
+    recorder = app[RECORDER]
     body = {"status": "ok" if healthy else "draining" if lifecycle != "serving" else "degraded",
             "instance": app[SETTINGS].instance_id,
-            "policy_version": policy.version if policy else None, "redis": redis_ok, "edges": edges,
+            "policy_version": policy.version if policy else None, "redis": redis_ok and store.available,
+            "state": state, "queued": store.outage.depth, "edges": edges,
+            "edge_events": {edge: "consuming" if owned else "standby" for edge, owned in recorder.owned.items()},
             "media_nodes": media_nodes}
     return web.json_response(body, status=200 if healthy else 503, dumps=json.dumps)
 

@@ -55,6 +55,10 @@ class Settings:
                                         "text://<this directory>, e.g. a volume shared with the edges only). Empty: "
                                         "the edges do not check trunks (every source may call).")
     edge_realm: str = _setting("callfabric", "Digest realm the edges challenge inbound trunks with.")
+    edge_streams: list = _setting(["edge"], "Names of the edges (Kamailio's EDGE_NAME) whose event streams in Redis "
+                                            "(cf:edge:{name}:events, Kamailio's EVENTS_REDIS) the controllers record; "
+                                            "one controller consumes each at a time.")
+    edge_events_batch: int = _setting(500, "Edge events applied per batch (two Redis pipelines a batch).")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
                                   "bans are recorded but no edge enforces them.")
     trusted_peers: list = _setting([], "Addresses or subnets of trusted peers (carriers' SBCs, the media nodes if "

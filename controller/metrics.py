@@ -48,6 +48,12 @@ class Metrics:
         self.edge_fallbacks = Counter("callfabric_edge_fallbacks_total",
                                       "Calls the edge routed by its fallback instead of a decision.",
                                       ["reason"], registry=r)
+        self.edge_events = Counter("callfabric_edge_events_total", "Edge events read (from each edge's stream, or "
+                                   "over evapi) by result: applied (idempotently: a replay changes nothing), "
+                                   "dropped (the evapi backlog was full while Redis was unreachable).",
+                                   ["source", "result"], registry=r)
+        self.edge_events_lag = Gauge("callfabric_edge_events_lag", "Events in an edge's stream not yet applied "
+                                     "(read by the controller consuming it).", ["edge"], registry=r)
         self.dialog_events = Counter("callfabric_dialog_events_total", "Dialog lifecycle events from the edge.",
                                      ["state", "reason"], registry=r)
         self.edge_connected = Gauge("callfabric_edge_connected", "1 while connected to the edge's decision channel.",
@@ -131,6 +137,8 @@ class Metrics:
                                           ["result"], registry=r)
         self.redis_outages = Counter("callfabric_redis_outages_total", "Times Redis became unreachable for state "
                                      "changes (they are queued until it is back).", registry=r)
+        self.state_degraded = Gauge("callfabric_state_degraded", "1 while Redis is unreachable or the state changes "
+                                    "queued meanwhile are being replayed (counters may be short).", registry=r)
         self.redis_queue_depth = Gauge("callfabric_redis_outage_queue_depth", "State changes waiting for Redis.",
                                        registry=r)
         self.redis_queue = Counter("callfabric_redis_outage_queue_total", "State changes through the outage queue: "
@@ -157,6 +165,9 @@ class Metrics:
         self.redis_queue_depth.set(depth)
         if event == "down":
             self.redis_outages.inc()
+            self.state_degraded.set(1)
+        elif event == "replayed":
+            self.state_degraded.set(0)
         elif event in ("queued", "flushed", "failed", "dropped"):
             self.redis_queue.labels(event).inc()
 

@@ -13,6 +13,7 @@ import time
 
 from controller.edge import protocol
 from controller.edge.decisions import EdgeDecisions
+from controller.edge.recorder import EdgeRecorder
 from controller.metrics import Metrics
 
 log = logging.getLogger("callfabric.edge")
@@ -35,11 +36,12 @@ _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class EdgeChannel:
-    def __init__(self, host: str, port: int, decisions: EdgeDecisions, metrics: Metrics, *,
+    def __init__(self, host: str, port: int, decisions: EdgeDecisions, recorder: EdgeRecorder, metrics: Metrics, *,
                  max_in_flight: int = 2000, reconnect_max_s: float = 5.0):
         self.host, self.port = host, port
         self.name = f"{host}:{port}"
         self.decisions = decisions
+        self.recorder = recorder
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.reconnect_max_s = reconnect_max_s
@@ -120,14 +122,8 @@ class EdgeChannel:
                     self._send(protocol.fallback_answer(tx, "overload"))
                 return
             self._spawn(self._answer(message, received))
-        elif kind == "dialog":
-            self._spawn(self.decisions.dialog(message))
-        elif kind == "decided":
-            self._spawn(self.decisions.recorded(message))
-        elif kind == "ban":
-            self._spawn(self.decisions.edge_ban(message))
-        elif kind == "auth":
-            self._spawn(self.decisions.edge_auth_failed(message))
+        elif kind in ("dialog", "decided", "fallback", "ban", "auth"):
+            self.recorder.submit(message)  # applied in order, in batches
         else:
             log.debug("edge %s: ignored event %r", self.name, str(kind)[:32])
 

@@ -1,5 +1,5 @@
-"""What the controller does for each edge event: decide a new call (policy → call store →
-answer), and follow the call's dialog to its end. Never raises on input: a request it cannot
+"""What the controller does for a decide event: policy → call store → answer (what the edge
+saw afterwards is recorded by edge/recorder.py). Never raises on input: a request it cannot
 decide gets the edge's fallback, and the reason is counted."""
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from controller.edge.verdict import call_counters, verdict
 from controller.metrics import Metrics
 from controller.policy import Decision
 from controller.policy.answers import AnswerInvalid, decision_from_answer
-from controller.policy.model import CounterProbe
 from controller.security.guard import SecurityGuard
 from controller.security.hot import HotScopes
 from controller.state.batch import raise_errors
@@ -26,7 +25,6 @@ from controller.state.calls import CallStore, now_ms
 
 log = logging.getLogger("callfabric.edge")
 
-_DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
 # Redis unreachable: `open` decides with the policy (counters read as 0, the record queued),
 # `closed` answers 503 + Retry-After, `edge` asks the edge for its own fallback.
 STATE_UNAVAILABLE_MODES = ("open", "closed", "edge")
@@ -50,12 +48,7 @@ class EdgeDecisions:
         self.webhook_budget_s = max(0.02, (decision_budget_ms - 40) / 1000)
         self._deciding: dict[str, asyncio.Event] = {}  # call id -> set when its record is written
         self.hot = hot
-        # counters of calls the edge decided, read once per batch to find hot scopes
-        self._unchecked: dict[tuple, CounterProbe] = {}
-        self._uncounted: list[asyncio.Future] = []  # their records (and counters) being written
-        self._check_task: asyncio.Task | None = None  # the next check (not yet started)
-        self._checks: set[asyncio.Task] = set()
-        self._mismatch_logged = -60.0
+        self._checks: set[asyncio.Task] = set()  # background follow-ups (edge/recorder.py)
 
     async def decide(self, message: dict[str, Any], received: float) -> dict[str, Any] | None:
         """The answer to a decide event (None when it cannot be matched to a transaction)."""
@@ -133,72 +126,6 @@ class EdgeDecisions:
             self.security.decided(carried, facts, call.call_id)
         return result.answer
 
-    async def recorded(self, message: dict[str, Any]) -> None:
-        """Record a call the edge decided itself (its answer is already carried out): the same
-        record, timeline and counters as a decision made here."""
-        decided = self._parsed("decided", protocol.parse_decided, message)
-        if decided is None:
-            return
-        call_id = decided.call_id
-        written = self._deciding.setdefault(call_id, asyncio.Event())  # its dialog events wait for it
-        record, event = decided.record, decided.timeline
-        record["controller"] = event["controller"] = self.instance_id
-        try:
-            sent = await self.store.send_create(
-                call_id, record, live_scopes=decided.live_scopes,
-                window_counters=[c for c in decided.counters if c.kind != "live"], at_ms=record["created_at_ms"],
-                event=event, urgent=False)  # the call is routed already: it may share a pipeline
-        except RedisError as exc:
-            self.metrics.redis_errors.labels("create").inc()
-            log.error("call %s (decided by the edge): could not record it: %s", call_id, exc)
-            return
-        finally:
-            written.set()
-            self._deciding.pop(call_id, None)
-        sent.add_done_callback(functools.partial(self._record_written, call_id))
-        outcome = str(record["outcome"])
-        self.metrics.decisions.labels(outcome, str(record["rule"])).inc()
-        self.metrics.edge_made_decisions.labels(outcome).inc()
-        policy = self._policy()
-        if policy is not None and record["policy_version"] != policy.version:
-            self.metrics.edge_policy_mismatch.inc()
-            now = time.monotonic()
-            if now - self._mismatch_logged >= 60:
-                self._mismatch_logged = now
-                log.warning("call %s was decided at the edge with policy %s while this controller serves %s "
-                            "(a reload in progress, or an edge whose EDGE_POLICY file no controller writes)",
-                            call_id, record["policy_version"], policy.version)
-        if self.hot is not None and decided.counters:
-            for c in decided.counters:
-                self._unchecked[(c.key, c.kind, c.scope, c.value, c.window_s)] = c
-            self._uncounted.append(sent)
-            if self._check_task is None:
-                self._check_task = asyncio.get_running_loop().create_task(self._check_hot())
-                self._checks.add(self._check_task)
-                self._check_task.add_done_callback(self._checks.discard)
-
-    async def _check_hot(self) -> None:
-        """Read the counters of the edge-decided calls recorded since the last check (once per
-        distinct counter) and tell the edges which scopes are hot."""
-        await asyncio.sleep(0)  # let the rest of this read's events join the batch
-        probes, self._unchecked, self._check_task = list(self._unchecked.values()), {}, None
-        counted, self._uncounted = self._uncounted, []
-        await asyncio.gather(*counted, return_exceptions=True)  # the calls are in their counters
-        policy = self._policy()
-        if policy is None or self.hot is None:
-            return
-        thresholds = self.hot.thresholds(policy)
-        probes = [p for p in probes if thresholds.get(p.key)]  # the others can never make a scope hot
-        if not probes:
-            return
-        try:
-            values = await self.store.read_counter_values(probes, now_ms(), urgent=False)
-        except RedisError as exc:
-            self.metrics.redis_errors.labels("counters").inc()
-            log.warning("hot scope check skipped: %s", exc)
-            return
-        self.hot.observe(policy, probes, values)
-
     async def _webhook_decision(self, policy: Any, asked: Decision, request: protocol.DecideRequest,
                                 facts: Any) -> tuple[Decision, dict[str, Any]]:
         """Ask the application (call.initiated); its answer decides, or the rule's fallback
@@ -241,63 +168,3 @@ class EdgeDecisions:
         except RedisError as exc:
             self.metrics.redis_errors.labels("create").inc()
             log.error("call %s: Redis did not store its record (its dialog events will): %s", call_id, exc)
-
-    def _parsed(self, kind: str, parse: Callable[[dict[str, Any]], Any], message: dict[str, Any]) -> Any:
-        """An event from the edge parsed, or None when it is unusable (counted and logged)."""
-        try:
-            return parse(message)
-        except protocol.BadRequest as exc:
-            self.metrics.decision_errors.labels(f"bad-{kind}-event").inc()
-            log.warning("ignored %s event: %s", kind, exc)
-            return None
-
-    async def edge_ban(self, message: dict[str, Any]) -> None:
-        """Kamailio banned a source by itself (flood, scanner, sweep): record it with the
-        controller's bans so operators see and manage every ban in one place."""
-        ban = self._parsed("ban", protocol.parse_ban, message)
-        if ban is not None and self.security is not None:
-            await self.security.edge_ban(ban.ip, ban.seconds, ban.reason, ban.detail)
-
-    async def edge_auth_failed(self, message: dict[str, Any]) -> None:
-        """An inbound trunk's digest failed at the edge: counted where the brute-force detector
-        (`asterisk_security`: failed authentications from a source) reads."""
-        failure = self._parsed("auth", protocol.parse_auth, message)
-        if failure is None:
-            return
-        self.metrics.edge_auth_failures.labels(failure.reason).inc()
-        if self.security is not None:
-            await self.security.auth_failed(failure.ip, "edge", "failed trunk authentications (last: "
-                                            + failure.reason + (f", user {failure.user!r})" if failure.user else ")"))
-
-    async def dialog(self, message: dict[str, Any]) -> None:
-        """Follow a call's dialog: answered, ended, failed (a call the controller never
-        decided, e.g. one the edge routed by fallback, is recorded by its first event)."""
-        event = self._parsed("dialog", lambda m: protocol.parse_dialog(m, now_ms()), message)
-        if event is None:
-            return
-        pending = self._deciding.get(event.call_id)
-        if pending is not None:  # its decision is still being written: keep the order
-            await pending.wait()
-        self.metrics.dialog_events.labels(event.state, event.reason).inc()
-        if event.fallback:
-            self.metrics.edge_fallbacks.labels(event.fallback).inc()
-        state = _DIALOG_STATE[event.state]
-        fields: dict[str, Any] = {}
-        if state == "answered":
-            fields["answered_at_ms"] = event.ts_ms
-        else:
-            fields.update(ended_at_ms=event.ts_ms, end_reason=event.reason, end_code=event.code or None)
-        if event.fallback:
-            fields["fallback"] = event.fallback
-        timeline = {"event": {"answered": "answered", "ended": "ended", "failed": "failed"}[state],
-                    "ts": event.ts_ms, "reason": event.reason, "code": event.code, "fallback": event.fallback or None}
-        try:
-            result = await self.store.transition(event.call_id, state, fields, timeline)
-        except RedisError as exc:
-            self.metrics.redis_errors.labels("transition").inc()
-            log.error("call %s: could not record %s: %s", event.call_id, state, exc)
-            return
-        if not result.applied:
-            log.debug("call %s: %s after %s ignored", event.call_id, state, result.previous)
-        elif state == "ended" and self.security is not None:
-            await self.security.call_ended(result, event.ts_ms)

@@ -124,6 +124,7 @@ class EdgeBan:
     reason: str  # flood | scanner | sweep | …
     seconds: int
     detail: str
+    ts_ms: int = 0  # when the edge banned (0: unknown)
 
 
 _BAN_REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -141,7 +142,9 @@ def parse_ban(message: dict[str, Any]) -> EdgeBan:
     seconds = message.get("seconds")
     if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 < seconds <= 30 * 86400:
         raise BadRequest("ban without a duration (seconds)")
-    return EdgeBan(ip, reason, seconds, _text(message, "detail", 256))
+    ts = message.get("ts")
+    return EdgeBan(ip, reason, seconds, _text(message, "detail", 256),
+                   ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,34 @@ def parse_dialog(message: dict[str, Any], now_ms: int) -> DialogEvent:
         ts_ms=ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else now_ms,
         fallback=fallback if _TOKEN.match(fallback) else "", tx=_text(message, "tx", 32),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackEvent:
+    """The edge routed a call by its fallback (FALLBACK=open: its fallback set; closed: 503)."""
+
+    call_id: str
+    reason: str
+    mode: str  # open | closed
+    ts_ms: int
+    tx: str
+    from_tag: str
+
+
+def parse_fallback(message: dict[str, Any], now_ms: int) -> FallbackEvent:
+    call_id = _text(message, "call_id", 512)
+    if not call_id:
+        raise BadRequest("fallback event without a Call-ID")
+    reason = _text(message, "reason", 64)
+    if not _TOKEN.match(reason):
+        raise BadRequest(f"fallback event with an unusable reason {reason[:64]!r}")
+    mode = message.get("mode")
+    if mode not in ("open", "closed"):
+        raise BadRequest(f"fallback event with an unknown mode {str(mode)[:16]!r}")
+    ts = message.get("ts")
+    return FallbackEvent(call_id, reason, mode,
+                         ts if isinstance(ts, int) and not isinstance(ts, bool) and ts > 0 else now_ms,
+                         _text(message, "tx", 32), _text(message, "from_tag", 128))
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,13 +102,15 @@ class SecurityGuard:
                                     origin=origin, detector=d.name, now_ms=at, by=self.instance_id)
                 return
 
-    async def edge_ban(self, ip: str, seconds: int, reason: str, detail: str) -> None:
+    async def edge_ban(self, ip: str, seconds: int, reason: str, detail: str, at_ms: int | None = None) -> None:
         """A ban the edge made by itself (flood, scanner, sweep): recorded, and pushed to the
         other edges too (a scanner seen at one edge is banned at all of them). One on a trusted
-        peer (an edge whose TRUSTED_NET misses it) is lifted at every edge instead."""
+        peer (an edge whose TRUSTED_NET misses it) is lifted at every edge instead. Its expiry
+        runs from when the edge made it (`at_ms`), so the same event delivered again is the
+        same ban, neither extended nor counted twice."""
         text = f"banned by the edge ({reason})" + (f": {detail}" if detail else "")
         try:
-            await self.bans.add(ip, seconds, text, origin="edge", detector=reason, now_ms=now_ms(),
+            await self.bans.add(ip, seconds, text, origin="edge", detector=reason, now_ms=at_ms or now_ms(),
                                 by=self.instance_id)
         except BanRefused:
             await self.bans.remove(ip)

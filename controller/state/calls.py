@@ -227,8 +227,13 @@ class CallStore:
 
     @property
     def available(self) -> bool:
-        """False while state changes wait for Redis in the outage queue."""
+        """False while Redis is unreachable (state changes are queued meanwhile)."""
         return self.outage.available
+
+    @property
+    def degraded(self) -> bool:
+        """Redis unreachable, or older state changes still being replayed: counters may be short."""
+        return self.outage.degraded
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -240,12 +245,14 @@ class CallStore:
         """Run a state change, `write(*args)`, now — or hold it in the outage queue (in order
         behind those held before) when Redis is unreachable; `queued` is what the caller gets
         then."""
-        if self.outage.available:
+        failed = not self.outage.available
+        if not failed and not self.outage.holds(call_id):
             try:
                 return await write(*args)
             except RedisConnectionError:
-                pass
-        self.outage.hold(what, call_id, functools.partial(write, *args))
+                failed = True
+        # behind the older changes of the call still held (per-call order), or Redis is gone
+        self.outage.hold(what, call_id, functools.partial(write, *args), failed=failed)
         return queued
 
     def _unavailable(self) -> None:
@@ -322,10 +329,10 @@ class CallStore:
         False. Not `urgent` (nobody waits: a call the edge decided), it may wait `linger_s` for
         company in a pipeline. Raises RedisError when it could be neither sent nor held."""
         args = (record, live_scopes, window_counters, at_ms, event, urgent)
-        if not self.outage.available:
+        if not self.outage.available or self.outage.holds(call_id):
             if not hold:
                 raise RedisConnectionError(f"Redis unreachable ({self.outage.depth} state changes queued)")
-            return self._hold_create(call_id, *args)
+            return self._hold_create(call_id, *args, failed=not self.outage.available)
         try:
             sent = await self._send_create(call_id, *args)
         except RedisConnectionError:
@@ -369,10 +376,10 @@ class CallStore:
         sent.add_done_callback(settle)
         return result
 
-    def _hold_create(self, call_id: str, *args: Any) -> asyncio.Future:
+    def _hold_create(self, call_id: str, *args: Any, failed: bool = True) -> asyncio.Future:
         async def write() -> None:
             raise_errors(await (await self._send_create(call_id, *args)))
-        self.outage.hold("decision", call_id, write)
+        self.outage.hold("decision", call_id, write, failed=failed)
         done = asyncio.get_running_loop().create_future()
         done.set_result([])
         return done

@@ -1,13 +1,20 @@
 """Redis unreachable for a while: the state changes of calls (decisions, dialog events, media
 steps) wait here, in the order they happened, and are written in that order when Redis
 answers again. Bounded: past the bound a change is refused loudly (log line and metric),
-never dropped in silence."""
+never dropped in silence.
+
+The outage ends when Redis answers, not when this queue is empty: from then on, a change of
+a call with nothing held goes straight to Redis, while a change of a call that has older
+changes held joins the queue behind them (per-call order). The queue is replayed in chunks
+whose writes share pipelines (thousands of changes a second); every held write is
+idempotent, so a chunk cut by a new failure is simply written again. Until it is empty the
+store is `degraded`: the counters the policy reads do not yet include the held calls."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -16,8 +23,10 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger("callfabric.state")
 
-# observe(event, depth): "queued", "flushed", "failed", "dropped", "down", "up"
+# observe(event, depth): "queued", "flushed", "failed", "dropped", "down", "up" (Redis answers
+# again: replay starts), "replayed" (the queue is empty: state complete again)
 Observer = Callable[[str, int], None]
+REPLAY_CHUNK = 500
 
 
 class QueueFull(RedisConnectionError):
@@ -33,70 +42,110 @@ class _Held:
 
 class OutageQueue:
     def __init__(self, probe: Callable[[], Awaitable[Any]], limit: int = 10_000, *,
-                 observe: Observer | None = None, retry_s: float = 0.25):
+                 observe: Observer | None = None, retry_s: float = 0.25, chunk: int = REPLAY_CHUNK):
         self.probe = probe  # raises RedisError while Redis is unreachable
         self.limit = limit
         self.retry_s = retry_s
+        self.chunk = chunk
         self._observe = observe or (lambda event, depth: None)
         self._pending: deque[_Held] = deque()
+        self._held_calls: Counter[str] = Counter()  # call id -> its changes in the queue
         self._task: asyncio.Task | None = None
         self._down_since = 0.0
+        self._back_at = 0.0
         self._written = 0  # since the outage began
-        self.available = True  # False from the first failure until every held change is written
+        self.reachable = True  # False from a failure until Redis answers again
         self.dropped = 0
+
+    @property
+    def available(self) -> bool:
+        """Redis takes writes now (a replay may still be under way: see `degraded`)."""
+        return self.reachable
+
+    @property
+    def degraded(self) -> bool:
+        """Unreachable, or reachable with older changes still being replayed."""
+        return not self.reachable or bool(self._pending)
 
     @property
     def depth(self) -> int:
         return len(self._pending)
 
-    def hold(self, what: str, call_id: str, write: Callable[[], Awaitable[Any]]) -> None:
-        """Keep `write` (a change that could not reach Redis) to run when Redis is back, after
-        every change held before it. Raises QueueFull when the bound is reached."""
+    def holds(self, call_id: str) -> bool:
+        """True while older changes of this call wait here (a new one must queue behind them)."""
+        return bool(self._pending) and self._held_calls[call_id] > 0
+
+    def hold(self, what: str, call_id: str, write: Callable[[], Awaitable[Any]], *, failed: bool = True) -> None:
+        """Keep `write` to run after every change held before it. `failed`: it could not reach
+        Redis (the outage begins, if it had not); False: it only waits behind older changes
+        of its call. Raises QueueFull when the bound is reached."""
         if len(self._pending) >= self.limit:
             self.dropped += 1
             self._observe("dropped", len(self._pending))
             log.error("call %s: Redis unreachable and %d state changes already queued: its %s is NOT recorded",
                       call_id, len(self._pending), what)
             raise QueueFull(f"Redis unreachable and the outage queue is full ({self.limit})")
-        if self.available:
-            self.available = False
-            self._down_since = time.monotonic()
-            self._written = 0
-            self._observe("down", 0)
+        if failed and self.reachable:
+            self.reachable = False
+            if not self._pending:
+                self._down_since = time.monotonic()
+                self._written = 0
+            self._observe("down", len(self._pending))
             log.error("Redis unreachable: state changes are queued in memory (at most %d) and written in order "
                       "when it is back", self.limit)
         self._pending.append(_Held(what, call_id, write))
+        self._held_calls[call_id] += 1
         self._observe("queued", len(self._pending))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._flush(), name="redis outage queue")
 
+    def _pop(self) -> None:
+        held = self._pending.popleft()
+        left = self._held_calls[held.call_id] - 1
+        if left > 0:
+            self._held_calls[held.call_id] = left
+        else:
+            del self._held_calls[held.call_id]
+
     async def _flush(self) -> None:
         while self._pending:
-            try:
-                await self.probe()
-            except RedisError:
-                await asyncio.sleep(self.retry_s)
-                continue
-            while self._pending:
-                held = self._pending[0]
+            if not self.reachable:
                 try:
-                    await held.write()
-                except RedisConnectionError:
-                    break  # gone again: keep it first in line
-                except Exception as exc:  # a change Redis refuses: say so, go on with the others
-                    log.error("call %s: queued %s could not be written and is skipped: %s", held.call_id, held.what,
-                              exc)
+                    await self.probe()
+                except RedisError:
+                    await asyncio.sleep(self.retry_s)
+                    continue
+                self.reachable = True
+                self._back_at = time.monotonic()
+                self._observe("up", len(self._pending))
+                log.warning("Redis is back after %.1fs: replaying %d queued state change(s) in order",
+                            self._back_at - self._down_since, len(self._pending))
+            chunk = [self._pending[i] for i in range(min(self.chunk, len(self._pending)))]
+            # started in queue order: their commands enter the shared pipelines in that order
+            tasks = [asyncio.ensure_future(held.write()) for held in chunk]
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            lost = False
+            for held, outcome in zip(chunk, outcomes):
+                if isinstance(outcome, RedisConnectionError):
+                    lost = True  # gone again: this one and everything after it stay (written again)
+                    break
+                if isinstance(outcome, Exception):  # a change Redis refuses: say so, go on with the others
+                    log.error("call %s: queued %s could not be written and is skipped: %s", held.call_id,
+                              held.what, outcome)
                     self._observe("failed", len(self._pending) - 1)
-                self._pending.popleft()
+                self._pop()
                 self._written += 1
                 self._observe("flushed", len(self._pending))
-            if self._pending:
+            if lost:
+                if self.reachable:
+                    self.reachable = False
+                    self._observe("down", len(self._pending))
                 await asyncio.sleep(self.retry_s)
-                continue
-            self.available = True
-            self._observe("up", 0)
-            log.warning("Redis is back after %.1fs: %d queued state change(s) written in order",
-                        time.monotonic() - self._down_since, self._written)
+        if self._written:
+            self._observe("replayed", 0)
+            log.warning("Redis outage over: %d queued state change(s) written in order, %.2fs after Redis was back",
+                        self._written, time.monotonic() - self._back_at)
+            self._written = 0
 
     async def wait_empty(self, timeout_s: float) -> bool:
         """Wait (at most `timeout_s`) until every held change is written; False if some are not."""

@@ -7,9 +7,11 @@ import pytest
 
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import EdgeDecisions
+from controller.edge.recorder import EdgeRecorder
 from controller.metrics import Metrics
 from controller.policy import policy_from_texts
 from controller.state.calls import CallStore
+from controller.state.journal import Journal
 from tests.policy.helpers import DECLARATIONS
 from tests.support.evapi import ScriptedEdge, frame, read_answers
 
@@ -34,11 +36,13 @@ async def channel(redis_url, policy):
     edge = ScriptedEdge()
     port = await edge.start()
     decisions = EdgeDecisions(lambda: policy, store, metrics, "unit")
-    ch = EdgeChannel("127.0.0.1", port, decisions, metrics, max_in_flight=50, reconnect_max_s=0.2)
-    task = asyncio.create_task(ch.run())
+    recorder = EdgeRecorder(decisions, Journal(store), metrics)
+    ch = EdgeChannel("127.0.0.1", port, decisions, recorder, metrics, max_in_flight=50, reconnect_max_s=0.2)
+    tasks = [asyncio.create_task(ch.run()), asyncio.create_task(recorder.run_local())]
     yield ch, edge, store, metrics
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await edge.stop()
     await store.aclose()
 

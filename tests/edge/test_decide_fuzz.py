@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from controller.edge import bundle, protocol
 from controller.edge.decisions import EdgeDecisions
+from controller.edge.recorder import EdgeRecorder
 from controller.edge.local import EdgeDecider
 from controller.metrics import Metrics
 from controller.policy import Call, PolicyInvalid, policy_from_texts
 from controller.state.calls import CallStore
+from controller.state.journal import Journal
 from tests.policy.helpers import DECLARATIONS
 
 SECURITY = """\
@@ -127,9 +129,10 @@ def test_any_decide_event_gets_an_answer_or_is_dropped_never_an_exception(redis_
         # Dialog events made of garbage are refused with a count, never raise.
         for garbage in ({}, {"event": "dialog"}, {"event": "dialog", "call_id": 5, "state": "ended"},
                         {"event": "dialog", "call_id": "x", "state": "exploded", "code": "nan"}):
-            loop.run_until_complete(decisions.dialog(garbage))
+            loop.run_until_complete(EdgeRecorder(decisions, Journal(store), metrics).apply([garbage], source="fuzz"))
         assert metrics.registry.get_sample_value("callfabric_decision_errors_total",
-                                                 {"reason": "bad-dialog-event"}) == 4
+                                                 {"reason": "bad-dialog-event"}) == 3
+        assert metrics.registry.get_sample_value("callfabric_decision_errors_total", {"reason": "bad-event"}) == 1
         # Whatever was decided left readable records.
         ids = loop.run_until_complete(store.recent_calls(1000))
         assert ids, "some fuzzed calls must have been decided"
@@ -187,11 +190,12 @@ def test_any_decided_event_is_recorded_or_refused_never_an_exception(redis_url, 
     store = CallStore(redis_url)
     metrics = Metrics()
     decisions = EdgeDecisions(lambda: POLICY, store, metrics, "fuzz")
+    recorder = EdgeRecorder(decisions, Journal(store), metrics)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(decided_messages())
     def run(message):
-        loop.run_until_complete(decisions.recorded(message))
+        loop.run_until_complete(recorder.apply([message], source="fuzz"))
 
     try:
         run()

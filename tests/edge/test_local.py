@@ -277,16 +277,19 @@ class SeenHot(HotScopes):
 
 async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_scopes(tmp_path, policy, redis_url):
     from controller.edge.decisions import EdgeDecisions
+    from controller.edge.recorder import EdgeRecorder
     from controller.state.calls import CallStore
+    from controller.state.journal import Journal
     _, decide, _, _, _ = await asyncio.to_thread(decider_for, tmp_path, policy)  # files: off the loop
     store, metrics, hot = CallStore(redis_url), Metrics(), SeenHot()
     serving = [policy]
     decisions = EdgeDecisions(lambda: serving[0], store, metrics, "ctl-1", hot=hot)
+    recorder = EdgeRecorder(decisions, Journal(store), metrics)
     try:
         for n in range(3):
             outcome = await asyncio.to_thread(decide, request("02079460001", call_id=f"edge-{n}@test",
                                                               src_ip="192.0.2.50"))
-            await decisions.recorded(json.loads(outcome.event))
+            await recorder.apply([json.loads(outcome.event)], source="test")
         while decisions._checks:
             await asyncio.gather(*list(decisions._checks))
         record = await store.get("edge-2@test")
@@ -298,7 +301,7 @@ async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_
         serving[0] = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES + "\n"})
         assert serving[0].version != policy.version
         outcome = await asyncio.to_thread(decide, request("02079460001", call_id="edge-3@test"))
-        await decisions.recorded(json.loads(outcome.event))
+        await recorder.apply([json.loads(outcome.event)], source="test")
         assert metrics.registry.get_sample_value("callfabric_edge_policy_mismatch_total") == 1
         while decisions._checks:
             await asyncio.gather(*list(decisions._checks))

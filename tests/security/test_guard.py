@@ -109,18 +109,25 @@ async def test_damaged_ban_entries_are_skipped(guarded):
 
 async def test_a_ban_the_edge_made_is_recorded_with_its_reason(guarded, redis_url):
     from controller.edge.decisions import EdgeDecisions
+    from controller.edge.recorder import EdgeRecorder
+    from controller.state.journal import Journal
 
     guard, policy = guarded
     decisions = EdgeDecisions(lambda: policy, guard.store, guard.metrics, "test", security=guard)
-    await decisions.edge_ban({"event": "ban", "ip": "198.51.100.99", "reason": "scanner", "seconds": 120,
-                              "detail": "User-Agent friendly-scanner"})
+    recorder = EdgeRecorder(decisions, Journal(guard.store), guard.metrics, security=guard)
+    event = {"event": "ban", "ip": "198.51.100.99", "reason": "scanner", "seconds": 120,
+             "detail": "User-Agent friendly-scanner", "ts": now_ms()}
+    await recorder.apply([event], source="test")
+    await recorder.apply([dict(event)], source="test")  # delivered again: the same ban, counted once
+    assert guard.metrics.registry.get_sample_value("callfabric_bans_total",
+                                                   {"origin": "edge", "detector": "scanner"}) == 1
     ban = await guard.bans.get("198.51.100.99")
     assert ban.origin == "edge" and ban.detector == "scanner" and "friendly-scanner" in ban.reason
     assert 119_000 <= ban.expires_ms - ban.created_ms <= 120_000
     for garbage in ({"event": "ban"}, {"event": "ban", "ip": "1.2.3.4", "reason": "x; DROP", "seconds": 5},
                     {"event": "ban", "ip": "1.2.3.4", "reason": "flood", "seconds": "5"},
                     {"event": "ban", "ip": "::g", "reason": "flood", "seconds": 5}):
-        await decisions.edge_ban(garbage)
+        await recorder.apply([garbage], source="test")
     assert guard.metrics.registry.get_sample_value("callfabric_decision_errors_total",
                                                    {"reason": "bad-ban-event"}) == 4
     assert [b.ip for b in await guard.bans.active(now_ms())] == ["198.51.100.99"]

@@ -1,0 +1,336 @@
+"""What the edges saw, recorded: calls the edge decided itself, dialog states, fallbacks
+taken, bans. Each edge writes its events to its own Redis Stream (cf:edge:{name}:events,
+kamailio.cfg route[EVENT_STREAM]) whatever the controllers do; one controller at a time
+consumes an edge's stream (a lease, like a media node's), through the consumer group
+`callfabric`: it reads up to `batch_max` events, applies them with two pipelines
+(state/journal.py), acknowledges and deletes them in the second one. A controller that dies
+or freezes loses the lease within its TTL; the next owner claims the entries it had read but
+not acknowledged (XAUTOCLAIM) before anything newer, so a call's events stay in order.
+Applying is idempotent: an event delivered twice changes and counts nothing twice.
+
+Edges without a stream (no EVENTS_REDIS) send the same events over evapi: they are queued
+here, in order, and applied by the same code in batches."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from controller.edge import protocol
+from controller.edge.decisions import EdgeDecisions
+from controller.metrics import Metrics
+from controller.security.guard import SecurityGuard
+from controller.state.calls import now_ms
+from controller.state.journal import Applied, DialogChange, FallbackTaken, Journal, NewCall
+from controller.state.leases import Lease, NodeLeases
+
+log = logging.getLogger("callfabric.edge")
+
+GROUP = "callfabric"
+_DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
+_FALLBACK_OUTCOME = {"open": "routing", "closed": "failed"}
+
+
+def stream_key(edge: str) -> str:
+    return f"cf:edge:{{{edge}}}:events"
+
+
+def writer_key(edge: str) -> str:
+    """The edge writer's own counters (written, trimmed: events dropped by the stream's bound)."""
+    return f"cf:edge:{{{edge}}}:writer"
+
+
+class EdgeRecorder:
+    def __init__(self, decisions: EdgeDecisions, journal: Journal, metrics: Metrics, *,
+                 leases: NodeLeases | None = None, security: SecurityGuard | None = None, batch_max: int = 500,
+                 block_ms: int = 250, local_max: int = 20_000):
+        """`leases`: needed to consume the edges' streams (run_stream), not for evapi events."""
+        self.decisions = decisions
+        self.journal = journal
+        self.store = journal.store
+        self.leases = leases
+        self.metrics = metrics
+        self.security = security
+        self.batch_max = batch_max
+        self.block_ms = block_ms
+        self.instance = decisions.instance_id
+        self._local: deque[dict[str, Any]] = deque()  # events that came over evapi
+        self._local_max = local_max
+        self._local_ready = asyncio.Event()
+        self._mismatch_logged = -60.0
+        self.owned: dict[str, bool] = {}  # edge -> this controller consumes its stream now
+
+    # -- evapi events ---------------------------------------------------------------------
+    def submit(self, message: dict[str, Any]) -> None:
+        """An event that came over evapi: applied in order with the others (run_local)."""
+        if len(self._local) >= self._local_max:
+            self.metrics.edge_events.labels("evapi", "dropped").inc()
+            log.error("edge events from evapi: %d waiting for Redis already, one is NOT recorded", len(self._local))
+            return
+        self._local.append(message)
+        self._local_ready.set()
+
+    async def run_local(self) -> None:
+        """Apply the evapi events in batches until cancelled; while Redis is unreachable they
+        wait here (bounded by local_max, beyond counted as dropped)."""
+        while True:
+            await self._local_ready.wait()
+            self._local_ready.clear()
+            while self._local:
+                batch = [self._local[i] for i in range(min(self.batch_max, len(self._local)))]
+                try:
+                    await self.apply(batch, source="evapi")
+                except RedisError as exc:
+                    self.metrics.redis_errors.labels("edge-events").inc()
+                    log.warning("edge events from evapi wait for Redis (%d): %s", len(self._local), exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for _ in batch:
+                    self._local.popleft()
+
+    # -- streams --------------------------------------------------------------------------
+    async def run_stream(self, edge: str, lease_poll_s: float = 0.2) -> None:
+        """Consume `edge`'s stream whenever this controller holds its lease; until cancelled."""
+        node = f"edge-events:{edge}"
+        if self.leases is None:
+            raise RuntimeError("consuming an edge's stream needs the leases")
+        while True:
+            try:
+                lease = await self.leases.acquire(node)
+            except (RedisError, OSError) as exc:
+                log.debug("edge %s events: lease not acquired: %s", edge, exc)
+                lease = None
+            if lease is None:
+                self.owned[edge] = False
+                await asyncio.sleep(lease_poll_s)
+                continue
+            self.owned[edge] = True
+            log.info("edge %s events: consumed by this controller (fence %d)", edge, lease.fence)
+            try:
+                await self._consume(edge, lease)
+            except (RedisError, OSError) as exc:
+                log.warning("edge %s events: %s; taking the lease again", edge, exc)
+                await asyncio.sleep(lease_poll_s)
+            finally:
+                self.owned[edge] = False
+
+    async def _consume(self, edge: str, lease: Lease) -> None:
+        key = stream_key(edge)
+        redis = self.store.redis
+        ttl_s = self.leases.ttl_ms / 1000
+        valid_until = time.monotonic() + ttl_s * 0.8
+        renewed_at = time.monotonic()
+        await self._ensure_group(key)
+        claiming = True
+        start = "0-0"
+        while True:
+            now = time.monotonic()
+            if now >= valid_until:  # frozen or too slow: another controller may own the stream now
+                log.warning("edge %s events: lease lapsed here; letting it go", edge)
+                return
+            if now - renewed_at >= ttl_s / 3:
+                if not await self.leases.renew(lease):
+                    log.warning("edge %s events: another controller consumes them now", edge)
+                    return
+                renewed_at = time.monotonic()
+                valid_until = renewed_at + ttl_s * 0.8
+            try:
+                if claiming:  # first the entries a previous owner read and did not acknowledge
+                    reply = await redis.xautoclaim(key, GROUP, self.instance, 0, start_id=start, count=self.batch_max)
+                    start, entries = _text(reply[0]), reply[1]
+                    if start == "0-0":
+                        claiming = False
+                else:
+                    reply = await redis.xreadgroup(GROUP, self.instance, {key: ">"}, count=self.batch_max,
+                                                   block=self.block_ms)
+                    entries = reply[0][1] if reply else []
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis restarted empty (or the stream was deleted)
+                    log.warning("edge %s events: consumer group gone (Redis restarted without its data?); "
+                                "creating it again", edge)
+                    await self._ensure_group(key)
+                    claiming, start = True, "0-0"
+                    continue
+                raise
+            if not entries:
+                continue
+            if time.monotonic() >= valid_until:
+                return  # read, but our lease may be gone: the next owner claims them
+            messages, ids = [], []
+            for entry_id, fields in entries:
+                if fields is None:  # deleted meanwhile
+                    continue
+                ids.append(entry_id)
+                messages.append(_decode(fields.get(b"e")))
+            ack = [("XACK", key, GROUP, *ids), ("XDEL", key, *ids)] if ids else []
+            await self.apply(messages, source=edge, ack=ack)
+
+    async def _ensure_group(self, key: str) -> None:
+        try:
+            await self.store.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- applying ---------------------------------------------------------------------------
+    async def apply(self, messages: list[Any], *, source: str, ack: list[tuple] | None = None) -> list[Applied]:
+        """Parse and apply a batch of edge events (unusable ones are counted and skipped)."""
+        at = now_ms()
+        changes, others = [], []
+        for message in messages:
+            change = self._change(message, at, source)
+            if change is None:
+                continue
+            if isinstance(change, (protocol.EdgeBan, protocol.AuthFailure)):
+                others.append(change)
+            else:
+                changes.append(change)
+        for change in changes:  # a decision of this controller still being written comes first
+            pending = self.decisions._deciding.get(change.call_id)
+            if pending is not None:
+                await pending.wait()
+        results = await self.journal.apply(changes, ack or ())
+        self.metrics.edge_events.labels(source, "applied").inc(len(messages))
+        self._account(results)
+        for other in others:
+            if isinstance(other, protocol.AuthFailure):
+                self.metrics.edge_auth_failures.labels(other.reason).inc()
+            if self.security is None:
+                continue
+            try:
+                if isinstance(other, protocol.EdgeBan):
+                    await self.security.edge_ban(other.ip, other.seconds, other.reason, other.detail,
+                                                 other.ts_ms or None)
+                else:  # counted where the brute-force detector (failed authentications) reads
+                    await self.security.auth_failed(other.ip, "edge", "failed trunk authentications (last: "
+                                                    + other.reason + (f", user {other.user!r})" if other.user else ")"))
+            except RedisError as exc:
+                self.metrics.redis_errors.labels("security").inc()
+                log.error("edge %s event about %s not recorded: %s", type(other).__name__, other.ip, exc)
+        return results
+
+    def _change(self, message: Any, at: int, source: str):
+        if not isinstance(message, dict):
+            self.metrics.decision_errors.labels("bad-json").inc()
+            return None
+        kind = message.get("event")
+        try:
+            if kind == "decided":
+                decided = protocol.parse_decided(message)
+                record, event = decided.record, decided.timeline
+                record["controller"] = event["controller"] = self.instance
+                return NewCall(decided.call_id, record, event, decided.live_scopes, decided.counters,
+                               record["created_at_ms"])
+            if kind == "dialog":
+                dialog = protocol.parse_dialog(message, at)
+                state = _DIALOG_STATE[dialog.state]
+                fields: dict[str, Any] = {}
+                if state == "answered":
+                    fields["answered_at_ms"] = dialog.ts_ms
+                else:
+                    fields.update(ended_at_ms=dialog.ts_ms, end_reason=dialog.reason, end_code=dialog.code or None)
+                event = {"event": state, "ts": dialog.ts_ms, "reason": dialog.reason, "code": dialog.code,
+                         "fallback": dialog.fallback or None}
+                return DialogChange(dialog.call_id, state, fields, event)
+            if kind == "fallback":
+                taken = protocol.parse_fallback(message, at)
+                fields = {"state": _FALLBACK_OUTCOME[taken.mode], "tx": taken.tx, "from_tag": taken.from_tag,
+                          "decided_by": "edge-fallback", "outcome": "fallback", "rule": "",
+                          "fallback_mode": taken.mode, "edge": source}
+                event = {"event": "fallback", "ts": taken.ts_ms, "reason": taken.reason, "mode": taken.mode}
+                return FallbackTaken(taken.call_id, taken.reason, fields, event, taken.ts_ms)
+            if kind == "ban":
+                return protocol.parse_ban(message)
+            if kind == "auth":
+                return protocol.parse_auth(message)
+        except protocol.BadRequest as exc:
+            self.metrics.decision_errors.labels(f"bad-{kind}-event").inc()
+            log.warning("ignored %s event from %s: %s", kind, source, exc)
+            return None
+        self.metrics.decision_errors.labels("bad-event").inc()
+        log.debug("ignored event %r from %s", str(kind)[:32], source)
+        return None
+
+    def _account(self, results: list[Applied]) -> None:
+        """Metrics, webhooks' and detectors' follow-ups of what was applied (only: a replay
+        counts nothing)."""
+        probes: dict[tuple, Any] = {}
+        policy = self.decisions._policy()
+        for result in results:
+            change = result.change
+            if result.error is not None:
+                self.metrics.redis_errors.labels("edge-events").inc()
+                log.error("call %s: Redis refused an edge event: %s", change.call_id, result.error)
+                continue
+            if not result.applied:
+                continue
+            if type(change) is DialogChange:
+                self.metrics.dialog_events.labels(change.state if change.state != "answered" else "confirmed",
+                                                  change.event["reason"]).inc()
+                if change.state == "ended" and self.security is not None and result.transition is not None:
+                    self.security_task(self.security.call_ended(result.transition, change.event["ts"]))
+            elif type(change) is FallbackTaken:
+                self.metrics.edge_fallbacks.labels(change.reason).inc()
+            else:
+                record = change.record
+                outcome = str(record["outcome"])
+                self.metrics.decisions.labels(outcome, str(record["rule"])).inc()
+                self.metrics.edge_made_decisions.labels(outcome).inc()
+                if policy is not None and record["policy_version"] != policy.version:
+                    self._mismatch(change.call_id, record["policy_version"], policy.version)
+                for c in change.counters:
+                    probes[(c.key, c.kind, c.scope, c.value, c.window_s)] = c
+        hot = self.decisions.hot
+        if probes and hot is not None and policy is not None:
+            self.security_task(self._check_hot(policy, list(probes.values())))
+
+    async def _check_hot(self, policy: Any, probes: list[Any]) -> None:
+        """The counters of the edge-decided calls of a batch, read once, tell the edges which
+        scopes are near a limit."""
+        hot = self.decisions.hot
+        thresholds = hot.thresholds(policy)
+        probes = [p for p in probes if thresholds.get(p.key)]
+        if not probes:
+            return
+        try:
+            values = await self.store.read_counter_values(probes, now_ms(), urgent=False)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("counters").inc()
+            log.warning("hot scope check skipped: %s", exc)
+            return
+        hot.observe(policy, probes, values)
+
+    def security_task(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.decisions._checks.add(task)
+        task.add_done_callback(self.decisions._checks.discard)
+
+    def _mismatch(self, call_id: str, edge_version: str, version: str) -> None:
+        self.metrics.edge_policy_mismatch.inc()
+        now = time.monotonic()
+        if now - self._mismatch_logged >= 60:
+            self._mismatch_logged = now
+            log.warning("call %s was decided at the edge with policy %s while this controller serves %s "
+                        "(a reload in progress, or an edge whose EDGE_POLICY file no controller writes)",
+                        call_id, edge_version, version)
+
+    async def lag(self, edge: str) -> int:
+        """Events of `edge` not yet applied (in the stream: unread or unacknowledged)."""
+        return int(await self.store.redis.xlen(stream_key(edge)))
+
+
+def _decode(raw: Any) -> Any:
+    try:
+        return json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+

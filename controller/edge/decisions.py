@@ -28,6 +28,9 @@ log = logging.getLogger("callfabric.edge")
 # Redis unreachable: `open` decides with the policy (counters read as 0, the record queued),
 # `closed` answers 503 + Retry-After, `edge` asks the edge for its own fallback.
 STATE_UNAVAILABLE_MODES = ("open", "closed", "edge")
+# the rule name in records of calls refused because the counters their limits need are unknown
+# (settings.limits_without_counters: closed)
+LIMITS_UNCHECKED_RULE = "limits-without-counters"
 
 
 class EdgeDecisions:
@@ -100,11 +103,21 @@ class EdgeDecisions:
                 timeline_extra["state"] = "unavailable"
             else:
                 facts.counters = {c.key: v for c, v in zip(counters, values)}
+                if self.store.degraded:  # read, but the calls held during the outage are not in them yet
+                    timeline_extra["state"] = "replaying"
                 if self.hot is not None:  # as they stand once this call is counted
                     self.hot.observe(policy, counters, [v + c.count for c, v in zip(counters, values)])
-        if timeline_extra:  # fail-open: the policy decides without counters; the record waits for Redis
-            self.metrics.decisions_without_state.labels("open").inc()
-        decision = policy.compiled.decide_facts(facts)
+        if timeline_extra:  # the policy decides without (complete) counters; the record waits for Redis
+            self.metrics.decisions_without_state.labels("open" if timeline_extra["state"] == "unavailable"
+                                                        else "replaying").inc()
+        if counters and timeline_extra and policy.source.settings.limits_without_counters == "closed":
+            # the policy's limits cannot be checked: refused, as its settings ask
+            self.metrics.decisions_without_state.labels("refused").inc()
+            decision = Decision("reject", LIMITS_UNCHECKED_RULE, (LIMITS_UNCHECKED_RULE,), policy.version,
+                                reject_code=503, reject_reason="Service Unavailable",
+                                headers=(("Retry-After", "5"),))
+        else:
+            decision = policy.compiled.decide_facts(facts)
         carried = decision
         if decision.outcome == "webhook":
             carried, timeline_extra["webhook"] = await self._webhook_decision(policy, decision, request, facts)

@@ -158,6 +158,7 @@ class Trunk:
 class Settings:
     numbering: Numbering
     timezone: str
+    limits_without_counters: str = "open"  # open | closed (schema.py)
 
 
 @dataclass(slots=True)

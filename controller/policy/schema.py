@@ -270,6 +270,13 @@ def policy_file_schema() -> dict[str, Any]:
                         },
                     },
                     "timezone": {"type": "string", "description": "Default time zone of `time` conditions."},
+                    "limits_without_counters": {
+                        "enum": ["open", "closed"],
+                        "description": "When the counters a call's limits read are unknown (Redis unreachable, "
+                                       "or the state changes queued during an outage still being replayed): "
+                                       "open (default) decides as if they were 0; closed refuses the call "
+                                       "(503 + Retry-After, rule limits-without-counters). Calls whose rules "
+                                       "read no counter are decided either way."},
                 },
             },
             "node_sets": _named({

@@ -333,6 +333,7 @@ class _Builder:
                       national_prefix=numbering.get("national_prefix"),
                       min_national_length=numbering.get("min_national_length", 7)),
             tz,
+            body.get("limits_without_counters", "open"),
         )
 
     def _check_endpoint(self, doc: PositionedDocument, path: Path, endpoint: str, transport: str) -> None:

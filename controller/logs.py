@@ -7,7 +7,20 @@ import logging
 import re
 import time
 
-_CALL = re.compile(r"\bcall (\S+?):? ")  # our messages say "call <id>: …" when they are about one
+_CALL = re.compile(r"\bcall (\S+): ")  # a message about a call says "call <id>: …"
+
+
+def _call_id(record: logging.LogRecord, message: str) -> str | None:
+    """The call a message is about: the argument that fills "call %s" in its template, else
+    "call <id>: " in the text (never a word of prose: "every call gets …" names no call)."""
+    template = record.msg if isinstance(record.msg, str) else ""
+    at = template.find("call %s")
+    if at >= 0 and isinstance(record.args, tuple):
+        index = template.count("%", 0, at) - 2 * template.count("%%", 0, at)
+        if index < len(record.args):
+            return str(record.args[index])
+    found = _CALL.search(message)
+    return found.group(1) if found else None
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,8 +30,7 @@ class JsonFormatter(logging.Formatter):
                  "level": record.levelname.lower(), "logger": record.name, "message": message}
         call_id = getattr(record, "call_id", None)
         if call_id is None:
-            found = _CALL.search(message)
-            call_id = found.group(1) if found else None
+            call_id = _call_id(record, message)
         if call_id:
             entry["call_id"] = call_id
         if record.exc_info:

@@ -83,6 +83,11 @@ def test_json_logs_carry_the_call_id(capsys):
     setup_logging("INFO", "json", {"callfabric.quiet": "ERROR"})
     logging.getLogger("callfabric.edge").warning("call abc@host: could not record %s", "x")
     logging.getLogger("callfabric.quiet").warning("not shown")
+    logging.getLogger("callfabric").error("no valid policy in %s: every call gets the edge fallback", "policies")
+    logging.getLogger("callfabric.state").error("call %s (decided by the edge): could not record it", "k:1@h")
+    logging.getLogger("callfabric.api").warning("webhooks: %s of call %s not delivered", "call.ended", "w-9")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert len(lines) == 1 and lines[0]["call_id"] == "abc@host" and lines[0]["level"] == "warning"
+    assert len(lines) == 4 and lines[0]["call_id"] == "abc@host" and lines[0]["level"] == "warning"
+    assert "call_id" not in lines[1]  # prose, not a call ("call gets")
+    assert lines[2]["call_id"] == "k:1@h" and lines[3]["call_id"] == "w-9"
     logging.getLogger().handlers.clear()

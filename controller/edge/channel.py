@@ -18,6 +18,8 @@ from controller.metrics import Metrics
 
 log = logging.getLogger("callfabric.edge")
 MAX_PENDING_WRITE_BYTES = 4 * 1024 * 1024  # an edge that stops reading our answers is dropped
+HEARTBEAT = protocol.netstring(b'{"event":"alive"}')
+HEARTBEAT_S = 1.0
 
 
 def _ack_now(sock) -> None:
@@ -84,6 +86,22 @@ class EdgeChannel:
         self.metrics.edge_connected.labels(self.name).set(1)
         decoder = protocol.NetstringDecoder()
         sock = writer.get_extra_info("socket")
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(writer))
+        try:
+            await self._read(reader, decoder, sock)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, writer: asyncio.StreamWriter) -> None:
+        """Tell the edge every HEARTBEAT_S that this controller is alive and reading: a breaker
+        the edge opened while it was stalled (frozen, overloaded) closes at once, without
+        waiting for a call to probe it."""
+        while not writer.is_closing():
+            if writer.transport.get_write_buffer_size() == 0:
+                writer.write(HEARTBEAT)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _read(self, reader: asyncio.StreamReader, decoder: protocol.NetstringDecoder, sock) -> None:
         while True:
             try:
                 data = await reader.read(256 * 1024)

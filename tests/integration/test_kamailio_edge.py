@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from controller.localstack.kamailio import options_ping
-from tests.support.kamailio import FrozenClient, wait_clients
+from tests.support.kamailio import FrozenClient, netstring, wait_clients
 from controller.localstack.sipp import run_uac
 
 pytestmark = pytest.mark.skipif(
@@ -630,6 +630,23 @@ def test_frozen_decider_sigstop_falls_back_then_recovers(procs, tmp_path):
     assert all(fallback_of(i) in ("timeout", "circuit-open") for i in fb.invites())
     recovered = [i for i in agent.invites() if i.header("X-Decider") == ["subprocess"]]
     assert len({i.header("Call-ID")[0] for i in recovered}) >= 3
+
+
+def test_a_heartbeat_closes_the_breaker_and_its_gauge_without_a_call(procs, tmp_path):
+    """A controller that stalled (its breaker open, the gauge at 1) and recovers says so with
+    its heartbeat: the gauge is back at 0 before any new call probes it."""
+    fb = procs.uas(name="fallback")
+    k = procs.kamailio({1: [fb.addr]}, fallback="open", decision_timeout_ms=BUDGET_MS, cb_threshold=2)
+    dec = procs.decider(k, lambda ev: None)  # reads, never answers: every decide times out
+    r = run_uac(tmp_path, k.sip_port, calls=3, rate=10)
+    assert r.successful == 3, r.output
+    assert k.metric("kamailio_callfabric_breaker_open") == 1
+    dec.send_raw(netstring(b'{"event":"alive"}'))
+    deadline = time.monotonic() + 5
+    while k.metric("kamailio_callfabric_breaker_open") != 0:
+        assert time.monotonic() < deadline, "the heartbeat did not close the breaker"
+        time.sleep(0.05)
+    assert k.metric("kamailio_callfabric_answers_dropped_total", 'why="no-tx"') == 0  # not taken for an answer
 
 
 def _flood(k, raw: "RawUAC", count: int, pad: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from controller.config import ConfigError, Settings, parse_ari_node, redis_targe
 from controller.edge.channel import EdgeChannel
 from controller.edge.decisions import STATE_UNAVAILABLE_MODES, EdgeDecisions
 from controller.edge.publish import EdgePolicyPublisher
+from controller.edge.reconcile import DialogReconciler
 from controller.edge.recorder import EdgeRecorder
 from controller.edge.rpc import KamailioRpc
 from controller.edge.trunks import EdgeTrunkPublisher
@@ -52,6 +53,7 @@ STORE = web.AppKey("store", CallStore)
 POLICIES = web.AppKey("policies", PolicyHolder)
 EDGES = web.AppKey("edges", list)
 RECORDER = web.AppKey("recorder", EdgeRecorder)
+EDGE_RPCS = web.AppKey("edge_rpcs", list)  # KamailioRpc per edge_rpc endpoint
 MEDIA = web.AppKey("media", MediaPlane)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 BANS = web.AppKey("bans", BanList)
@@ -68,6 +70,7 @@ EDGE_RPCS = web.AppKey("edge_rpcs", list)  # KamailioRpc per edge_rpc endpoint
 HOUSEKEEPING_INTERVAL_S = 5.0
 LIVE_RECONCILE_AGE_MS = 60_000
 RECORDING_RETENTION_INTERVAL_S = 3600
+DIALOG_RECONCILE_S = 60.0
 
 
 async def cancel_tasks(*tasks: asyncio.Task) -> None:
@@ -332,13 +335,27 @@ async def _api_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Live-call gauge, and live-index entries whose call is over or gone removed."""
-    store, metrics = app[STORE], app[METRICS]
+    """Live-call gauge, live-index entries whose call is over or gone removed, and live records
+    of calls no edge holds closed (at start, after a Redis outage, then every
+    DIALOG_RECONCILE_S; by the controller consuming an edge's events, or by each when the
+    edges send their events over evapi)."""
+    store, metrics, settings = app[STORE], app[METRICS], app[SETTINGS]
+    reconciler = DialogReconciler(app[EDGE_RPCS], store, metrics)
+    recorder = app[RECORDER]
 
     async def loop() -> None:
+        last_dialogs = 0.0
+        was_degraded = False
         while True:
             try:
                 await store.reconcile_live(now_ms() - LIVE_RECONCILE_AGE_MS)
+                now = asyncio.get_running_loop().time()
+                outage_over = was_degraded and not store.degraded
+                was_degraded = store.degraded
+                mine = any(recorder.owned.values()) or not settings.edge_streams
+                if mine and not store.degraded and (outage_over or now - last_dialogs >= DIALOG_RECONCILE_S):
+                    last_dialogs = now
+                    await reconciler.run_once()
                 metrics.live_calls.set(await store.live_count())
                 metrics.redis_up.set(1)
             except (RedisError, OSError) as exc:
@@ -348,7 +365,6 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
 
     tasks = [asyncio.create_task(loop())]
-    settings = app[SETTINGS]
     if settings.recording_dir and settings.recording_retention_days:
         tasks.append(asyncio.create_task(_recording_retention(Path(settings.recording_dir),
                                                               settings.recording_retention_days * 86400)))

@@ -59,6 +59,9 @@ class Metrics:
         self.edge_connected = Gauge("callfabric_edge_connected", "1 while connected to the edge's decision channel.",
                                     ["edge"], registry=r)
         self.edge_in_flight = Gauge("callfabric_edge_in_flight", "Decision requests being processed.", registry=r)
+        self.calls_reconciled = Counter("callfabric_calls_reconciled_total", "Live records of calls no edge holds "
+                                        "(dlg.list) closed by reconciliation (their end was never recorded).",
+                                        registry=r)
         self.live_calls = Gauge("callfabric_live_calls", "Calls live in the call store (all controllers).", registry=r)
         self.redis_up = Gauge("callfabric_redis_up", "1 when the call store answered the last health check.",
                               registry=r)

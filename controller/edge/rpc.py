@@ -1,6 +1,7 @@
 """Kamailio's JSON-RPC management endpoint (xhttp + jsonrpcs, `POST /RPC`): what the controller
 changes at the edge outside calls — the blocklist of banned sources, and lifting the bans the
-edge made by itself (`floodban`) — and what it reads there (its media nodes, never bannable)."""
+edge made by itself (`floodban`) — and what it reads there (its media nodes, never bannable;
+the dialogs it holds, `dlg.list`)."""
 from __future__ import annotations
 
 import itertools
@@ -87,3 +88,10 @@ class KamailioRpc:
         """The blocklist as the edge holds it: {ip: seconds left (0 when unknown)}."""
         return {item["name"]: int(item["expires"]) if str(item.get("expires", "")).isdigit() else 0
                 for item in await self._dump(BLOCKLIST)}
+
+    async def dialog_call_ids(self) -> set[str]:
+        """Call-IDs of every dialog the edge holds now (`dlg.list`: early and confirmed)."""
+        result = await self.call("dlg.list")
+        if not isinstance(result, list):
+            raise RpcError(f"{self.url}: dlg.list answered {str(result)[:120]!r}")
+        return {d["call-id"] for d in result if isinstance(d, dict) and isinstance(d.get("call-id"), str)}

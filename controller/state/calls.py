@@ -498,6 +498,17 @@ class CallStore:
                 self._live_scopes.pop(call_id, None)
         return len(stale)
 
+    async def live_edge_calls(self, older_than_ms: int, limit: int = 2000) -> list[str]:
+        """Live calls that came through an edge (their record has its `tx`), live since before
+        `older_than_ms`: what reconciliation checks against the edges' dialogs."""
+        candidates = [_text(c) for c in await self.redis.zrangebyscore(LIVE_INDEX, 0, older_than_ms, start=0,
+                                                                       num=limit)]
+        if not candidates:
+            return []
+        replies = await self.batch.run([("HMGET", call_key(c), "tx", "state") for c in candidates])
+        return [c for c, (tx, state) in zip(candidates, replies)
+                if tx is not None and _text(state or b"") not in FINAL_STATES]
+
     # -- media records (the media plane's part of a call) ---------------------------------------
     async def save_media(self, call_id: str, media: dict[str, Any], event: dict[str, Any], fence: int = 0) -> None:
         """The call's media record and a timeline event, together (one slot, one round trip),

@@ -9,6 +9,9 @@
 #   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4),
 #   EDGE_POLICY (the policy file the controller writes, its edge_policy_file: the edge then
 #   decides the common calls itself; unset: every call is asked over evapi),
+#   EVENTS_REDIS_HOST / EVENTS_REDIS_PORT / EVENTS_REDIS_DB (the Redis holding call state: the
+#   edge's events then go to its stream cf:edge:{EDGE_NAME}:events whatever the controllers
+#   do; unset: over evapi to a connected controller), EDGE_NAME (edge), EVENTS_QUEUE_MAX,
 #   TRUNKS_DIR (the directory the controller writes the trunk table in, its edge_trunks_dir:
 #   initial INVITEs must then come from a declared inbound trunk; until the controller has
 #   written it, a closed table refuses every source)
@@ -27,6 +30,11 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
 if [ -n "${SIP_ADVERTISE:-}" ]; then set -- "$@" -A "SIP_ADVERTISE=${SIP_ADVERTISE}"; fi
 if [ -n "${TRUSTED_NET:-}" ]; then set -- "$@" -A "TRUSTED_NET=\"${TRUSTED_NET}\""; fi
 if [ -n "${EDGE_POLICY:-}" ]; then set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\""; fi
+if [ -n "${EVENTS_REDIS_HOST:-}" ]; then
+  set -- "$@" -A "EVENTS_REDIS=\"name=cfev;addr=${EVENTS_REDIS_HOST};port=${EVENTS_REDIS_PORT:-6379};db=${EVENTS_REDIS_DB:-0}\"" \
+    -A "EDGE_NAME=\"${EDGE_NAME:-edge}\""
+  if [ -n "${EVENTS_QUEUE_MAX:-}" ]; then set -- "$@" -A "EVENTS_QUEUE_MAX=${EVENTS_QUEUE_MAX}"; fi
+fi
 if [ -n "${TRUNKS_DIR:-}" ]; then
   if [ ! -f "$TRUNKS_DIR/cftrunk" ]; then
     mkdir -p "$TRUNKS_DIR"

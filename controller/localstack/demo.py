@@ -153,7 +153,8 @@ async def _demo(workdir: Path, started: list) -> int:
     redis_server = await _start(started, RedisServer(workdir))
     far_ends = {name: await _start(started, SippUAS(workdir, "uas_answer.xml", name))
                 for name in ("media", "billing", "desk")}
-    kamailio = Kamailio(workdir, {1: [far_ends["media"].addr], 2: [far_ends["billing"].addr]})
+    kamailio = Kamailio(workdir, {1: [far_ends["media"].addr], 2: [far_ends["billing"].addr]},
+                        events_redis=redis_server.url)
     asterisk = None
     if binary:
         asterisk = Asterisk(workdir, edge_port=kamailio.sip_port, binary=binary)

@@ -89,18 +89,19 @@ async def test_the_edge_answers_and_records_what_the_controller_answers_over_eva
     records must be the same, field by field."""
     from controller.edge.channel import EdgeChannel
     from controller.edge.decisions import EdgeDecisions
+    from controller.edge.recorder import EdgeRecorder
     from controller.state.calls import CallStore
+    from controller.state.journal import Journal
     from tests.support.evapi import ScriptedEdge, frame, read_answers
     _, decide, log, _, _ = await asyncio.to_thread(decider_for, tmp_path, policy)
     store, metrics, edge = CallStore(redis_url), Metrics(), ScriptedEdge()
-    channel = EdgeChannel("127.0.0.1", await edge.start(), EdgeDecisions(lambda: policy, store, metrics, "ctl-1"),
-                          metrics)
+    decisions = EdgeDecisions(lambda: policy, store, metrics, "ctl-1")
+    recorder = EdgeRecorder(decisions, Journal(store), metrics)
+    channel = EdgeChannel("127.0.0.1", await edge.start(), decisions, recorder, metrics)
     task = asyncio.create_task(channel.run())
     try:
         reader, writer = await asyncio.wait_for(edge.connections.get(), 10)
         ruris = ("02079460001", "02079460003", "0909123456", "01632960000")
-        decisions = channel.decisions
-
         async def stored(call_id: str) -> dict:
             for _ in range(200):  # a record is acknowledged after its answer left
                 record = await store.get(call_id)
@@ -121,7 +122,7 @@ async def test_the_edge_answers_and_records_what_the_controller_answers_over_eva
             assert json.loads(outcome.answer) == controller_answer, ruri
             event = json.loads(outcome.event)
             assert protocol.parse_decided(event).record["decided_by"] == "edge"  # what the controller accepts
-            await decisions.recorded(event)
+            await recorder.apply([event], source="test")
             at_edge, at_controller = await stored(f"edge-{n}@test"), await stored(f"ctl-{n}@test")
             assert at_edge["decided_by"] == "edge" and at_controller["decided_by"] == "controller"
             assert same(at_edge) == same(at_controller), ruri

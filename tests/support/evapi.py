@@ -28,12 +28,13 @@ class ScriptedEdge:
 
 
 async def read_answers(reader, count, timeout=5.0):
+    """The next `count` answers from the controller (its heartbeats are skipped)."""
     decoder = protocol.NetstringDecoder()
     answers = []
     while len(answers) < count:
         data = await asyncio.wait_for(reader.read(65536), timeout)
         assert data, "controller closed the connection"
-        answers += [json.loads(f) for f in decoder.feed(data)]
+        answers += [a for a in map(json.loads, decoder.feed(data)) if a != {"event": "alive"}]
     return answers
 
 

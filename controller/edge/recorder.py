@@ -139,6 +139,7 @@ class EdgeRecorder:
                     return
                 renewed_at = time.monotonic()
                 valid_until = renewed_at + ttl_s * 0.8
+                self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
             try:
                 if claiming:  # first the entries a previous owner read and did not acknowledge
                     reply = await redis.xautoclaim(key, GROUP, self.instance, 0, start_id=start, count=self.batch_max)

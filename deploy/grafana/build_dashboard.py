@@ -83,6 +83,16 @@ ROWS = [
           ("min(callfabric_edge_connected)", "controller → edge")]),
         ("Edge decisions by result", "timeseries", "reqps",
          [("sum by (result) (rate(kamailio_callfabric_decide_total[1m]))", "{{result}}")]),
+        ("Call state: degraded, replay queue, reconciled", "timeseries", "short",
+         [("max(callfabric_state_degraded)", "degraded (outage or replay)"),
+          ("max(callfabric_redis_outage_queue_depth)", "changes queued"),
+          ("sum(increase(callfabric_calls_reconciled_total[10m]))", "phantoms closed (10 min)")]),
+        ("Edge events: written, queued, applied, dropped", "timeseries", "short",
+         [("sum(rate(kamailio_callfabric_events_written_total[1m]))", "written to the stream /s"),
+          ("max(kamailio_callfabric_events_queued)", "queued at the edge"),
+          ("sum(rate(callfabric_edge_events_total{result=\"applied\"}[1m]))", "applied /s"),
+          ("max by (edge) (callfabric_edge_events_lag)", "not yet applied: {{edge}}"),
+          ("sum by (why) (increase(kamailio_callfabric_events_dropped_total[10m]))", "dropped: {{why}}")]),
     ]),
 ]
 

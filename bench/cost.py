@@ -97,8 +97,12 @@ def main() -> None:
         edge_kw = dict(shm_mb=512, pkg_mb=16, children=4, fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1)
         stacks: dict[str, Stack] = {}
         for mode in modes:
+            # the shipped configuration: the edge's events go to its Redis Stream (the controller
+            # records them in batches); static routing has no controller to record anything for
             kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, name=f"kamailio-{mode}",
-                                edge_policy=workdir / "edge.policy" if mode == "edge" else None, **edge_kw).start()
+                                edge_policy=workdir / "edge.policy" if mode == "edge" else None,
+                                events_redis=redis.url if mode != "static" else None, edge_name=f"edge-{mode}",
+                                **edge_kw).start()
             things.append(kamailio)
             controller = None
             if mode != "static":

@@ -63,7 +63,7 @@ async def main(args: argparse.Namespace) -> int:
     print(f"{runs} runs in {time.monotonic() - started:.0f}s (rates {args.rates} cps, {args.seconds}s of calls each, "
           f"faults of {args.fault_s}s); Redis never back to normal in {never_recovered} run(s)")
     print(f"RESULT records_lost={lost} records_unclosed={unclosed} "
-          f"redis_recovery_s={worst if not never_recovered else 'inf'} runs={runs}")
+          f"redis_recovery_s={f'{worst:.2f}' if not never_recovered else 'inf'} runs={runs}")
     return 0 if lost == 0 and unclosed == 0 and not never_recovered else 1
 
 

@@ -48,6 +48,8 @@ class FaultRun:
     missing: list[str] = field(default_factory=list)  # placed calls without a record
     unclosed: list[str] = field(default_factory=list)  # records not in a final state (or not decided)
     duplicated: list[str] = field(default_factory=list)  # timelines with an end or a decision twice
+    mislabelled: list[str] = field(default_factory=list)  # routed by the edge's fallback, recorded otherwise
+    fallbacks: int = 0  # calls the edge routed by its fallback (records saying so)
     lost_with_redis: int = 0  # redis-empty: calls over before Redis lost its data (nothing could keep them)
     events_dropped: float = 0.0
     recovery_s: float | None = None  # Redis back → nothing queued or replaying, events consumed
@@ -61,7 +63,7 @@ class FaultRun:
         recovery = f"{self.recovery_s:.2f}s" if self.recovery_s is not None else "-"
         return (f"{self.fault:14s} {self.rate:4d} cps {len(self.placed):5d} calls: failed {self.failed}, "
                 f"records missing {len(self.missing)}, unclosed {len(self.unclosed)}, duplicated "
-                f"{len(self.duplicated)}, events dropped {self.events_dropped:.0f}, lost with Redis's data "
+                f"{len(self.duplicated)}, fallbacks {self.fallbacks} (mislabelled {len(self.mislabelled)}), events dropped {self.events_dropped:.0f}, lost with Redis's data "
                 f"{self.lost_with_redis}, Redis back→normal {recovery}, metrics mismatched {self.mismatched or 'none'}")
 
 
@@ -186,7 +188,8 @@ def _settle_and_check(stack: FaultStack, run: FaultRun, settle_s: float, lost_be
     _settled(stack, run.placed, settle_s)
     _check_records(stack, run, lost_before_ms)
     if run.fault != "kill9":  # a restarted controller starts its counters again (Prometheus sees a reset)
-        for edge_name, ctl_name in (("callfabric_fallback_total", "callfabric_edge_fallbacks_total"),):
+        for edge_name, ctl_name in (("callfabric_fallback_total", "callfabric_edge_fallbacks_total"),
+                                    ("callfabric_events_total", "callfabric_dialog_events_total")):
             run.metrics[ctl_name] = (stack.edge_metric(edge_name), stack.controller_metric(ctl_name))
 
 
@@ -265,6 +268,12 @@ def _check_records(stack: FaultStack, run: FaultRun, lost_before_ms: float | Non
                 run.lost_with_redis += 1  # its decision was in the data Redis lost
             else:
                 run.unclosed.append(call_id)
+        if record.get("fallback"):
+            run.fallbacks += 1
+            if record.get("decided_by") != "edge-fallback" or record.get("outcome") != "fallback":
+                run.mislabelled.append(call_id)
+        elif record.get("decided_by") == "edge-fallback":
+            run.mislabelled.append(call_id)
         ends = sum(1 for e in timeline if e in ("ended", "failed"))
         starts = sum(1 for e in timeline if e in ("decided", "fallback"))
         if ends > 1 or starts > 2 or timeline.count("decided") > 1:

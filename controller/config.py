@@ -4,6 +4,7 @@ listed in the README by `callfabric config describe`."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -87,8 +88,9 @@ class Settings:
                                       "stay on the node and are downloaded through ARI.")
     recording_retention_days: int = _setting(30, "Recordings in recording_dir older than this are deleted (0: kept).")
     api_base_url: str = _setting("", "Public base URL of this controller's API (references in context headers).")
-    outbound_trunk: str = _setting("", "host[:port] that outbound calls to phone numbers are sent to, through the "
-                                       "edge (API originate); empty: only sip: URIs can be called.")
+    outbound_trunk: str = _setting("", "The policy's outbound trunk that calls to phone numbers placed with POST "
+                                       "/v1/calls leave through when the request names none (empty: the policy's "
+                                       "only outbound trunk, if it declares exactly one).")
     webhook_url: str = _setting("", "Where call events are POSTed (an agent's own `webhook` in the policy wins).")
     webhook_events: list = _setting([], "Event types sent to webhooks (e.g. call.*, fork.started); empty: all.")
     webhook_secret: str = _setting("", "HMAC-SHA256 key of the Callfabric-Signature header (set it through the "
@@ -266,6 +268,10 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"setting recording_retention_days: {settings.recording_retention_days}: 0 (keep) or more")
     if settings.recording_dir and os.path.exists(settings.recording_dir) and not os.path.isdir(settings.recording_dir):
         raise ConfigError(f"setting recording_dir: {settings.recording_dir!r} is not a directory")
+    if settings.outbound_trunk and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", settings.outbound_trunk):
+        raise ConfigError(f"setting outbound_trunk: {settings.outbound_trunk!r} is not a trunk name: it now names an "
+                          "outbound trunk of the policy (declare the carrier there, e.g. trunks: {carrier: {outbound: "
+                          f"{{address: \"{settings.outbound_trunk}\"}}}}}}, and set outbound_trunk: carrier)")
     if settings.log_format not in LOG_FORMATS:
         raise ConfigError(f"setting log_format: {settings.log_format!r}: expected json or text")
     for entry in [f"={settings.log_level}", *settings.log_levels]:

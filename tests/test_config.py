@@ -91,3 +91,14 @@ def test_json_logs_carry_the_call_id(capsys):
     assert "call_id" not in lines[1]  # prose, not a call ("call gets")
     assert lines[2]["call_id"] == "k:1@h" and lines[3]["call_id"] == "w-9"
     logging.getLogger().handlers.clear()
+
+
+def test_outbound_trunk_names_a_trunk_and_an_old_host_port_says_how_to_migrate():
+    from controller.config import check_settings
+
+    check_settings(Settings(outbound_trunk="carrier-a"))
+    with pytest.raises(ConfigError) as refused:
+        check_settings(Settings(outbound_trunk="10.0.0.9:5060"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("setting outbound_trunk: '10.0.0.9:5060' is not a trunk name")
+    assert 'trunks: {carrier: {outbound: {address: "10.0.0.9:5060"}}}, and set outbound_trunk: carrier' in message

@@ -92,7 +92,7 @@ class CallControl:
                  outbound_trunk: str = "", forwarding: Forwarding | None = None,
                  ask_webhook: Callable[[str, dict[str, Any], float], Awaitable[tuple[str, Any]]] | None = None):
         self.plane = plane
-        self.outbound_trunk = outbound_trunk  # host[:port] numbers are dialled at (through the edge)
+        self.outbound_trunk = outbound_trunk  # the policy's trunk numbers are called through by default
         self.store = store
         self._policy = current_policy
         self.forwarding = forwarding
@@ -198,6 +198,23 @@ class CallControl:
         except (ValueError, KeyError, TypeError):
             raise CommandError(409, "a command with this Idempotency-Key was already received") from None
 
+    def _outbound_trunk(self, name: str | None) -> Any:
+        """The trunk a number is called through: the request's, else the outbound_trunk
+        setting, else the policy's only outbound trunk."""
+        policy = self._policy()
+        declared = {n: t for n, t in policy.source.trunks.items() if t.outbound is not None} if policy else {}
+        where = "trunk" if name else "to"
+        name = name or self.outbound_trunk or (next(iter(declared)) if len(declared) == 1 else None)
+        if name is None:
+            why = ("the serving policy declares no outbound trunk" if not declared else
+                   f"the serving policy has several outbound trunks ({', '.join(sorted(declared))}): name one in "
+                   "`trunk` (or the outbound_trunk setting)")
+            raise CommandError(422, f"cannot call a phone number: {why}", [{"path": where, "message": why}])
+        if name not in declared:
+            raise CommandError(422, f"unknown outbound trunk {name!r} in the serving policy",
+                               [{"path": where, "message": f"unknown outbound trunk {name!r}"}])
+        return declared[name]
+
     def _names(self, section: str, name: str) -> Any:
         policy = self._policy()
         declared = getattr(policy.source, section).get(name) if policy else None
@@ -221,7 +238,7 @@ class CallControl:
             destination = self._names("destinations", arg["destination"])
             mode = "handoff" if verb == "route_sip" else arg.get("mode", "conference")
             context = await self._context(call_id, arg.get("context"))
-            leg = await plane.humans.add(call_id, destination.name, destination.uris[0], mode=mode, context=context,
+            leg = await plane.humans.add(call_id, destination.name, destination.dial_uri(), mode=mode, context=context,
                                          caller_id=arg.get("caller_id") or destination.caller_id)
             return {"action": verb, "result": leg}
         if verb == "fork":
@@ -316,8 +333,9 @@ class CallControl:
         return answer["actions"]
 
     async def originate(self, to: str, agent: str, caller_id: str | None = None,
-                        context: dict[str, str] | None = None) -> dict[str, Any]:
-        """An outbound call to a number or SIP URI, through the edge, with an AI agent on it."""
+                        context: dict[str, str] | None = None, trunk: str | None = None) -> dict[str, Any]:
+        """An outbound call to a number (through an outbound trunk) or a SIP URI, through the
+        edge, with an AI agent on it."""
         endpoint = self._names("agents", agent)
         call_id = f"{uuid.uuid4()}@callfabric"
         target = to if to.startswith(("sip:", "sips:")) else None
@@ -325,10 +343,11 @@ class CallControl:
             if not to.lstrip("+").isdigit() or len(to) > 32:
                 raise CommandError(422, "`to` must be a phone number or a sip: URI",
                                    [{"path": "to", "message": "expected a phone number or a sip: URI"}])
-            if not self.outbound_trunk:
-                raise CommandError(422, "no outbound trunk is configured (setting outbound_trunk): give a sip: URI",
-                                   [{"path": "to", "message": "a phone number needs the outbound_trunk setting"}])
-            target = f"sip:{to}@{self.outbound_trunk}"
+            policy = self._policy()
+            target = self._outbound_trunk(trunk).dial_uri(policy.source.settings.numbering.normalise(to))
+        elif trunk is not None:
+            raise CommandError(422, "`trunk` is for phone numbers: a sip: URI is called as it is",
+                               [{"path": "trunk", "message": "only with a phone number in `to`"}])
         if any(c in target for c in " <>\"\r\n\x00") or len(target) > 256:
             raise CommandError(422, "`to` is not a valid SIP URI", [{"path": "to", "message": "invalid SIP URI"}])
         try:

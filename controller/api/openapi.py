@@ -52,7 +52,10 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object", "required": ["to", "agent"], "additionalProperties": False,
         "properties": {
             "to": {"type": "string", "minLength": 2, "maxLength": 256,
-                   "description": "A phone number (routed by the edge) or a sip: URI."},
+                   "description": "A phone number (called through an outbound trunk of the policy) or a sip: URI."},
+            "trunk": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64,
+                      "description": "The outbound trunk a phone number is called through (default: the "
+                                     "outbound_trunk setting, else the policy's only outbound trunk)."},
             "agent": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64},
             "caller_id": CALLER_ID_SCHEMA,
             "context": _CONTEXT,

@@ -227,7 +227,7 @@ async def post_action(request: web.Request) -> web.Response:
 async def post_call(request: web.Request) -> web.Response:
     body = await _json_body(request, "originate_request")
     result = await request.config_dict[CONTROL].originate(body["to"], body["agent"], body.get("caller_id"),
-                                                           body.get("context"))
+                                                           body.get("context"), body.get("trunk"))
     return web.json_response(result, status=201)
 
 

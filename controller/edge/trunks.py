@@ -112,6 +112,9 @@ def build_table(source: PolicySource, realm: str, environ: Mapping[str, str] | N
                     rows[f"ha1|{user}"] = hashlib.md5(f"{user}:{realm}:{secret}".encode()).hexdigest()
         if outbound is not None:
             rows[f"out|{name}"] = outbound.transport
+            rows[f"oaddr|{name}"] = outbound.address
+            if outbound.failover:
+                rows[f"ofail|{name}"] = ",".join(outbound.failover)
             rows[f"omedia|{name}"] = outbound.media
             rows[f"osrtp|{name}"] = outbound.srtp
             if outbound.from_host:
@@ -119,9 +122,14 @@ def build_table(source: PolicySource, realm: str, environ: Mapping[str, str] | N
             if outbound.caller_ids:
                 rows[f"ocid|{name}"] = ",".join(outbound.caller_ids)
             if outbound.digest is not None:
-                rows[f"ouser|{name}"] = outbound.digest.username
+                user, realm_out = outbound.digest.username, outbound.digest.realm
+                rows[f"ouser|{name}"] = user
                 secret = password(name, "outbound", outbound.digest)
-                if secret is not None:
+                if realm_out:  # the carrier's realm is known: the edge keeps only HA1
+                    rows[f"orealm|{name}"] = realm_out
+                    if secret is not None:
+                        rows[f"oha1|{name}"] = hashlib.md5(f"{user}:{realm_out}:{secret}".encode()).hexdigest()
+                elif secret is not None:
                     rows[f"opw|{name}"] = secret
     for address, names in sources.items():
         rows[f"ip|{address}"] = "," + ",".join(names) + ","

@@ -123,26 +123,29 @@ class SipCaller:
     (username, password) answering a 407."""
 
     def __init__(self, edge_port: int, from_user: str = "+12025550123", *, source_ip: str = "127.0.0.1",
-                 announce_ip: str | None = None, auth: tuple[str, str] | None = None, srtp: bool = False):
+                 announce_ip: str | None = None, auth: tuple[str, str] | None = None, srtp: bool = False,
+                 source_port: int = 0):
         self.edge = ("127.0.0.1", edge_port)
         self.from_user = from_user
         self.source_ip = source_ip
+        self.source_port = source_port  # its SIP port (0: any free one), e.g. a media node's known one
         self.announce_ip = announce_ip or source_ip
         self.auth = auth
         self.srtp = srtp  # offer RTP/SAVP with an SDES key (AES_CM_128_HMAC_SHA1_80) and encrypt
         self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
-                   while_up=None, observe=None) -> CallResult:
-        """Call `to_user`, stream audio for `hold_s` seconds (awaiting `while_up(result)` if
-        given, concurrently), hang up. `observe(result)` is called before the INVITE leaves
-        (to watch the call while it is being answered)."""
+                   while_up=None, observe=None, uri_params: str = "") -> CallResult:
+        """Call `to_user` (Request-URI parameters `uri_params`, e.g. ";cf-trunk=carrier"), stream
+        audio for `hold_s` seconds (awaiting `while_up(result)` if given, concurrently), hang up.
+        `observe(result)` is called before the INVITE leaves (to watch the call while it is being
+        answered)."""
         loop = asyncio.get_running_loop()
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
         if observe is not None:
             observe(result)
-        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, 0))
+        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, self.source_port))
         rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
         me = self.announce_ip
         key = base64.b64encode(os.urandom(30)).decode()
@@ -155,7 +158,7 @@ class SipCaller:
             sdp = (f"v=0\r\no=- 1 1 IN IP4 {me}\r\ns=-\r\nc=IN IP4 {me}\r\nt=0 0\r\n"
                    f"m=audio {rtp_port} {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}a=sendrecv\r\n")
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}"
+            ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}{uri_params}"
             cseq, authorization = 1, ""
             while True:
                 branch = f"z9hG4bK{uuid.uuid4().hex}"

@@ -84,12 +84,14 @@ class SippUAS:
     """A SIPp UAS on a free loopback UDP port, running until stop()."""
 
     def __init__(self, workdir: Path | str, scenario: str = "uas_answer.xml", name: str | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, values: dict[str, str] | None = None):
         self.scenario = scenario
         self.extra_args = list(extra_args or [])  # e.g. ["-mp", port, "-rtp_echo"]: echo the RTP it gets
         self.name = name or Path(scenario).stem
         self.workdir = Path(workdir) / f"uas-{self.name}-{uuid.uuid4().hex[:4]}"
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # the scenario's @@PLACEHOLDERS@@ (e.g. uas_auth.xml's credentials), filled in a copy
+        self.scenario_path = _render(scenario, self.workdir, values) if values else SCENARIOS / scenario
         self.port = free_port(socket.SOCK_DGRAM)
         self.msg_file = self.workdir / "messages.log"
         self.out_file = self.workdir / "sipp.out"
@@ -111,7 +113,7 @@ class SippUAS:
     def _start_once(self) -> bool:
         self._out = open(self.out_file, "wb")
         self.proc = spawn(
-            [SIPP_BIN, "-sf", str(SCENARIOS / self.scenario), "-i", "127.0.0.1",
+            [SIPP_BIN, "-sf", str(self.scenario_path), "-i", "127.0.0.1",
              "-p", str(self.port), "-t", "u1", "-nostdin", "-trace_msg",
              "-message_file", str(self.msg_file), "-max_recv_loops", "1000", *self.extra_args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from controller.policy.actionset import ActionSet
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TRUNK_PARAM = "cf-trunk"  # the URI parameter naming the outbound trunk of a branch
+_TRANSPORT_OR_TRUNK = re.compile(r";(?:transport|cf-trunk)=[^;>]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,14 @@ class Destination:
     attempt_timeout_ms: int | None
     trunks: tuple[str, ...] = ()  # a number reached through outbound trunks: the trunk of each URI
     caller_id: str | None = None  # who a human called there sees calling (else the caller's number)
+
+    def dial_uri(self) -> str:
+        """The URI a media node dials (through the edge) to reach this destination. Through a
+        trunk, the edge itself builds the carrier's URI (address, transport) and fails over to
+        the trunk's failover trunks, so the node only names the number and the trunk."""
+        if not self.trunks:
+            return self.uris[0]
+        return _TRANSPORT_OR_TRUNK.sub("", self.uris[0]) + f";{TRUNK_PARAM}={self.trunks[0]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +153,11 @@ class OutboundTrunk:
     media: str
     srtp: str
 
-    def uri(self, number: str) -> str:
-        return f"sip:{number}@{self.address}" + (f";transport={self.transport}" if self.transport != "udp" else "")
+    def uri(self, number: str, trunk: str) -> str:
+        """The carrier's URI for `number`; `cf-trunk` tells the edge which trunk's credentials,
+        From and media apply to this branch (the edge removes it: kamailio/outbound.cfg)."""
+        transport = f";transport={self.transport}" if self.transport != "udp" else ""
+        return f"sip:{number}@{self.address}{transport};{TRUNK_PARAM}={trunk}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +166,12 @@ class Trunk:
     inbound: InboundTrunk | None
     outbound: OutboundTrunk | None
     position: Position = Position("<policy>", 1, 1)
+
+    def dial_uri(self, number: str) -> str:
+        """What a media node dials to call `number` through this (outbound) trunk: the edge
+        builds the carrier's URI and fails over to the trunk's failover trunks."""
+        assert self.outbound is not None
+        return f"sip:{number}@{self.outbound.address};{TRUNK_PARAM}={self.name}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -507,7 +507,7 @@ class _Builder:
         if not number.startswith("+"):
             self.error(doc, path + ("number",), f"{show(body['number'])} is not a phone number (E.164 after normalisation)")
         chain_ = [trunk_name] + [t for t in trunk.outbound.failover if t in trunks and trunks[t].outbound is not None]
-        return Destination(name, tuple(trunks[t].outbound.uri(number) for t in chain_), body.get("attempt_timeout_ms"),
+        return Destination(name, tuple(trunks[t].outbound.uri(number, t) for t in chain_), body.get("attempt_timeout_ms"),
                            tuple(chain_), caller_id=body.get("caller_id"))
 
     # -- conditions ----------------------------------------------------------------------------

@@ -219,9 +219,41 @@ async def test_originate_an_outbound_call_with_an_agent(api):
         await asyncio.sleep(0.01)
     assert (await api.app[STORE].get(call_id))["state"] == "ended"
     status, body = await api.call("POST", "/calls", json={"to": "+15551234567", "agent": "intake"})
-    assert status == 422 and "outbound_trunk" in body["error"]["message"]
+    assert status == 422 and "declares no outbound trunk" in body["error"]["message"]
     status, body = await api.call("POST", "/calls", json={"to": "sip:x@y", "agent": "nobody"})
     assert status == 422 and "unknown agent" in body["error"]["message"]
+
+
+TRUNKS = """\
+trunks:
+  carrier-a: {outbound: {address: "sip.carrier-a.example:5061", transport: tls, failover: [carrier-b]}}
+  carrier-b: {outbound: {address: "10.0.0.9"}}
+destinations:
+  desk: {trunk: carrier-a, number: "+442079460999"}
+"""
+
+
+async def test_phone_numbers_are_called_through_the_policys_outbound_trunks(api, policy_dir):
+    await asyncio.to_thread((policy_dir / "p.yaml").write_text, POLICY.replace(
+        'destinations:\n  desk: {uri: "sip:desk@pbx.example.com"}\n', TRUNKS))
+    status, body = await api.call("POST", "/policy/reload", token=ADMIN)
+    assert status == 200, body
+    # two outbound trunks and no outbound_trunk setting: the request must name one
+    status, body = await api.call("POST", "/calls", json={"to": "+15551234567", "agent": "intake"})
+    assert status == 422 and "several outbound trunks (carrier-a, carrier-b)" in body["error"]["message"]
+    status, body = await api.call("POST", "/calls", json={"to": "+15551234567", "agent": "intake", "trunk": "nope"})
+    assert status == 422 and body["error"]["errors"] == [{"path": "trunk", "message": "unknown outbound trunk 'nope'"}]
+    status, body = await api.call("POST", "/calls", json={"to": "sip:a@b", "agent": "intake", "trunk": "carrier-a"})
+    assert status == 422 and body["error"]["errors"][0]["path"] == "trunk"
+    # the media node dials the number on the trunk; the edge builds the carrier's URI from there
+    status, body = await api.call("POST", "/calls", json={"to": "+15551234567", "agent": "intake", "trunk": "carrier-a"})
+    assert status == 201, body
+    assert api.fake.originations[-1]["endpoint"] == "PJSIP/edge/sip:+15551234567@sip.carrier-a.example:5061;cf-trunk=carrier-a"
+    # a human brought in through a destination behind a trunk: the same, never the carrier's transport
+    await api.live_call("h1@edge")
+    status, body = await api.call("POST", "/calls/h1@edge/actions", json={"action": {"add_human": {"destination": "desk"}}})
+    assert status == 200, body
+    assert api.fake.originations[-1]["endpoint"] == "PJSIP/edge/sip:+442079460999@sip.carrier-a.example:5061;cf-trunk=carrier-a"
 
 
 async def test_policy_endpoints(api, policy_dir):

@@ -78,8 +78,11 @@ def test_destination_through_an_outbound_trunk_fails_over_to_its_trunks():
             actions: [route_sip: london-desk]
     """)
     decision = policy.decide(call(to_user="+442071234567"))
-    assert decision.destination.uris == ("sip:+442079460999@sip.carrier-a.example:5061;transport=tls",
-                                         "sip:+442079460999@sip.carrier-b.example")
+    assert decision.destination.uris == (
+        "sip:+442079460999@sip.carrier-a.example:5061;transport=tls;cf-trunk=carrier-a",
+        "sip:+442079460999@sip.carrier-b.example;cf-trunk=carrier-b")
+    # a media node dials the number on the first trunk; the edge builds the carrier's URIs
+    assert decision.destination.dial_uri() == "sip:+442079460999@sip.carrier-a.example:5061;cf-trunk=carrier-a"
     assert decision.destination.trunks == ("carrier-a", "carrier-b")
     assert decision.to_dict()["destination"]["trunks"] == ["carrier-a", "carrier-b"]
     trunk = policy.source.trunks["carrier-a"]

@@ -469,6 +469,9 @@ class _Builder:
                                      self._digest(doc, sub + ("digest",), raw_out.get("digest")),
                                      raw_out.get("from_host"), tuple(caller_ids), tuple(raw_out.get("failover", [])),
                                      raw_out.get("media", "always"), raw_out.get("srtp", "off"))
+            if outbound.srtp == "required" and outbound.media != "always":
+                self.error(doc, sub + ("srtp",), "SRTP toward the carrier is made by the edge's rtpengine: a trunk "
+                                                 "with `srtp: required` needs `media: always`")
         return Trunk(name, inbound, outbound, doc.position(path, key=True))
 
     def _trunk_failover(self, decls: dict[str, tuple[PositionedDocument, Path, Any]], trunks: dict[str, Trunk]) -> None:

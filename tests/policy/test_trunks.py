@@ -103,7 +103,7 @@ def test_bad_trunks_are_reported_with_positions():
               srtp: required
           b:
             inbound: {numbers: ["+44"]}
-            outbound: {address: "sip carrier", failover: [b, nope, c]}
+            outbound: {address: "sip carrier", failover: [b, nope, c], media: never, srtp: required}
           c:
             inbound: {sources: ["10.0.0.1"], digest: {username: c, password: hunter2}}
         destinations:
@@ -127,6 +127,7 @@ def test_bad_trunks_are_reported_with_positions():
         "05-trunks.yaml:11:25: 'sip carrier' is not host[:port]",
         "05-trunks.yaml:11:51: a trunk cannot fail over to itself",
         "05-trunks.yaml:11:54: unknown trunk 'nope'",
+        "05-trunks.yaml:11:84: SRTP toward the carrier is made by the edge's rtpengine",
         "05-trunks.yaml:13:60: unknown key 'password'",
         "05-trunks.yaml:15:15: trunk 'a' has no `outbound` part",
         "05-trunks.yaml:16:7: a destination is either a SIP `uri`",

@@ -12,7 +12,7 @@ import pytest
 
 from controller.localstack.kamailio import free_port
 from controller.localstack.rtpengine import Rtpengine
-from controller.localstack.sip_ua import SipCaller
+from controller.localstack.sip_ua import TONE, SipCaller  # TONE: what SipCaller sends
 from controller.localstack.sipp import SippUAS
 
 pytestmark = pytest.mark.skipif(
@@ -90,7 +90,6 @@ trunks:
 default:
   actions: [route_agent: intake]
 """
-TONE = bytes((0x7F if (i // 10) % 2 else 0xFF) for i in range(160))  # what SipCaller sends
 
 
 @pytest.fixture

@@ -268,6 +268,7 @@ class CompiledPolicy:
         self._trunk_numbers = {t.name: compiler.number(_FIELD["ruri"], t.inbound.numbers)
                                for t in source.trunks.values() if t.inbound is not None and t.inbound.numbers}
         self._default = source.default
+        self._decisions: dict[tuple, Decision] = {}  # (rule path, tenant) -> its decision, see _decision
 
     def facts(self, call: Call) -> Facts:
         return Facts(call, self._settings, self._tenants, self._trunk_tenants)
@@ -312,17 +313,45 @@ class CompiledPolicy:
         risk = security.assess(f)
         if risk is not None and risk.outcome != "allow":
             return security.decision(risk, f, self.version)
-        decision = security.cap(self._rules_decide(f))
+        decision = self._rules_decide(f)
         return decision if risk is None else replace(decision, risk=risk)
 
     def _rules_decide(self, f: Facts) -> Decision:
         rules = self.rules
-        applied: list[tuple[str, ActionSet]] = []
+        applied: list[int] = []
         for position in self._candidates(f):
             rule = rules[position]
             if rule.test(f):
-                applied.append((rule.name, rule.actions))
+                applied.append(position)
                 if rule.actions.terminal is not None:
-                    return assemble(applied, f, self.version)
-        applied.append(("default", self._default))
-        return assemble(applied, f, self.version)
+                    return self._decision(tuple(applied), f)
+        applied.append(DEFAULT)
+        return self._decision(tuple(applied), f)
+
+    def _decision(self, path: tuple[int, ...], f: Facts) -> Decision:
+        """The decision of the rules at `path` (positions, DEFAULT for the default), capped by
+        the policy's longest call. Most calls take one of a few paths whose actions read
+        nothing of the call (no placeholder): those decisions are built once and shared
+        (Decision is immutable)."""
+        key = (path, f.tenant)
+        decision = self._decisions.get(key)
+        if decision is not None:
+            return decision
+        rules = self.rules
+        applied = [(rules[p].name, rules[p].actions) if p != DEFAULT else ("default", self._default) for p in path]
+        decision = assemble(applied, f, self.version)
+        if self.security is not None:
+            decision = self.security.cap(decision)
+        if len(self._decisions) < MAX_SHARED_DECISIONS and not any(_per_call(actions) for _, actions in applied):
+            self._decisions[key] = decision
+        return decision
+
+
+DEFAULT = -1  # the default's place in a decision path
+MAX_SHARED_DECISIONS = 4096
+
+
+def _per_call(actions: ActionSet) -> bool:
+    """Whether the actions' outcome depends on the call (a header with a placeholder)."""
+    fallback = actions.webhook_fallback
+    return any(h.dynamic for h in actions.headers) or (fallback is not None and _per_call(fallback))

@@ -33,7 +33,7 @@ def _headers(raw: Any) -> dict[str, tuple[str, ...]]:
 
 class Facts:
     __slots__ = ("call_id", "caller", "callee", "ruri", "src_ip", "source", "transport", "headers", "at",
-                 "counters", "trunk", "tenant", "_local", "_buckets")
+                 "counters", "trunk", "tenant", "risk_measures", "_local", "_buckets")
 
     def __init__(self, call: Call, settings: Settings, tenants: tuple[Tenant, ...],
                  trunk_tenants: Mapping[str, str | None] | None = None):
@@ -55,6 +55,7 @@ class Facts:
         trunk = _text(call.trunk, 64)
         self.trunk = trunk if trunk_tenants is not None and trunk in trunk_tenants else None
         self.tenant = (trunk_tenants or {}).get(self.trunk or "") or self._resolve_tenant(tenants)
+        self.risk_measures: tuple[Any, tuple] | None = None  # (counters, detectors applying): risk.py
         self._local: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
         self._buckets: dict[str, int] = {}
 

@@ -21,10 +21,13 @@ class Numbering:
     min_national_length: int = 7  # shorter digit strings are short codes
 
     def normalise(self, raw: str) -> str:
-        user = raw.split(";", 1)[0]
-        compact = _SEPARATORS.sub("", user)
-        if not compact or not _DIALLED.match(compact):
-            return raw
+        user = raw.split(";", 1)[0] if ";" in raw else raw
+        if user.isascii() and (user.isdigit() or (user[:1] == "+" and user[1:].isdigit())):
+            compact = user  # already plain digits (most calls): no separators to remove
+        else:
+            compact = _SEPARATORS.sub("", user)
+            if not compact or not _DIALLED.match(compact):
+                return raw
         if compact[0] == "+":
             return compact
         for prefix in self.international_prefixes:

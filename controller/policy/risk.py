@@ -146,24 +146,27 @@ class CompiledSecurity:
             self.measures.append(_Measure(d, compiler.condition(d.when), prefixes))
         self.cap_s = policy.max_call_duration_s
 
-    def _exempt(self, f: Facts) -> bool:
-        return self.exempt is not None and self.exempt(f)
+    def _active(self, f: Facts) -> tuple[_Measure, ...]:
+        """The detectors that apply to this call (none when it is exempt). Worked out once
+        per call for `probes` and `assess` alike, unless the counters were handed over in
+        between (a `when` may read them)."""
+        cached = f.risk_measures
+        if cached is not None and cached[0] is f.counters:
+            return cached[1]
+        active = () if self.exempt is not None and self.exempt(f) else tuple(m for m in self.measures if m.when(f))
+        f.risk_measures = (f.counters, active)
+        return active
 
     def probes(self, f: Facts) -> list[CounterProbe]:
         """The counters this call's detectors read (fetched before `assess`)."""
-        if self._exempt(f):
-            return []
-        return list(chain.from_iterable(m.probes(f) for m in self.measures if m.when(f)))
+        return list(chain.from_iterable(m.probes(f) for m in self._active(f)))
 
     def assess(self, f: Facts) -> RiskAssessment | None:
-        if self._exempt(f):
-            return None
         findings = []
-        for m in self.measures:
-            if m.when(f):
-                why = m.finding(f)
-                if why is not None:
-                    findings.append(Finding(m.name, m.d.score, why))
+        for m in self._active(f):
+            why = m.finding(f)
+            if why is not None:
+                findings.append(Finding(m.name, m.d.score, why))
         if not findings:
             return None
         score = sum(x.score for x in findings)

@@ -24,6 +24,9 @@ NANP = Numbering(country_code="1", international_prefixes=("011",), national_pre
     (Numbering(), "02079460000", "02079460000"),  # no home country: national numbers stay as dialled
     (Numbering(), "00442079460000", "+442079460000"),
     (UK, "12 34\x00", "12 34\x00"),         # garbage stays as it came
+    (UK, "\u0660\u0662\u0660\u0667\u0669\u0664\u0666\u0660\u0660\u0660\u0660", "\u0660\u0662\u0660\u0667\u0669\u0664\u0666\u0660\u0660\u0660\u0660"),  # digits, not ASCII ones
+    (UK, "+", "+"),
+    (UK, "+\u00b2", "+\u00b2"),
 ])
 def test_normalise(numbering, raw, expected):
     assert numbering.normalise(raw) == expected

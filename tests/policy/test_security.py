@@ -221,3 +221,25 @@ def test_a_rule_cannot_be_called_security():
     rules = "rules:\n  - {name: security, actions: [route_agent: intake]}\n"
     with pytest.raises(PolicyInvalid, match=r"r.yaml:2:12: error: rules\[0\].name: 'security' is reserved"):
         policy_from_texts({"p.yaml": DECLARATIONS, "r.yaml": rules})
+
+
+def test_a_detector_whose_condition_reads_counters_sees_the_counters_handed_over():
+    """The controller derives the facts, asks which counters the detectors need, then hands
+    them over: a detector's `when` reading a counter is judged on the counts, not on the
+    empty counters it was first asked with."""
+    policy = policy_from_texts({"p.yaml": DECLARATIONS, "security.yaml": textwrap.dedent("""\
+        security:
+          detectors:
+            - {name: busy-source, kind: match, when: {calls_in_window: {scope: source, window: 60s, at_least: 3}},
+               score: 40}
+          outcomes:
+            challenge: {at_least: 40, actions: [route_agent: billing]}
+        """)})
+    facts = policy.compiled.facts(call())
+    assert policy.compiled.security.probes(facts) == []  # asked before any count is known
+    facts.counters = {"window:source:60": 5}
+    decision = policy.compiled.decide_facts(facts)
+    assert decision.risk is not None and [f.detector for f in decision.risk.findings] == ["busy-source"]
+    quiet = policy.compiled.facts(call())
+    quiet.counters = {"window:source:60": 2}
+    assert policy.compiled.decide_facts(quiet).risk is None

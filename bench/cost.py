@@ -48,6 +48,7 @@ from controller.localstack.sipp import SippUAS  # noqa: E402
 
 MODES = ("static", "edge", "controller")
 PARTS = ("kamailio", "controller", "redis")
+MAX_FAILED = 0.005  # a run with more failed calls did not sustain the rate: measured again
 GOALS = {"total_ratio": 2.0, "kamailio_ratio": 1.3, "controller_us_per_call": 100.0, "setup_p50_added_ms": 0.3}
 
 
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--hold-ms", type=int, default=1000, help="how long each call stays up before BYE")
     parser.add_argument("--probe-rate", type=int, default=20, help="CPS of the latency probe beside the load")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured load per mode before the rounds")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="runs measured again when more than 0.5 %% of their calls failed (an overloaded machine)")
     parser.add_argument("--modes", default=",".join(MODES), help="which of static,edge,controller to run")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
@@ -127,8 +130,8 @@ def main() -> None:
 
         rng = random.Random(14)
 
-        def load(stack: Stack, seconds: float, measured: bool) -> dict:
-            n = int(args.rate * seconds)
+        def load(stack: Stack, seconds: float | None, measured: bool) -> dict:
+            n = int(args.rate * (seconds or args.seconds))
             inf, probe_inf = workdir / f"calls-{stack.mode}.csv", workdir / f"probe-{stack.mode}.csv"
             injection_file(inf, min(n, 20000), rng)
             injection_file(probe_inf, 1000, rng)
@@ -139,27 +142,30 @@ def main() -> None:
             if args.warmup_s > 0:
                 load(stack, args.warmup_s, measured=False)
         results: dict[str, list[dict]] = {m: [] for m in modes}
+        overloaded = 0
         for round_no in range(args.rounds):
             order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]
             for mode in order:
-                stack = stacks[mode]
-                before = stack.metrics()
-                run = load(stack, args.seconds, measured=True)
-                time.sleep(0.5)  # the last records and dialog events
-                after = stack.metrics()
-                run["recorded"] = (metric_sum(after, "callfabric_decisions_total")
-                                   - metric_sum(before, "callfabric_decisions_total"))
-                run["at_edge"] = (metric_sum(after, "callfabric_edge_made_decisions_total")
-                                  - metric_sum(before, "callfabric_edge_made_decisions_total"))
+                for attempt in range(1 + args.retries):
+                    run = measured_run(stacks[mode], load)
+                    calls = max(1.0, run["window_calls"])
+                    per = {part: run["cpu"].seconds(part) * 1e6 / calls for part in PARTS}
+                    recorded = (f"  recorded {run['recorded']:.0f} (at the edge {run['at_edge']:.0f})"
+                                if mode != "static" else "")
+                    sustained = run["failed"] <= MAX_FAILED * (run["successful"] + run["failed"])
+                    print(f"  round {round_no + 1} {mode:<10} ok {run['successful']:>5} failed {run['failed']:>3}  "
+                          f"µs/call kamailio {per['kamailio']:5.0f} controller {per['controller']:5.0f} "
+                          f"redis {per['redis']:4.0f} total {sum(per.values()):5.0f}  setup p50 "
+                          f"{percentile(run['setups'], .5):5.2f} ms p95 {percentile(run['setups'], .95):6.2f} ms"
+                          f"{recorded}{'' if sustained else '  NOT sustained (the machine is busy?): run again'}",
+                          flush=True)
+                    if sustained or attempt == args.retries:
+                        break
+                    overloaded += 1
                 results[mode].append(run)
-                calls = max(1.0, run["window_calls"])
-                per = {part: run["cpu"].seconds(part) * 1e6 / calls for part in PARTS}
-                recorded = f"  recorded {run['recorded']:.0f} (at the edge {run['at_edge']:.0f})" if mode != "static" else ""
-                print(f"  round {round_no + 1} {mode:<10} ok {run['successful']:>5} failed {run['failed']:>3}  "
-                      f"µs/call kamailio {per['kamailio']:5.0f} controller {per['controller']:5.0f} "
-                      f"redis {per['redis']:4.0f} total {sum(per.values()):5.0f}  setup p50 "
-                      f"{percentile(run['setups'], .5):5.2f} ms p95 {percentile(run['setups'], .95):6.2f} ms{recorded}",
-                      flush=True)
+        if overloaded:
+            print(f"{overloaded} run(s) with more than {MAX_FAILED:.1%} failed calls measured again "
+                  f"(their retransmissions are not what a call costs)")
 
         summary = report(results, stacks)
         s, e = summary["static"], summary.get("edge")
@@ -188,6 +194,18 @@ def main() -> None:
                 print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measured_run(stack: Stack, load) -> dict:
+    """One measured load on `stack`, with the calls its controller recorded meanwhile."""
+    before = stack.metrics()
+    run = load(stack, None, measured=True)
+    time.sleep(0.5)  # the last records and dialog events
+    after = stack.metrics()
+    run["recorded"] = metric_sum(after, "callfabric_decisions_total") - metric_sum(before, "callfabric_decisions_total")
+    run["at_edge"] = (metric_sum(after, "callfabric_edge_made_decisions_total")
+                      - metric_sum(before, "callfabric_edge_made_decisions_total"))
+    return run
 
 
 def report(results: dict[str, list[dict]], stacks: dict[str, Stack]) -> dict[str, dict[str, float]]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from functools import lru_cache
+from typing import Any, Callable, Mapping
 
 from controller.edge import bundle, protocol
 from controller.edge.verdict import call_counters, hot_key, hot_thresholds, verdict
@@ -32,20 +34,119 @@ from controller.policy import Policy
 RECHECK_S = 1.0  # how often the policy file is looked at
 MAX_EVENT_BYTES = 24 * 1024  # the `decided` event must fit kamailio.cfg's pv_buffer_size (32 KB)
 
+# kamailio.cfg's limits on an answer (route[VALIDATE_ANSWER], kamailio/PROTOCOL.md): the edge's
+# own answers are held to them here, before Kamailio carries them out.
+ANSWER_HDRS_MAX = 8192
+MAX_RELAY_URIS = 8
+RING_TIMEOUT_MS = (1000, 600000)
+MAX_DURATION_MAX_S = 86400
+_HDR_LINES = re.compile(r"(?:[A-Za-z0-9!%*_+'~.-]+:[ \t]*[^\r\n]*\r\n)+")
+_HDR_ROUTING = re.compile(r"(?:^|\n)(?:via|v|from|f|to|t|call-id|i|cseq|contact|m|route|record-route|max-forwards"
+                          r"|content-[a-z-]*|l|c|e)[ \t]*:", re.IGNORECASE)
+_RELAY_URI = re.compile(r'sips?:[^][ \t\n\r\f\v<>"]+', re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# kamailio.cfg's route[BUILD_DECIDE]: the caller's headers a decide event carries
+HDRS_BUDGET = 4096  # bytes of names + values, in message order; headers beyond are left out
+_CALLER_HEADER = re.compile(r"x-.+|p-asserted-identity|p-preferred-identity|remote-party-id|diversion|history-info"
+                            r"|privacy|referred-by|user-agent|subject|priority|organization|call-info|alert-info",
+                            re.IGNORECASE | re.DOTALL)
+_NOT_CALLER_HEADER = re.compile(r"x-callfabric-|.*[].[]", re.IGNORECASE | re.DOTALL)
+
 
 @dataclass(frozen=True, slots=True)
 class EdgeOutcome:
     deferred: str  # why the controller decides this call ("" when the edge decided)
-    answer: str = ""  # the answer JSON for route[EDGE_DECIDED]
+    reply: Mapping[str, Any] | None = None  # the answer (kamailio/PROTOCOL.md), as a controller sends it
     event: str = ""  # the `decided` event JSON for the controller
+    # what route[EDGE_DECIDED] carries out: (pseudo-variable, value) as route[VALIDATE_ANSWER] sets them
+    kamailio_vars: tuple[tuple[str, str | int], ...] = ()
 
     @staticmethod
     def defer(reason: str) -> "EdgeOutcome":
         return EdgeOutcome(reason)
 
+    @property
+    def answer(self) -> str:
+        """The answer JSON ("" when deferred)."""
+        return _json(self.reply) if self.reply is not None else ""
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@lru_cache(maxsize=1024)
+def _usable_hdrs(hdrs: str) -> bool:
+    """CRLF-terminated "Name: value" lines, none of a routing-critical header (the answers of
+    one decision share their lines: checked once)."""
+    size = len(hdrs) if hdrs.isascii() else len(hdrs.encode())
+    return size <= ANSWER_HDRS_MAX and (not hdrs or (_HDR_LINES.fullmatch(hdrs) is not None
+                                                     and _HDR_ROUTING.search(hdrs) is None))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def kamailio_vars(answer: Mapping[str, Any]) -> tuple[tuple[str, str | int], ...] | None:
+    """An answer as route[VALIDATE_ANSWER] turns it into $var(a_*) for route[APPLY_ANSWER], or
+    None when Kamailio would refuse it (a bug: the controller then decides the call)."""
+    action, hdrs = answer.get("action"), answer.get("hdrs", "")
+    if not isinstance(hdrs, str) or not _usable_hdrs(hdrs):
+        return None
+    ring, max_duration, dispatcher_set, uris, code, reason = 0, 0, 0, "", 0, ""
+    if action in ("dispatch", "relay"):
+        if "ring_timeout_ms" in answer:
+            ring = answer["ring_timeout_ms"]
+            if not _count(ring) or not RING_TIMEOUT_MS[0] <= ring <= RING_TIMEOUT_MS[1]:
+                return None
+        if "max_duration_s" in answer:
+            max_duration = answer["max_duration_s"]
+            if not _count(max_duration) or not 1 <= max_duration <= MAX_DURATION_MAX_S:
+                return None
+    if action == "dispatch":
+        dispatcher_set = answer.get("set")
+        if not _count(dispatcher_set) or dispatcher_set < 0:
+            return None
+    elif action == "relay":
+        listed = answer.get("uris")
+        if not isinstance(listed, list) or not 1 <= len(listed) <= MAX_RELAY_URIS or not all(
+                isinstance(u, str) and len(u) <= 512 and _RELAY_URI.fullmatch(u) for u in listed):
+            return None
+        uris = ">".join(listed)  # '>' cannot appear in a URI here
+    elif action == "reject":
+        code, reason = answer.get("code"), answer.get("reason")
+        if not _count(code) or not 400 <= code <= 699 or not isinstance(reason, str) or len(reason) > 128 \
+                or _CONTROL.search(reason):
+            return None
+        reason = reason or "Rejected"
+    else:
+        return None
+    return (("$var(a_action)", action), ("$var(a_hdrs)", hdrs), ("$var(a_ring)", ring),
+            ("$var(a_maxdur)", max_duration), ("$var(a_set)", dispatcher_set), ("$var(a_uris)", uris),
+            ("$var(a_code)", code), ("$var(a_reason)", reason))
+
+
+def caller_headers(message: str, wanted: frozenset[str]) -> dict[str, list[str]]:
+    """The `headers` of a decide event (route[BUILD_DECIDE]: the caller's X-* and identity
+    headers, X-Callfabric-* left out, at most HDRS_BUDGET bytes of them in message order),
+    from the request as received, keeping only the names in `wanted` (lower case): what the
+    policy reads. For requests of plain printable ASCII lines (route[JSAFE]), which are the
+    only ones read this way: values are those lines' text after the colon, trimmed."""
+    headers: dict[str, list[str]] = {}
+    used = 0
+    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        name, colon, value = line.partition(":")
+        name = name.rstrip(" ")
+        if not colon or not _CALLER_HEADER.fullmatch(name) or _NOT_CALLER_HEADER.match(name):
+            continue
+        value = value.strip(" ")
+        if used + len(name) + len(value) > HDRS_BUDGET:
+            continue
+        used += len(name) + len(value)
+        if name.lower() in wanted:
+            headers.setdefault(name, []).append(value)
+    return headers
 
 
 class EdgeDecider:
@@ -89,45 +190,59 @@ class EdgeDecider:
         self._thresholds = hot_thresholds(policy)
         self._log("info", f"edge policy {policy.version} loaded from {self.path}")
 
-    def decide(self, request_json: str, is_hot: Callable[[str], bool]) -> EdgeOutcome:
+    @property
+    def header_names(self) -> frozenset[str]:
+        """The caller's headers the current policy reads (lower case), after refresh()."""
+        return self.policy.compiled.header_names if self.policy is not None else frozenset()
+
+    def decide(self, request: str | Mapping[str, Any], is_hot: Callable[[str], bool]) -> EdgeOutcome:
+        """Decide the call of a decide event: its JSON, or the same fields already read (the
+        `headers` only need the names in header_names)."""
         try:
-            return self._decide(request_json, is_hot)
+            return self._decide(request, is_hot)
         except Exception as exc:  # never a failed call because of the edge's own decision
             self._log("error", f"edge decision failed, the controller decides: {type(exc).__name__}: {exc}")
             return EdgeOutcome.defer("error")
 
-    def _decide(self, request_json: str, is_hot: Callable[[str], bool]) -> EdgeOutcome:
+    def _decide(self, request: str | Mapping[str, Any], is_hot: Callable[[str], bool]) -> EdgeOutcome:
         started = time.perf_counter()
         self.refresh()
         policy = self.policy
         if policy is None:
             return EdgeOutcome.defer("no-policy")
         try:
-            message = json.loads(request_json)
-            request = protocol.parse_decide(message if isinstance(message, dict) else {})
+            message = json.loads(request) if isinstance(request, str) else request
+            parsed = protocol.parse_decide(message if isinstance(message, dict) else {})
         except (ValueError, protocol.BadRequest):
             return EdgeOutcome.defer("bad-request")
-        facts = policy.compiled.facts(request.call)
+        facts = policy.compiled.facts(parsed.call)
         counters = call_counters(policy, facts)
         thresholds = self._thresholds
+        watched = set()  # the scopes whose counters have a limit: one look each at the hot table
         for probe in counters:
-            if thresholds.get(probe.key, 1) <= 0:
-                return EdgeOutcome.defer("exact-counter")
-            if is_hot(hot_key(probe)):
-                return EdgeOutcome.defer("hot")
+            limit = thresholds.get(probe.key)
+            if limit is not None:
+                if limit <= 0:
+                    return EdgeOutcome.defer("exact-counter")
+                watched.add(hot_key(probe))
+        if any(is_hot(key) for key in watched):
+            return EdgeOutcome.defer("hot")
         decision = policy.compiled.decide_facts(facts)
         if decision.outcome == "webhook":
             return EdgeOutcome.defer("webhook")
         if decision.risk is not None:
             return EdgeOutcome.defer("risk")
         at_ms = time.time_ns() // 1_000_000
-        result = verdict(policy, request, facts, decision, counters, at_ms=at_ms,
+        result = verdict(policy, parsed, facts, decision, counters, at_ms=at_ms,
                          decide_ms=round((time.perf_counter() - started) * 1000, 3), decided_by="edge")
-        event = {"event": "decided", "call_id": request.call.call_id, "tx": request.tx, "record": result.record,
-                 "timeline": result.event, "live_scopes": result.live_scopes,
-                 "counters": [[c.key, c.kind, c.scope, c.value, c.window_s, c.count, c.member]
-                              for c in counters]}
-        encoded = _json(event)
+        carried_out = kamailio_vars(result.answer)
+        if carried_out is None:
+            self._log("error", f"edge answer refused by Kamailio's own checks, the controller decides: "
+                               f"{_json(result.answer)[:300]}")
+            return EdgeOutcome.defer("invalid")
+        # (a counter probe is the tuple [key, kind, scope, value, window_s, count, member])
+        encoded = _json({"event": "decided", "call_id": parsed.call.call_id, "tx": parsed.tx, "record": result.record,
+                         "timeline": result.event, "live_scopes": result.live_scopes, "counters": counters})
         if len(encoded) > MAX_EVENT_BYTES:  # beyond Kamailio's pv buffer: let the controller record it
             return EdgeOutcome.defer("too-big")
-        return EdgeOutcome("", _json(result.answer), encoded)
+        return EdgeOutcome("", result.answer, encoded, carried_out)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from controller.policy import conditions as cond
 from controller.policy.actionset import ActionSet, assemble
-from controller.policy.facts import Facts
+from controller.policy.facts import Facts, Source
 from controller.policy.model import Call, CounterSpec, Decision, PolicySource, trunk_refusal
 from controller.policy.risk import CompiledSecurity
 
@@ -269,9 +269,10 @@ class CompiledPolicy:
                                for t in source.trunks.values() if t.inbound is not None and t.inbound.numbers}
         self._default = source.default
         self._decisions: dict[tuple, Decision] = {}  # (rule path, tenant) -> its decision, see _decision
+        self._sources: dict[str, Source] = {}  # source addresses seen (facts.Source)
 
     def facts(self, call: Call) -> Facts:
-        return Facts(call, self._settings, self._tenants, self._trunk_tenants)
+        return Facts(call, self._settings, self._tenants, self._trunk_tenants, self._sources)
 
     def _candidates(self, f: Facts) -> list[int]:
         hits: list[list[int]] = []

@@ -113,13 +113,6 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A source address from signalling; None when it is not an address."""
     if not isinstance(text, str):
         return None
-    return _address(text)
-
-
-@lru_cache(maxsize=4096)
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    # calls come from a few trunks and peers again and again: parsing is the slow part
-    # (ipaddress objects are immutable, so one can be shared by every call from an address)
     try:
         return ipaddress.ip_address(text.strip("[] "))
     except ValueError:

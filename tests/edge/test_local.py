@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controller.edge import bundle, protocol
-from controller.edge.local import RECHECK_S, EdgeDecider
+from controller.edge.local import RECHECK_S, EdgeDecider, caller_headers, kamailio_vars
 from controller.edge.verdict import hot_thresholds
 from controller.metrics import Metrics
 from controller.security.hot import HotScopes
@@ -308,3 +308,79 @@ async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_
             await asyncio.gather(*list(decisions._checks))
     finally:
         await store.aclose()
+
+
+def sip_request(*headers: str) -> str:
+    return ("INVITE sip:02079460001@edge SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK1\r\n"
+            "From: <sip:07700900999@test>;tag=ft\r\nTo: <sip:02079460001@test>\r\nCall-ID: c-1@test\r\n"
+            "CSeq: 1 INVITE\r\n" + "".join(h + "\r\n" for h in headers) + "Content-Length: 4\r\n\r\nX-B: body\r\n")
+
+
+def test_the_edge_reads_the_callers_headers_like_the_decide_event_carries_them():
+    """kamailio.cfg route[BUILD_DECIDE]'s choice of headers (X-*, identity ones; never
+    X-Callfabric-*, never names with '.', '[' or ']'; a 4 KB budget in message order), as
+    the edge's Python reads them from a plain ASCII request, keeping what the policy reads."""
+    wanted = frozenset({"x-lang", "subject", "x-callfabric-agent", "x.y", "x-b", "x-late"})
+    headers = caller_headers(sip_request("X-Lang: fr", "Subject:  hello  ", "X-Callfabric-Agent: forged",
+                                         "x-lang: de", "X.Y: dotted", "s: compact", "X-Other: 1",
+                                         "Diversion: <sip:a@b>", "X-Huge: " + "z" * 4030, "X-Late: after"), wanted)
+    assert headers == {"X-Lang": ["fr"], "Subject": ["hello"], "x-lang": ["de"]}
+    # nothing the policy does not read, and the body is not a header
+    assert caller_headers(sip_request("X-Lang: fr"), frozenset({"x-b"})) == {}
+    # one header beyond the budget is left out, a later one within it is kept
+    assert caller_headers(sip_request("X-Huge: " + "z" * 4091, "X-Late: after"), wanted) == {"X-Late": ["after"]}
+
+
+def test_fields_read_from_the_request_decide_like_its_decide_event(tmp_path, policy):
+    """What kamailio/edge_decide.py hands over for a plain ASCII request (the fields, the
+    headers the policy reads) decides like the decide event JSON of the same request."""
+    header_rules = RULES.replace("rules:\n", "rules:\n  - name: french\n    match: {header: {name: X-Lang, "
+                                              "equals: fr}}\n    actions: [route_agent: billing]\n", 1)
+    decider, decide, _, _, _ = decider_for(tmp_path, policy_from_texts({"00-decl.yaml": DECLARATIONS,
+                                                                        "10-rules.yaml": header_rules}))
+    decider.refresh()
+    assert "x-lang" in decider.header_names  # (and the tenant header of the declarations)
+    for lang, rule in (("fr", "french"), ("de", "desk")):
+        message = request("02079460003", headers={"X-Lang": [lang], "X-Other": ["1"]})
+        as_json = decide(message)
+        read = decider.decide({**message, "headers": caller_headers(sip_request(f"X-Lang: {lang}", "X-Other: 1"),
+                                                                    decider.header_names)}, lambda key: False)
+        assert as_json.deferred == read.deferred == "" and json.loads(as_json.answer) == json.loads(read.answer)
+        assert json.loads(read.event)["record"]["rule"] == rule
+        assert dict(read.kamailio_vars)["$var(a_action)"] == ("dispatch" if rule == "french" else "relay")
+
+
+@pytest.mark.parametrize("answer, carried_out", [
+    ({"action": "dispatch", "set": 2, "hdrs": "X-A: b\r\n", "max_duration_s": 60},
+     {"$var(a_action)": "dispatch", "$var(a_set)": 2, "$var(a_hdrs)": "X-A: b\r\n", "$var(a_maxdur)": 60}),
+    ({"action": "relay", "uris": ["sip:a@h:5060", "sips:b@h"], "hdrs": "", "ring_timeout_ms": 3000},
+     {"$var(a_action)": "relay", "$var(a_uris)": "sip:a@h:5060>sips:b@h", "$var(a_ring)": 3000}),
+    ({"action": "reject", "code": 486, "reason": "", "hdrs": ""},
+     {"$var(a_action)": "reject", "$var(a_code)": 486, "$var(a_reason)": "Rejected"}),
+])
+def test_an_edge_answer_becomes_what_kamailio_carries_out(answer, carried_out):
+    got = dict(kamailio_vars({"tx": "1:2", **answer}))
+    assert got == {**{"$var(a_hdrs)": "", "$var(a_ring)": 0, "$var(a_maxdur)": 0, "$var(a_set)": 0,
+                      "$var(a_uris)": "", "$var(a_code)": 0, "$var(a_reason)": ""}, **carried_out}
+
+
+@pytest.mark.parametrize("answer", [
+    {"action": "dispatch", "set": 1, "hdrs": "Via: SIP/2.0/UDP evil\r\n"},
+    {"action": "dispatch", "set": 1, "hdrs": "X-A: b\r\nf: <sip:x@y>\r\n"},
+    {"action": "dispatch", "set": 1, "hdrs": "X-A: b"},
+    {"action": "dispatch", "set": 1, "hdrs": "X-A: b\r\nX-B\r\n"},
+    {"action": "dispatch", "set": 1, "hdrs": "X-A: " + "b" * 8200 + "\r\n"},
+    {"action": "dispatch", "set": True},
+    {"action": "dispatch", "set": -1},
+    {"action": "dispatch", "set": 1, "max_duration_s": 0},
+    {"action": "dispatch", "set": 1, "ring_timeout_ms": 999},
+    {"action": "relay", "uris": []},
+    {"action": "relay", "uris": ["sip:a b@h"]},
+    {"action": "relay", "uris": ["tel:+1"]},
+    {"action": "relay", "uris": ["sip:a@h"] * 9},
+    {"action": "reject", "code": 302, "reason": "Moved"},
+    {"action": "reject", "code": 403, "reason": "Bad\r\nX-Injected: 1"},
+    {"action": "fallback", "reason": "no-policy"},
+])
+def test_an_edge_answer_kamailio_would_refuse_is_not_carried_out(answer):
+    assert kamailio_vars({"tx": "1:2", "hdrs": "", **answer}) is None

@@ -95,6 +95,35 @@ async def test_with_no_controller_the_edge_still_applies_the_policy(stack, store
     assert 'callfabric_events_dropped_total{why="no-controller"}' in metrics[1]
 
 
+LANGUAGES = POLICY.replace("rules:\n", """rules:
+  - name: french
+    match: {{header: {{name: X-Lang, equals: fr}}}}
+    actions: [route_agent: sales]
+""", 1)
+
+
+async def test_the_edge_matches_on_the_callers_headers(stack, store):
+    """The edge's Python reads a plain ASCII request's headers itself, and those of any other
+    request from its decide event: the same decisions either way."""
+    await asyncio.to_thread((stack.policy_dir / "policy.yaml").write_text,
+                            LANGUAGES.format(pbx_busy=stack.pbx_busy.addr, pbx=stack.pbx.addr))
+    controller = await start_controller(stack)
+    try:
+        for headers, rule in ((["X-Lang: fr"], "french"), (["X-Lang: de", "x-lang: fr"], "french"),
+                              (["X-Lang: de"], "default"), (["X-Lang: fr", "X-Note: caf\u00e9"], "french"),
+                              (["X-Lang: de", "X-Note: caf\u00e9"], "default")):
+            result = await stack.call("18005559999", headers=[tuple(h.split(": ", 1)) for h in headers])
+            assert result.rc == 0 and result.successful == 1, (headers, result.output)
+            (call_id,) = call_ids(result)
+            record = await wait_state(store, call_id, "ended")
+            assert (record["decided_by"], record["rule"]) == ("edge", rule), headers
+            assert bool(await invites(stack.sales, call_id=call_id)) is (rule == "french"), headers
+        metrics = (await asyncio.to_thread(stack.kamailio.http_get, "/metrics"))[1]
+        assert [line for line in metrics.splitlines() if line.startswith("callfabric_edge_deferred_total{")] == []
+    finally:
+        await controller.stop()
+
+
 CAPPED = POLICY.replace("rules:\n", """rules:
   - name: source-cap
     match: {{calls_in_window: {{scope: source, window: 60s, at_least: 4}}}}

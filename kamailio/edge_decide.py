@@ -29,7 +29,8 @@ except Exception as exc:  # a broken install must not take SIP down: every call 
 _LOG = {"info": KSR.info, "warn": KSR.warn, "error": KSR.err}
 # decide event field -> the pseudo-variable route[BUILD_DECIDE] prints it from
 _FIELDS = (("call_id", "$ci"), ("from_uri", "$fu"), ("from_user", "$fU"), ("from_tag", "$ft"), ("to_uri", "$tu"),
-           ("to_user", "$tU"), ("ruri", "$ru"), ("ruri_user", "$rU"), ("src_ip", "$si"), ("user_agent", "$ua"))
+           ("to_user", "$tU"), ("ruri", "$ru"), ("ruri_user", "$rU"), ("src_ip", "$si"), ("user_agent", "$ua"),
+           ("trunk", "$var(trunk)"))
 
 
 def _log(level, message):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
+from controller.actions import is_trusted_header
 from controller.edge import bundle, protocol
 from controller.edge.verdict import call_counters, hot_key, hot_thresholds, verdict
 from controller.policy import Policy
@@ -51,7 +52,7 @@ HDRS_BUDGET = 4096  # bytes of names + values, in message order; headers beyond 
 _CALLER_HEADER = re.compile(r"x-.+|p-asserted-identity|p-preferred-identity|remote-party-id|diversion|history-info"
                             r"|privacy|referred-by|user-agent|subject|priority|organization|call-info|alert-info",
                             re.IGNORECASE | re.DOTALL)
-_NOT_CALLER_HEADER = re.compile(r"x-callfabric-|.*[].[]", re.IGNORECASE | re.DOTALL)
+_UNUSABLE_NAME = re.compile(r"[].[]")  # (the jansson path splits names on '.' and '[')
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,8 @@ def kamailio_vars(answer: Mapping[str, Any]) -> tuple[tuple[str, str | int], ...
 
 def caller_headers(message: str, wanted: frozenset[str]) -> dict[str, list[str]]:
     """The `headers` of a decide event (route[BUILD_DECIDE]: the caller's X-* and identity
-    headers, X-Callfabric-* left out, at most HDRS_BUDGET bytes of them in message order),
+    headers, the names callfabric sets or trusts left out, at most HDRS_BUDGET bytes of them
+    in message order),
     from the request as received, keeping only the names in `wanted` (lower case): what the
     policy reads. For requests of plain printable ASCII lines (route[JSAFE]), which are the
     only ones read this way: values are those lines' text after the colon, trimmed."""
@@ -138,7 +140,7 @@ def caller_headers(message: str, wanted: frozenset[str]) -> dict[str, list[str]]
     for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
         name, colon, value = line.partition(":")
         name = name.rstrip(" ")
-        if not colon or not _CALLER_HEADER.fullmatch(name) or _NOT_CALLER_HEADER.match(name):
+        if not colon or not _CALLER_HEADER.fullmatch(name) or is_trusted_header(name) or _UNUSABLE_NAME.search(name):
             continue
         value = value.strip(" ")
         if used + len(name) + len(value) > HDRS_BUDGET:

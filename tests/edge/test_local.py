@@ -317,11 +317,12 @@ def sip_request(*headers: str) -> str:
 
 
 def test_the_edge_reads_the_callers_headers_like_the_decide_event_carries_them():
-    """kamailio.cfg route[BUILD_DECIDE]'s choice of headers (X-*, identity ones; never
-    X-Callfabric-*, never names with '.', '[' or ']'; a 4 KB budget in message order), as
+    """kamailio.cfg route[BUILD_DECIDE]'s choice of headers (X-*, identity ones; never the
+    names callfabric sets or trusts, never names with '.', '[' or ']'; a 4 KB budget in
+    message order), as
     the edge's Python reads them from a plain ASCII request, keeping what the policy reads."""
-    wanted = frozenset({"x-lang", "subject", "x-callfabric-agent", "x.y", "x-b", "x-late"})
-    headers = caller_headers(sip_request("X-Lang: fr", "Subject:  hello  ", "X-Callfabric-Agent: forged",
+    wanted = frozenset({"x-lang", "subject", "x-callfabric-agent", "x-intent", "x.y", "x-b", "x-late"})
+    headers = caller_headers(sip_request("X-Lang: fr", "Subject:  hello  ", "X-Callfabric-Agent: forged", "X-Intent: x",
                                          "x-lang: de", "X.Y: dotted", "s: compact", "X-Other: 1",
                                          "Diversion: <sip:a@b>", "X-Huge: " + "z" * 4030, "X-Late: after"), wanted)
     assert headers == {"X-Lang": ["fr"], "Subject": ["hello"], "x-lang": ["de"]}

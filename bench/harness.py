@@ -172,7 +172,7 @@ class ControllerProcess:
     them, round robin), like a scaled-out deployment."""
 
     def __init__(self, workdir: Path, policy_dir: Path, redis_url: str, kamailio: Kamailio, count: int = 1,
-                 name: str = "bench"):
+                 name: str = "bench", extra: dict | None = None):
         self.kamailio = kamailio
         self.configs, self.https = [], []
         for index in range(count):
@@ -183,7 +183,7 @@ class ControllerProcess:
                 "edge_rpc": [f"http://127.0.0.1:{kamailio.http_port}/RPC"],
                 "edge_policy_file": str(kamailio.edge_policy or ""),
                 "edge_streams": [kamailio.edge_name],  # (read only when the edge writes it: EVENTS_REDIS)
-                "http_listen": http, "log_level": "WARNING", "instance_id": f"{name}-{index}"}))
+                "http_listen": http, "log_level": "WARNING", "instance_id": f"{name}-{index}", **(extra or {})}))
             self.configs.append(config)
             self.https.append(http)
         self.log = workdir / f"{name}-controller.log"

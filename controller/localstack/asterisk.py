@@ -36,7 +36,8 @@ def _install_prefix(binary: str) -> Path:
 class Asterisk:
     def __init__(self, workdir: Path | str, *, edge_port: int, binary: str | None = None,
                  ari_user: str = "callfabric", ari_password: str = "ari-secret",
-                 ami_user: str = "callfabric", ami_password: str = "ami-secret", name: str = "asterisk"):
+                 ami_user: str = "callfabric", ami_password: str = "ami-secret", name: str = "asterisk",
+                 rtp_ports: int = 200):
         self.binary = binary or asterisk_binary()
         if not self.binary:
             raise RuntimeError("no asterisk binary (PATH or CALLFABRIC_ASTERISK)")
@@ -46,7 +47,7 @@ class Asterisk:
         self.http_port = free_port()
         self.ami_port = free_port()
         rtp = free_port(socket.SOCK_DGRAM)
-        self.rtp_start, self.rtp_end = rtp - rtp % 2, rtp - rtp % 2 + 200
+        self.rtp_start, self.rtp_end = rtp - rtp % 2, rtp - rtp % 2 + rtp_ports  # 2 per RTP stream (RTCP)
         self.edge_port = edge_port
         self.ari_user, self.ari_password = ari_user, ari_password
         self.ami_user, self.ami_password = ami_user, ami_password

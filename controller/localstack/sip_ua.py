@@ -26,9 +26,12 @@ def ulaw(sample: int) -> int:
     return ~(sign | (exponent << 4) | mantissa) & 0xFF
 
 
+_NEAR_ZERO = bytes(b for b in range(256) if (b & 0x7F) >= 0x7D)  # µ-law codes within 2 steps of zero
+
+
 def ulaw_silent(payload: bytes) -> bool:
-    """True for a µ-law payload of (near) digital silence: every code within 2 steps of zero."""
-    return all((b & 0x7F) >= 0x7D for b in payload)
+    """True for a µ-law payload of (near) digital silence."""
+    return not payload.translate(None, _NEAR_ZERO)
 
 
 TONE = bytes(ulaw(round(8000 * math.sin(2 * math.pi * i / 8))) for i in range(160))  # 20 ms of 1 kHz
@@ -45,14 +48,17 @@ class CallResult:
     payload_types: Counter = field(default_factory=Counter)  # of the packets received
     received_at: list[float] = field(default_factory=list)
     sdp: str = ""  # the answer's SDP
+    invited_at: float = 0.0  # time.monotonic() of the first INVITE
+    answered_at: float = 0.0  # … of the final answer
     raw: list[bytes] = field(default_factory=list)  # the first RTP datagrams as they arrived (on the wire)
     payloads: list[bytes] = field(default_factory=list)  # their payloads (decrypted, with SRTP)
     srtp_failed: int = 0  # datagrams that did not authenticate with the answered key
 
 
 class _Rtp(asyncio.DatagramProtocol):
-    def __init__(self, result: CallResult):
+    def __init__(self, result: CallResult, listen=None):
         self.result = result
+        self.listen = listen  # listen(rtp packet, time.monotonic()) for every packet received
         self.unprotect = None  # SRTP: decrypts and authenticates, raises on a bad packet
 
     def datagram_received(self, data, addr):
@@ -65,8 +71,11 @@ class _Rtp(asyncio.DatagramProtocol):
                 except Exception:  # noqa: BLE001 - pylibsrtp.Error: not SRTP with the answered key
                     self.result.srtp_failed += 1
                     return
+            now = time.monotonic()
             self.result.rtp_received += 1
-            self.result.received_at.append(time.monotonic())
+            self.result.received_at.append(now)
+            if self.listen is not None:
+                self.listen(data, now)
             self.result.payload_types[data[1] & 0x7F] += 1
             if not ulaw_silent(data[12 + 4 * (data[0] & 0x0F):]):
                 self.result.voiced += 1
@@ -135,18 +144,19 @@ class SipCaller:
         self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
-                   while_up=None, observe=None, uri_params: str = "") -> CallResult:
+                   while_up=None, observe=None, uri_params: str = "", payload=None, listen=None) -> CallResult:
         """Call `to_user` (Request-URI parameters `uri_params`, e.g. ";cf-trunk=carrier"), stream
         audio for `hold_s` seconds (awaiting `while_up(result)` if given, concurrently), hang up.
         `observe(result)` is called before the INVITE leaves (to watch the call while it is being
-        answered)."""
+        answered). `payload(n)` is the audio of the n-th packet sent (default: a 1 kHz tone),
+        `listen(packet, when)` hears every one received."""
         loop = asyncio.get_running_loop()
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
         if observe is not None:
             observe(result)
         sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, self.source_port))
-        rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result), local_addr=(self.source_ip, 0))
+        rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result, listen), local_addr=(self.source_ip, 0))
         me = self.announce_ip
         key = base64.b64encode(os.urandom(30)).decode()
         sip_port = sip_transport.get_extra_info("sockname")[1]
@@ -168,6 +178,7 @@ class SipCaller:
                           f"Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:caller@{me}:{sip_port}>\r\n"
                           f"{authorization}{extra}Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
                 sip_transport.sendto(invite.encode(), self.edge)
+                result.invited_at = result.invited_at or time.monotonic()
                 final = None
                 deadline = loop.time() + 10
                 while final is None:
@@ -190,6 +201,7 @@ class SipCaller:
                 authorization = f"{'Proxy-Authorization' if code == 407 else 'Authorization'}: {answer}\r\n"
                 cseq += 1
             first, hdrs, body = final
+            result.answered_at = time.monotonic()
             result.status, result.reason = int(first.split()[1]), first.split(" ", 2)[2]
             result.sdp = body
             to_header = hdrs["to"][0]
@@ -225,11 +237,13 @@ class SipCaller:
                 ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
                 started = loop.time()
                 while loop.time() - started < hold_s:
-                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + TONE
+                    audio = payload(result.rtp_sent) if payload is not None else TONE
+                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + audio
                     rtp_transport.sendto(protect(packet) if protect else packet, (media_ip, media_port))
                     result.rtp_sent += 1
                     seq, ts = seq + 1, ts + 160
-                    await asyncio.sleep(0.02)
+                    # on the 20 ms clock (not 20 ms after this packet: the rate would drift low)
+                    await asyncio.sleep(max(0.0, started + result.rtp_sent * 0.02 - loop.time()))
             if while_up is not None:
                 await asyncio.gather(stream(), while_up(result))
             else:

@@ -14,7 +14,10 @@
 #   do; unset: over evapi to a connected controller), EDGE_NAME (edge), EVENTS_QUEUE_MAX,
 #   TRUNKS_DIR (the directory the controller writes the trunk table in, its edge_trunks_dir:
 #   initial INVITEs must then come from a declared inbound trunk; until the controller has
-#   written it, a closed table refuses every source)
+#   written it, a closed table refuses every source),
+#   TLS_LISTEN (e.g. tls:0.0.0.0:5061: SIP over TLS with /etc/callfabric/tls.cfg, whose certificate,
+#   key and CA list are mounted at /etc/callfabric/tls/edge.crt, edge.key and the system CAs;
+#   `kamcmd tls.reload` re-reads them)
 set -eu
 run=/run/callfabric
 : > "$run/dispatcher.list"
@@ -42,5 +45,8 @@ if [ -n "${TRUNKS_DIR:-}" ]; then
     printf 'table_name(str) table_version(int)\ncftrunk:2\n' > "$TRUNKS_DIR/version"
   fi
   set -- "$@" -A "TRUNKS_DB=\"text://${TRUNKS_DIR}\""
+fi
+if [ -n "${TLS_LISTEN:-}" ]; then
+  set -- "$@" -A "TLS_CFG=\"/etc/callfabric/tls.cfg\"" -A "TLS_LISTEN=${TLS_LISTEN}"
 fi
 exec "$@"

@@ -127,6 +127,8 @@ class Kamailio:
         trunks_dir: Path | str | None = None,
         events_redis: str | None = None,
         edge_name: str = "edge",
+        tcp: bool = False,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         self.workdir = Path(workdir) / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -151,15 +153,22 @@ class Kamailio:
         self.edge_name = edge_name
         env_trusted = os.environ.get("CALLFABRIC_KAMAILIO_PIKE_TRUSTED_NET")
         self.pike_trusted_net = pike_trusted_net if env_trusted is None else (env_trusted or None)
-        self.sip_port = free_port(socket.SOCK_DGRAM)
-        self.http_port = free_port(socket.SOCK_STREAM)
-        self.evapi_port = free_port(socket.SOCK_STREAM)
+        self.tcp, self.tls = tcp, tls  # SIP over TCP too; SIP over TLS with (certificate, key, CAs for trunks)
+        self.sip_port = self.tcp_port = self.tls_port = 0
+        self._pick_ports()
         self.ds_file = self.workdir / "dispatcher.list"
         self.ctl_socket = self.workdir / "kamailio_ctl"
         self.rundir = self.workdir / "run"
         self.log_path = self.workdir / "kamailio.log"
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
+
+    def _pick_ports(self) -> None:
+        self.sip_port = free_port(socket.SOCK_DGRAM, socket.SOCK_STREAM if self.tcp else None)
+        self.tcp_port = self.sip_port if self.tcp else 0
+        self.tls_port = free_port(socket.SOCK_STREAM) if self.tls else 0
+        self.http_port = free_port(socket.SOCK_STREAM)
+        self.evapi_port = free_port(socket.SOCK_STREAM)
 
     # ---------------------------------------------------------------- config
     def write_dispatcher_list(self, ds_sets: dict[int, list[str]] | None = None) -> None:
@@ -201,6 +210,11 @@ class Kamailio:
         if self.events_redis is not None:
             defines["EVENTS_REDIS"] = f'"{ndb_redis_spec(self.events_redis)}"'
             defines["EDGE_NAME"] = f'"{self.edge_name}"'
+        if self.tcp:
+            defines["SIP_LISTEN_TCP"] = f"tcp:127.0.0.1:{self.tcp_port}"
+        if self.tls is not None:
+            defines["TLS_CFG"] = f'"{self.workdir / "tls.cfg"}"'
+            defines["TLS_LISTEN"] = f"tls:127.0.0.1:{self.tls_port}"
         defines.update(self.extra_defines)
         cmd = [
             KAMAILIO_BIN, "-x", "tlsf", "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
@@ -220,6 +234,9 @@ class Kamailio:
         if self.trunks_dir is not None:
             from controller.edge.trunks import seed_table
             seed_table(str(self.trunks_dir))
+        if self.tls is not None:
+            from controller.localstack.tls import render_tls_cfg
+            render_tls_cfg(self.workdir / "tls.cfg", *self.tls)
         for attempt in range(attempts):
             logged = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._log_fh = open(self.log_path, "ab")
@@ -243,9 +260,7 @@ class Kamailio:
                 port_taken = b"Address already in use" in log.read()
             if not port_taken or attempt == attempts - 1:
                 raise RuntimeError(f"kamailio exited with {self.proc.returncode}\n{self.log_tail(60)}")
-            self.sip_port = free_port(socket.SOCK_DGRAM)
-            self.http_port = free_port(socket.SOCK_STREAM)
-            self.evapi_port = free_port(socket.SOCK_STREAM)
+            self._pick_ports()
         raise RuntimeError(f"kamailio could not be started in {attempts} attempts")
 
     def _http_ready(self) -> bool:

@@ -53,6 +53,7 @@ class CallResult:
     raw: list[bytes] = field(default_factory=list)  # the first RTP datagrams as they arrived (on the wire)
     payloads: list[bytes] = field(default_factory=list)  # their payloads (decrypted, with SRTP)
     srtp_failed: int = 0  # datagrams that did not authenticate with the answered key
+    tls_version: str = ""  # the TLS version the signalling used ("TLSv1.3"), with transport="tls"
 
 
 class _Rtp(asyncio.DatagramProtocol):
@@ -100,6 +101,28 @@ class _Sip(asyncio.DatagramProtocol):
         self.queue.put_nowait(data.decode(errors="replace"))
 
 
+class _SipStream(asyncio.Protocol):
+    """SIP over TCP or TLS: one message per Content-Length (keep-alive CRLFs skipped)."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.buffer = b""
+
+    def data_received(self, data):
+        self.buffer += data
+        while True:
+            self.buffer = self.buffer.lstrip(b"\r\n")
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length = re.search(rb"(?im)^(?:content-length|l)[ \t]*:[ \t]*(\d+)", self.buffer[:end])
+            size = end + 4 + (int(length.group(1)) if length else 0)
+            if len(self.buffer) < size:
+                return
+            message, self.buffer = self.buffer[:size], self.buffer[size:]
+            self.queue.put_nowait(message.decode(errors="replace"))
+
+
 def _headers(message: str) -> tuple[str, dict[str, list[str]], str]:
     head, _, body = message.replace("\r\n", "\n").partition("\n\n")
     lines = head.split("\n")
@@ -129,11 +152,14 @@ def digest_answer(challenge: str, method: str, uri: str, username: str, password
 class SipCaller:
     """`source_ip`: the 127.0.0.x address it sends from; `announce_ip`: the address its Via,
     Contact and SDP claim (a caller behind NAT announces its private one); `auth`: digest
-    (username, password) answering a 407."""
+    (username, password) answering a 407; `transport`: udp, tcp or tls (`ssl_context`: how the
+    edge's certificate is checked)."""
 
     def __init__(self, edge_port: int, from_user: str = "+12025550123", *, source_ip: str = "127.0.0.1",
                  announce_ip: str | None = None, auth: tuple[str, str] | None = None, srtp: bool = False,
-                 source_port: int = 0):
+                 source_port: int = 0, transport: str = "udp", ssl_context=None):
+        self.transport = transport
+        self.ssl_context = ssl_context
         self.edge = ("127.0.0.1", edge_port)
         self.from_user = from_user
         self.source_ip = source_ip
@@ -155,7 +181,21 @@ class SipCaller:
         result = CallResult(call_id)
         if observe is not None:
             observe(result)
-        sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, self.source_port))
+        if self.transport == "udp":
+            sip_transport, sip = await loop.create_datagram_endpoint(_Sip, local_addr=(self.source_ip, self.source_port))
+
+            def send(message: str | bytes) -> None:
+                sip_transport.sendto(message.encode() if isinstance(message, str) else message, self.edge)
+        else:
+            sip_transport, sip = await loop.create_connection(
+                _SipStream, *self.edge, local_addr=(self.source_ip, self.source_port),
+                ssl=self.ssl_context if self.transport == "tls" else None)
+            if self.transport == "tls":
+                result.tls_version = sip_transport.get_extra_info("ssl_object").version()
+
+            def send(message: str | bytes) -> None:
+                sip_transport.write(message.encode() if isinstance(message, str) else message)
+        proto, tparam = self.transport.upper(), "" if self.transport == "udp" else f";transport={self.transport}"
         rtp_transport, rtp = await loop.create_datagram_endpoint(lambda: _Rtp(result, listen), local_addr=(self.source_ip, 0))
         me = self.announce_ip
         key = base64.b64encode(os.urandom(30)).decode()
@@ -168,16 +208,16 @@ class SipCaller:
             sdp = (f"v=0\r\no=- 1 1 IN IP4 {me}\r\ns=-\r\nc=IN IP4 {me}\r\nt=0 0\r\n"
                    f"m=audio {rtp_port} {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}a=sendrecv\r\n")
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}{uri_params}"
+            ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}{tparam}{uri_params}"
             cseq, authorization = 1, ""
             while True:
                 branch = f"z9hG4bK{uuid.uuid4().hex}"
                 invite = (f"INVITE {ruri} SIP/2.0\r\n"
-                          f"Via: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                          f"Via: SIP/2.0/{proto} {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
                           f"From: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: <sip:{to_user}@127.0.0.1>\r\n"
-                          f"Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:caller@{me}:{sip_port}>\r\n"
+                          f"Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nContact: <sip:caller@{me}:{sip_port}{tparam}>\r\n"
                           f"{authorization}{extra}Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
-                sip_transport.sendto(invite.encode(), self.edge)
+                send(invite)
                 result.invited_at = result.invited_at or time.monotonic()
                 final = None
                 deadline = loop.time() + 10
@@ -192,10 +232,10 @@ class SipCaller:
                 if code not in (401, 407) or self.auth is None or self.challenges:
                     break
                 self.challenges.append(code)  # answer one challenge
-                ack = (f"ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\n"
+                ack = (f"ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/{proto} {me}:{sip_port};branch={branch};rport\r\n"
                        f"Max-Forwards: 70\r\nFrom: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: {final[1]['to'][0]}\r\n"
                        f"Call-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n")
-                sip_transport.sendto(ack.encode(), self.edge)
+                send(ack)
                 header = "proxy-authenticate" if code == 407 else "www-authenticate"
                 answer = digest_answer(final[1][header][0], "INVITE", ruri, *self.auth)
                 authorization = f"{'Proxy-Authorization' if code == 407 else 'Authorization'}: {answer}\r\n"
@@ -208,10 +248,10 @@ class SipCaller:
             route = list(reversed(hdrs.get("record-route", [])))
             if result.status >= 300:
                 ack = (f"ACK {ruri} SIP/2.0\r\n"
-                       f"Via: SIP/2.0/UDP {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                       f"Via: SIP/2.0/{proto} {me}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
                        f"From: <sip:{self.from_user}@{me}>;tag={tag}\r\nTo: {to_header}\r\nCall-ID: {call_id}\r\n"
                        f"CSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n")
-                sip_transport.sendto(ack.encode(), self.edge)
+                send(ack)
                 return result
             contact = re.search(r"<([^>]+)>", hdrs["contact"][0]).group(1)
             media_ip = re.search(r"c=IN IP4 (\S+)", body).group(1)
@@ -227,11 +267,11 @@ class SipCaller:
 
             def in_dialog(method: str, cseq: int) -> bytes:
                 return (f"{method} {contact} SIP/2.0\r\n"
-                        f"Via: SIP/2.0/UDP {me}:{sip_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
+                        f"Via: SIP/2.0/{proto} {me}:{sip_port};branch=z9hG4bK{uuid.uuid4().hex};rport\r\n"
                         f"Max-Forwards: 70\r\n{route_lines}From: <sip:{self.from_user}@{me}>;tag={tag}\r\n"
                         f"To: {to_header}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n"
                         f"Content-Length: 0\r\n\r\n").encode()
-            sip_transport.sendto(in_dialog("ACK", cseq), self.edge)
+            send(in_dialog("ACK", cseq))
 
             async def stream() -> None:
                 ssrc, seq, ts = random.getrandbits(32), random.getrandbits(16), random.getrandbits(32)
@@ -248,7 +288,7 @@ class SipCaller:
                 await asyncio.gather(stream(), while_up(result))
             else:
                 await stream()
-            sip_transport.sendto(in_dialog("BYE", cseq + 1), self.edge)
+            send(in_dialog("BYE", cseq + 1))
             try:
                 while True:
                     message = await asyncio.wait_for(sip.queue.get(), 3)

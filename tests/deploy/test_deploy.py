@@ -118,12 +118,22 @@ def test_dockerfiles_copy_files_that_exist(service):
     ignored = [line for line in ignore.read_text().splitlines() if line and not line.startswith("#")] \
         if ignore.exists() else []
     for source, _ in copied(dockerfile):
-        assert (context / source).exists(), f"{dockerfile}: COPY {source} not in {context}"
+        assert (list(context.glob(source)) if "*" in source else (context / source).exists()), \
+            f"{dockerfile}: COPY {source} not in {context}"
         parts = Path(source).parts
         hit = [p for p in ignored if any(fnmatch.fnmatch("/".join(parts[:n]), p.removeprefix("**/"))
                                          for n in range(1, len(parts) + 1))]
         assert not hit, f"{dockerfile}: COPY {source} is excluded from the build context by {hit}"
     assert "\nUSER " in dockerfile.read_text(), f"{dockerfile}: the image must not run as root"
+
+
+def test_the_edge_image_has_every_file_its_config_includes():
+    context, dockerfile = BUILT["kamailio"]
+    main = ROOT / "kamailio" / "kamailio.cfg"
+    needed = {main, ROOT / "kamailio" / "tls.cfg"} | {
+        main.parent / name for name in re.findall(r'^include_file "([^"]+)"', main.read_text(), re.M)}
+    sources = [path for source, _ in copied(dockerfile) for path in context.glob(source)]
+    assert len(needed) > 4 and not needed - set(sources), f"kamailio image lacks {sorted(needed - set(sources))}"
 
 
 def test_the_edge_image_runs_the_deciding_code_and_reads_the_controllers_policy_file():

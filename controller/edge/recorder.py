@@ -26,7 +26,7 @@ from controller.edge.decisions import EdgeDecisions
 from controller.metrics import Metrics
 from controller.security.guard import SecurityGuard
 from controller.state.calls import now_ms
-from controller.state.journal import Applied, DialogChange, FallbackTaken, Journal, NewCall
+from controller.state.journal import Applied, DialogChange, FallbackTaken, Journal, NewCall, PartlyApplied
 from controller.state.leases import Lease, NodeLeases
 
 log = logging.getLogger("callfabric.edge")
@@ -64,6 +64,9 @@ class EdgeRecorder:
         self._local_ready = asyncio.Event()
         self._mismatch_logged = -60.0
         self.owned: dict[str, bool] = {}  # edge -> this controller consumes its stream now
+        # entries of batches whose first pipeline was cut (Redis gone mid-batch): some of their
+        # events may have been applied then, and were not counted
+        self._uncertain: set[Any] = set()
 
     # -- evapi events ---------------------------------------------------------------------
     def submit(self, message: dict[str, Any]) -> None:
@@ -169,7 +172,16 @@ class EdgeRecorder:
                 ids.append(entry_id)
                 messages.append(_decode(fields.get(b"e")))
             ack = [("XACK", key, GROUP, *ids), ("XDEL", key, *ids)] if ids else []
-            await self.apply(messages, source=edge, ack=ack)
+            try:
+                await self.apply(messages, source=edge, ack=ack, ids=ids)
+            except PartlyApplied:
+                raise  # what it applied is counted; the rest of it is completed when delivered again
+            except (RedisError, OSError):
+                # the first pipeline was cut: some of these may be applied, none counted
+                if len(self._uncertain) > 50_000:
+                    self._uncertain.clear()
+                self._uncertain.update(ids)
+                raise
 
     async def _ensure_group(self, key: str) -> None:
         try:
@@ -179,11 +191,13 @@ class EdgeRecorder:
                 raise
 
     # -- applying ---------------------------------------------------------------------------
-    async def apply(self, messages: list[Any], *, source: str, ack: list[tuple] | None = None) -> list[Applied]:
-        """Parse and apply a batch of edge events (unusable ones are counted and skipped)."""
+    async def apply(self, messages: list[Any], *, source: str, ack: list[tuple] | None = None,
+                    ids: list[Any] | None = None) -> list[Applied]:
+        """Parse and apply a batch of edge events (unusable ones are counted and skipped);
+        `ids`: their stream entries (to recognise a batch delivered again after a cut)."""
         at = now_ms()
-        changes, others = [], []
-        for message in messages:
+        changes, others, change_ids = [], [], []
+        for n, message in enumerate(messages):
             change = self._change(message, at, source)
             if change is None:
                 continue
@@ -191,11 +205,21 @@ class EdgeRecorder:
                 others.append(change)
             else:
                 changes.append(change)
+                change_ids.append(ids[n] if ids is not None else None)
         for change in changes:  # a decision of this controller still being written comes first
             pending = self.decisions._deciding.get(change.call_id)
             if pending is not None:
                 await pending.wait()
-        results = await self.journal.apply(changes, ack or ())
+        try:
+            results = await self.journal.apply(changes, ack or ())
+        except PartlyApplied as cut:  # applied, not acknowledged: count what was applied (once)
+            self._account(cut.results)
+            raise
+        if self._uncertain:
+            for result, entry in zip(results, change_ids):
+                if entry in self._uncertain:
+                    self._uncertain.discard(entry)
+                    result.applied = result.applied or _applied_by_the_cut_attempt(result)
         self.metrics.edge_events.labels(source, "applied").inc(len(messages))
         self._account(results)
         for other in others:
@@ -323,6 +347,18 @@ class EdgeRecorder:
     async def lag(self, edge: str) -> int:
         """Events of `edge` not yet applied (in the stream: unread or unacknowledged)."""
         return int(await self.store.redis.xlen(stream_key(edge)))
+
+
+def _applied_by_the_cut_attempt(result: Applied) -> bool:
+    """An event found already applied when its batch, cut before, is delivered again: was it
+    that attempt that applied it (so it is counted now, once)? A dialog state the call is in
+    already, a call created but never indexed, a fallback already noted (one per call)."""
+    change = result.change
+    if type(change) is DialogChange:
+        return result.transition is not None and result.transition.previous == change.state
+    if type(change) is NewCall:
+        return result.indexing
+    return result.error is None
 
 
 def _decode(raw: Any) -> Any:

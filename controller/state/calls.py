@@ -38,6 +38,9 @@ RECENT_KEEP = 10_000
 EVENTS_CHANNEL = f"{PREFIX}:events"  # every timeline event, published for live listeners (any controller)
 STATES = ("routing", "answered", "failed", "ended")
 FINAL_STATES = ("failed", "ended")
+# fields of the call hash that are the store's own bookkeeping, not the call's record
+# (journal.py: `indexed`, a batch's second phase confirmed)
+_BOOKKEEPING = frozenset(("indexed",))
 _SAFE_ID = re.compile(r"[A-Za-z0-9\-_.@+!%*~:]{1,128}")
 
 
@@ -579,11 +582,12 @@ class CallStore:
         raw = await self.redis.hgetall(call_key(call_id))
         if not raw:
             return None
-        return {_text(k): _decode(_text(v)) for k, v in raw.items()}
+        return {k: _decode(_text(v)) for k, v in ((_text(k), v) for k, v in raw.items()) if k not in _BOOKKEEPING}
 
     async def get_many(self, call_ids: list[str]) -> list[dict[str, Any] | None]:
         replies = await self.batch.run([("HGETALL", call_key(c)) for c in call_ids]) if call_ids else []
-        return [{_text(k): _decode(_text(v)) for k, v in zip(flat[::2], flat[1::2])} or None for flat in replies]
+        return [{k: _decode(_text(v)) for k, v in ((_text(k), v) for k, v in zip(flat[::2], flat[1::2]))
+                 if k not in _BOOKKEEPING} or None for flat in replies]
 
     async def timeline(self, call_id: str) -> list[dict[str, Any]]:
         entries = await self.redis.xrange(timeline_key(call_id))

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from controller.policy.model import CounterProbe
 from controller.state.batch import Script
 from controller.state.calls import (
-    _CREATE, _TRANSITION, FINAL_STATES, LIVE_INDEX, RECENT_INDEX, CallStore, Transition, _event_args, _field, _json,
+    _TRANSITION, FINAL_STATES, LIVE_INDEX, RECENT_INDEX, CallStore, Transition, _event_args, _field, _json,
     _text, call_key, distinct_key, live_scope_key, timeline_key, window_key,
 )
 
@@ -58,6 +58,43 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts',
 redis.call('PUBLISH', 'cf:events', ARGV[4])
 return result
 """)
+
+
+# A call decided elsewhere (the edge), as calls.py's create, plus a mark of its second phase:
+# its indexes and counters are written after this script, in another pipeline, and the
+# record's `indexed` field says they were. KEYS: call hash, timeline. ARGV: as calls.py's
+# create. Returns 1 (created now), 2 (created earlier, its second phase never confirmed: a
+# batch cut between its two pipelines, delivered again) or 0 (nothing to do: a replay).
+_RECORD = Script("""
+if redis.call('HSETNX', KEYS[1], 'created_at_ms', ARGV[8]) == 0 then
+  if redis.call('HGET', KEYS[1], 'indexed') then
+    return 0
+  end
+  return 2
+end
+local flat = {}
+for k, v in pairs(cjson.decode(ARGV[7])) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+redis.call('PUBLISH', 'cf:events', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return 1
+""")
+
+
+class PartlyApplied(RedisConnectionError):
+    """The first pipeline of a batch was applied, the second (indexes, counters,
+    acknowledgement) did not reach Redis: `results` says what the first did. The batch will
+    be delivered again; its second phase is then completed (see _RECORD)."""
+
+    def __init__(self, message: str, results: list["Applied"]):
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass(slots=True)
@@ -98,6 +135,7 @@ class Applied:
     change: Change
     applied: bool
     created: bool = False
+    indexing: bool = False  # its indexes and counters are to be written (now, or again after a cut batch)
     transition: Transition | None = None
     error: Exception | None = None
 
@@ -130,7 +168,7 @@ class Journal:
                 fields["call_id"] = call_id
                 fields["live_scopes"] = _json(change.live_scopes)
                 ttl = store.call_retention_s if state in FINAL_STATES else store.live_call_ttl_s
-                first.append(("EVALSHA", _CREATE, keys,
+                first.append(("EVALSHA", _RECORD, keys,
                               [state, *_event_args({**change.event, "call_id": call_id}), cap, ttl, _json(fields),
                                created]))
             else:
@@ -157,7 +195,7 @@ class Journal:
                     stored = _loads_dict(_text(reply[2]))
                     change.fields["_scopes"] = stored
             elif type(change) is NewCall:
-                results.append(Applied(change, reply == 1, created=reply == 1))
+                results.append(Applied(change, reply == 1, created=reply == 1, indexing=reply in (1, 2)))
             else:
                 results.append(Applied(change, reply != 0, created=reply == 1))
         second: list[tuple] = []
@@ -173,7 +211,7 @@ class Journal:
                     second += [("ZADD", LIVE_INDEX, change.event.get("ts", 0), call_id),
                                ("ZADD", RECENT_INDEX, change.event.get("ts", 0), call_id)]
                 continue
-            if not result.created:
+            if type(change) is NewCall and not result.indexing or type(change) is FallbackTaken and not result.created:
                 continue
             second.append(("ZADD", RECENT_INDEX, change.at_ms, call_id))
             if type(change) is FallbackTaken:
@@ -186,12 +224,16 @@ class Journal:
                     key = live_scope_key(scope, value)
                     second += [("ZADD", key, change.at_ms, call_id), ("EXPIRE", key, store.live_call_ttl_s)]
             second += _counter_commands(change.counters, change.at_ms)
+            second.append(("HSET", call_key(call_id), "indexed", "1"))  # after its indexes and counters
         second += list(ack)
         if second:
-            replies = await store.batch.submit(second, urgent=True).replies
+            try:
+                replies = await store.batch.submit(second, urgent=True).replies
+            except RedisConnectionError as exc:
+                raise PartlyApplied(str(exc), results) from exc
             lost = next((r for r in replies if isinstance(r, Exception) and _connection_lost(r)), None)
             if lost is not None:
-                raise lost
+                raise PartlyApplied(str(lost), results) from lost
         for result in results:
             if result.applied:
                 store._emit(result.change.call_id, result.change.event)

@@ -176,7 +176,6 @@ class FakeBridge:
     variables: dict[str, str] = field(default_factory=dict)
     reportable: set[str] = field(default_factory=set)
     moh: str | None = None
-    announcer: bool = False        # a bridge playback ran: its playback channel outlives our channels
 
 
 @dataclass
@@ -258,6 +257,7 @@ class FakeAri:
         self.playbacks: dict[str, dict] = {}
         self._pb_target: dict[str, tuple[str, str]] = {}
         self._pb_tasks: dict[str, asyncio.Task] = {}
+        self._stalled: set[str] = set()           # channel playbacks waiting for their channel's answer
         self.live_recordings: dict[str, dict] = {}     # name -> LiveRecording (queued / recording)
         self.stored_recordings: dict[str, tuple[str, bytes]] = {}   # name -> (format, file bytes)
         self._rec_started: dict[str, float] = {}
@@ -786,6 +786,11 @@ class FakeAri:
             if rec["target_uri"] == f"channel:{ch.id}":
                 self._finish_recording(name, "done")
         if ch.bridge_id:
+            if (ch.request or {}).get("app"):
+                # recorded (ari_conversations/*.json): a channel the app created, hung up while in a
+                # bridge, leaves the app subscribed to that bridge: its BridgeDestroyed still reaches
+                # the app, while a bridge only inbound channels ever left is destroyed unheard
+                self._app(ch.request["app"]).bridges[ch.bridge_id] += 1
             self._leave_bridge(ch)
         self._stasis_end(ch)
         self._emit("ChannelDestroyed", self._chan_recipients(ch), cause=cause,
@@ -849,8 +854,7 @@ class FakeAri:
             br.model["technology"] = "simple_bridge" if len(br.model["channels"]) <= 2 else "softmix"
 
     def _enter_bridge(self, ch: FakeChannel, br: FakeBridge) -> None:
-        if ch.bridge_id == br.id:
-            return
+        # a channel added to the bridge it is in leaves and enters again (ari_conversations/refusals.json)
         if ch.bridge_id:
             self._leave_bridge(ch)
         br.model["channels"].append(ch.id)
@@ -919,6 +923,10 @@ class FakeAri:
                     if outcome == "loop":
                         await asyncio.Event().wait()   # a tone plays until the playback is stopped
                     elif outcome == "play":
+                        if kind == "channel" and target in self._chans and self._chans[target].state != "Up":
+                            self._stalled.add(pb_id)   # ends (done) when the channel is answered (refusals.json)
+                            self._pb_tasks.pop(pb_id, None)
+                            return
                         await asyncio.sleep(self.playback_duration)
                     if i + 1 < len(media):
                         pb["state"] = "continuing"
@@ -1389,7 +1397,7 @@ class FakeAri:
         ch = self._chan_or_404(a["channelId"])
         if ch.tech not in _RTP_TECHS:
             raise _AriError(403, "Unsupported channel type")      # no RTP glue (Snoop, AudioSocket, WebSocket)
-        if ch.tech == "UnicastRTP":
+        if ch.tech == "UnicastRTP" or ch.state != "Up":   # chan_pjsip: no RTP instance before the answer
             raise _AriError(404, "RTP info not found")
         stats: dict[str, Any] = {}
         for name, prop in SPEC.models["RTPstat"].properties.items():
@@ -1404,6 +1412,9 @@ class FakeAri:
     # ---- channels: call control
     def _h_channels__answer(self, a):
         ch = self._control_state_ok(a["channelId"])
+        for pb_id in [p for p in self._stalled if self._pb_target.get(p) == ("channel", ch.id)]:
+            self._stalled.discard(pb_id)
+            self._finish_playback(pb_id, "done")
         self._set_state(ch, "Up")
         return 204, None
 
@@ -1764,12 +1775,10 @@ class FakeAri:
 
     def _h_bridges__play(self, a):
         br = self._bridge_or_404(a["bridgeId"])
-        br.announcer = True
         return self._play(a, "bridge", br.id, "en", a.get("playbackId"))
 
     def _h_bridges__playWithId(self, a):
         br = self._bridge_or_404(a["bridgeId"])
-        br.announcer = True
         return self._play(a, "bridge", br.id, "en", a["playbackId"])
 
     def _h_playbacks__get(self, a):
@@ -1851,7 +1860,6 @@ class FakeAri:
 
     def _h_bridges__destroy(self, a):
         br = self._bridge_or_404(a["bridgeId"])
-        recips = self._bridge_recipients(br)
         for cid in list(br.model["channels"]):
             ch = self._chans.get(cid)
             if ch is not None:
@@ -1859,11 +1867,12 @@ class FakeAri:
         for pb_id, (kind, target) in list(self._pb_target.items()):
             if kind == "bridge" and target == br.id:
                 self._finish_playback(pb_id, "done")
+        # its channels left first (and with them their apps' subscriptions): BridgeDestroyed
+        # reaches only apps still subscribed to the bridge (recorded in ari_conversations/)
+        recips = self._bridge_recipients(br)
         del self._bridges[br.id]
         for app in self._apps.values():
             app.bridges.pop(br.id, None)
-        if br.announcer:   # the playback channel's own departure ends the bridge, after ours left
-            recips = []    # (ari_conversations/playback.json: no BridgeDestroyed for our app)
         self._emit("BridgeDestroyed", recips + [x for x in self._all_apps() if x not in recips],
                    bridge=self._bridge_snapshot(br))
         return 204, None

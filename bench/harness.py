@@ -226,6 +226,10 @@ class ControllerProcess:
 
 
 def metric_sum(metrics: str, name: str) -> float:
+    """The sum of a metric over its label sets (0 before the first increment); a name the
+    controllers do not export is an error, not 0."""
+    if f"# TYPE {name} " not in metrics and f"# TYPE {name.removesuffix('_total')} " not in metrics:
+        raise LookupError(f"the controllers export no metric {name}")
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name + "{"))
 
 

@@ -15,6 +15,24 @@ DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
                     0.05, 0.1, 0.25)
 
 
+# Counters whose label values are known in advance: their series exist (at 0) from the start,
+# so alerts and dashboards (rate, increase) see them before the first increment, and a reader
+# asking for a name or value that does not exist gets nothing instead of a silent 0.
+KNOWN_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+    "decision_errors": ("framing", "bad-json", "overload", "disconnected", "answer-too-long", "bad-request",
+                        "no-policy", "redis", "internal", "bad-decided-event", "bad-ban-event", "bad-dialog-event"),
+    "redis_errors": ("create", "counters", "transition", "media", "housekeeping", "security"),
+    "edge_rpc_errors": ("block", "unblock"),
+    "hot_scopes": ("pushed", "failed", "dropped"),
+    "edge_policy_writes": ("ok", "error"),
+    "webhook_decisions": ("answered", "timeout", "error", "garbage", "invalid"),
+    "risk_outcomes": ("allow", "challenge", "reject", "ban"),
+    "commands_forwarded": ("answered", "timeout", "no-owner"),
+    "redis_queue": ("queued", "flushed", "failed", "dropped"),
+    "decisions_without_state": ("open", "closed", "edge"),
+}
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
@@ -154,6 +172,10 @@ class Metrics:
         self.draining = Gauge("callfabric_draining", "1 while this controller drains: no new calls, nodes handed over.",
                               registry=r)
         self._version: str | None = None
+        for name, values in KNOWN_LABEL_VALUES.items():
+            counter = getattr(self, name)
+            for value in values:
+                counter.labels(value)
 
     def policy_outcome(self, outcome: ReloadOutcome) -> None:
         self.policy_reloads.labels(outcome.trigger, "accepted" if outcome.accepted else "refused").inc()

@@ -76,6 +76,33 @@ def test_metric_names_follow_prometheus_conventions():
         assert not {"call_id", "caller", "callee", "number"} & set(labels), f"{name}: unbounded label"
 
 
+def test_counters_with_known_label_values_start_at_zero_and_the_code_uses_only_those():
+    """Series of known label values exist from the start; a literal label value in the code
+    that is not declared would appear only once it happens (and a reader of the declared
+    name would see nothing) — so every literal must be declared."""
+    import re
+    from pathlib import Path
+    from controller.metrics import KNOWN_LABEL_VALUES, Metrics
+    metrics = Metrics()
+    for attr, values in KNOWN_LABEL_VALUES.items():
+        name = getattr(metrics, attr)._name + "_total"
+        for value in values:
+            label = getattr(metrics, attr)._labelnames[0]
+            assert metrics.registry.get_sample_value(name, {label: value}) == 0, (name, value)
+    root = Path(__file__).resolve().parents[1] / "controller"
+    pattern = re.compile(r"\.(%s)\.labels\(\s*f?\"([^\"]*)\"" % "|".join(KNOWN_LABEL_VALUES))
+    seen = 0
+    for path in root.rglob("*.py"):
+        for attr, value in pattern.findall(path.read_text()):
+            seen += 1
+            if "{" in value:  # f"bad-{kind}-event": every kind it is formatted with is declared below
+                prefix, suffix = value.split("{")[0], value.split("}")[-1]
+                assert any(v.startswith(prefix) and v.endswith(suffix) for v in KNOWN_LABEL_VALUES[attr]), value
+            else:
+                assert value in KNOWN_LABEL_VALUES[attr], f"{path.name}: {attr} label {value!r} is not declared"
+    assert seen >= 20
+
+
 def test_json_logs_carry_the_call_id(capsys):
     import json
     import logging

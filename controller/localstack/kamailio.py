@@ -312,15 +312,18 @@ class Kamailio:
         return self.http_get("/metrics")[1]
 
     def metric(self, name: str, labels: str = "") -> float:
-        """Value of one sample line `name{labels} value [ts]` (0 if absent)."""
+        """Value of one sample line `name{labels} value [ts]`. A sample that is not there is an
+        error (LookupError), never 0: kamailio.cfg creates every callfabric series at start."""
         prefix = f"{name}{{{labels}}}" if labels else name
-        for line in self.metrics().splitlines():
+        text = self.metrics()
+        for line in text.splitlines():
             if line.startswith("#"):
                 continue
             head, _, rest = line.partition(" ")
             if head.replace(" ", "") == prefix.replace(" ", ""):
                 return float(rest.split()[0])
-        return 0.0
+        similar = [line.partition(" ")[0] for line in text.splitlines() if line.startswith(name)]
+        raise LookupError(f"Kamailio exports no metric {prefix}; series of that name: {similar or 'none'}")
 
     def kamcmd(self, *args: str, timeout: float = 5.0) -> str:
         out = subprocess.run([KAMCMD_BIN, "-s", f"unix:{self.ctl_socket}", *args],

@@ -34,6 +34,7 @@ from controller.state.leases import Lease, NodeLeases
 log = logging.getLogger("callfabric.media")
 
 REPLACED_BACKOFF_S = 5.0
+LEASE_EVENTS = ("acquired", "lost", "released", "in_doubt", "replaced")
 
 
 class NodeOwnership:
@@ -53,6 +54,8 @@ class NodeOwnership:
         self._hand_over = asyncio.Event()
         self._released = asyncio.Event()
         self._handover_wait_s = 0.0
+        for event in LEASE_EVENTS:  # every series exists from the start (alerts on increase())
+            metrics.node_lease_events.labels(node, event)
 
     async def run(self) -> None:
         """Take the node when it is free, serve it while it is ours; until handed over or cancelled."""

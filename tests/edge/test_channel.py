@@ -14,6 +14,7 @@ from controller.state.calls import CallStore
 from controller.state.journal import Journal
 from tests.policy.helpers import DECLARATIONS
 from tests.support.evapi import ScriptedEdge, frame, read_answers
+from tests.support.metrics import sample
 
 RULES = "rules:\n  - {name: blocked, match: {ruri: {prefix: '+44909'}}, actions: [reject: 403]}\n"
 
@@ -48,7 +49,7 @@ async def channel(redis_url, policy):
 
 
 def errors(metrics, reason):
-    return metrics.registry.get_sample_value("callfabric_decision_errors_total", {"reason": reason}) or 0
+    return sample(metrics.registry, "callfabric_decision_errors_total", reason=reason)
 
 
 async def test_decides_are_answered_and_recorded(channel):

@@ -21,6 +21,7 @@ from controller.localstack.kamailio import free_port
 from controller.localstack.sipp import run_uac
 from controller.state.calls import CallStore
 from tests.support.kamailio import wait_clients
+from tests.support.metrics import sample
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kamailio") is None or shutil.which("sipp") is None or shutil.which("redis-server") is None,
@@ -127,8 +128,8 @@ class Controller:
             self.runner = None
 
     def metric(self, name: str, **labels) -> float:
-        value = self.app[METRICS].registry.get_sample_value(name, labels)
-        return value or 0.0
+        """One sample of this controller's metrics; a missing one fails the test."""
+        return sample(self.app[METRICS].registry, name, **labels)
 
 
 @pytest.fixture

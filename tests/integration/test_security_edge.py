@@ -16,6 +16,7 @@ from controller.localstack.kamailio import free_port
 from controller.localstack.sipp import run_uac
 from controller.state.calls import CallStore
 from tests.support.kamailio import wait_clients
+from tests.support.metrics import sample, sample_or_zero
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kamailio") is None or shutil.which("sipp") is None or shutil.which("redis-server") is None,
@@ -89,7 +90,8 @@ class SecureStack:
                                        source_ip=source, **kw)
 
     def metric(self, name: str, **labels) -> float:
-        return self.app[METRICS].registry.get_sample_value(name, labels) or 0.0
+        """One sample of this controller's metrics; a missing one fails the test."""
+        return sample(self.app[METRICS].registry, name, **labels)
 
     async def blocklist(self) -> dict:
         return await asyncio.to_thread(self.kamailio.jsonrpc, "htable.dump", ["blocklist"])
@@ -182,7 +184,8 @@ async def test_a_premium_burst_is_challenged_then_banned_at_the_edge(secure, sto
 
     # Now the edge refuses the source without asking the controller; a legitimate source
     # still gets through.
-    decisions_before = secure.metric("callfabric_decisions_total", outcome="agent", rule="default")
+    decisions_before = sample_or_zero(secure.app[METRICS].registry, "callfabric_decisions_total", outcome="agent",
+                                      rule="default")
     refused = await secure.call("18005550123", source, scenario="uac_reject.xml", code=403)
     assert refused.successful == 1 and 403 in statuses(refused), refused.output
     assert await store.get(call_ids(refused)[0]) is None  # never reached the controller

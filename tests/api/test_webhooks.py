@@ -37,8 +37,11 @@ def test_signatures_verify_and_resist_tampering_and_replay():
     assert not receiver_example.verify(SECRET, "garbage", body)
 
 
+STALL_S = 3.0  # a stalled app: far beyond any webhook timeout here
+
+
 async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, shutdown_timeout=0.2)  # a stalled handler is not waited for
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -134,7 +137,7 @@ async def app_server():
         state["payloads"].append(json.loads(body))
         mode = state["mode"]
         if mode == "stall":
-            await asyncio.sleep(1)
+            await asyncio.sleep(STALL_S)
         if mode == "garbage":
             return web.Response(text="<html>oops</html>")
         if mode == "500":
@@ -175,9 +178,9 @@ async def test_decision_webhook_answer_or_fallback_within_the_timeout(redis_url,
     answer = await decisions.decide(decide_message(1), started)
     elapsed = time.perf_counter() - started
     await sender.close()
-    # the wait is bounded by the rule's 300 ms (what the decision recorded says below); only a
-    # call that is stuck takes seconds: latency itself is measured by the benches
-    assert elapsed < 5, f"the call waited {elapsed:.3f}s for a 300 ms webhook"
+    # the wait is bounded by the rule's 300 ms (what the decision recorded says below), far
+    # below a stalled app's STALL_S; how fast exactly is for the benches to measure
+    assert elapsed < STALL_S - 0.5, f"the call waited {elapsed:.3f}s for a 300 ms webhook"
     assert answer["action"] == "dispatch" and f"X-Callfabric-Agent: {agent}\r\n" in answer["hdrs"]
     assert f"{header[0]}: {header[1]}\r\n" in answer["hdrs"] and "X-Asked: yes\r\n" in answer["hdrs"]
     assert metrics.registry.get_sample_value("callfabric_webhook_decisions_total", {"result": result}) == 1
@@ -208,6 +211,6 @@ async def test_the_edge_budget_caps_a_longer_webhook_timeout(redis_url, app_serv
     # the controller waits what is left of the edge's budget (its answer must arrive first)
     asked = (await store.timeline("w2@edge"))[0]["webhook"]
     assert asked["timeout_ms"] == 160 and asked["result"] == "timeout" and asked["applied"] == "fallback"
-    assert time.perf_counter() - started < 5  # stuck, not slow: the bound is the timeout above
+    assert time.perf_counter() - started < STALL_S - 0.5  # it did not wait for the stalled app
     await sender.close()
     await store.aclose()

@@ -18,7 +18,7 @@ DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 # Counters whose label values are known in advance: their series exist (at 0) from the start,
 # so alerts and dashboards (rate, increase) see them before the first increment, and a reader
 # asking for a name or value that does not exist gets nothing instead of a silent 0.
-KNOWN_LABEL_VALUES: dict[str, tuple[str, ...]] = {
+KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "decision_errors": ("framing", "bad-json", "overload", "disconnected", "answer-too-long", "bad-request",
                         "no-policy", "redis", "internal", "bad-decided-event", "bad-ban-event", "bad-dialog-event"),
     "redis_errors": ("create", "counters", "transition", "media", "housekeeping", "security"),
@@ -30,6 +30,8 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "commands_forwarded": ("answered", "timeout", "no-owner"),
     "redis_queue": ("queued", "flushed", "failed", "dropped"),
     "decisions_without_state": ("open", "closed", "edge"),
+    "policy_reloads": tuple((trigger, result) for trigger in ("start", "file", "signal", "api")
+                            for result in ("accepted", "refused")),
 }
 
 
@@ -175,7 +177,7 @@ class Metrics:
         for name, values in KNOWN_LABEL_VALUES.items():
             counter = getattr(self, name)
             for value in values:
-                counter.labels(value)
+                counter.labels(*((value,) if isinstance(value, str) else value))
 
     def policy_outcome(self, outcome: ReloadOutcome) -> None:
         self.policy_reloads.labels(outcome.trigger, "accepted" if outcome.accepted else "refused").inc()

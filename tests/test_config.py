@@ -87,8 +87,8 @@ def test_counters_with_known_label_values_start_at_zero_and_the_code_uses_only_t
     for attr, values in KNOWN_LABEL_VALUES.items():
         name = getattr(metrics, attr)._name + "_total"
         for value in values:
-            label = getattr(metrics, attr)._labelnames[0]
-            assert metrics.registry.get_sample_value(name, {label: value}) == 0, (name, value)
+            labels = dict(zip(getattr(metrics, attr)._labelnames, (value,) if isinstance(value, str) else value))
+            assert metrics.registry.get_sample_value(name, labels) == 0, (name, value)
     root = Path(__file__).resolve().parents[1] / "controller"
     pattern = re.compile(r"\.(%s)\.labels\(\s*f?\"([^\"]*)\"" % "|".join(KNOWN_LABEL_VALUES))
     seen = 0

@@ -882,6 +882,21 @@ def test_max_forwards_exhausted_483_and_options_keepalive(procs):
     assert options_ping(k.sip_port) == "SIP/2.0 200 OK"
 
 
+def test_every_callfabric_series_exists_at_zero_from_the_start(procs):
+    """Every label value kamailio.cfg counts with a literal is exported at 0 before the first
+    call: alerts see the series, and a test reading a wrong name fails instead of reading 0."""
+    import re
+    from pathlib import Path
+    cfg = (Path(__file__).resolve().parents[2] / "kamailio" / "kamailio.cfg").read_text()
+    cfg = re.sub(r"#!ifdef EDGE_POLICY.*?#!endif", "", cfg, flags=re.S)  # the edge's own decisions: not on here
+    literal = set(re.findall(r'prom_counter_inc\("(\w+)", "1", "([a-z][a-z-]*)"\)', cfg))
+    assert len(literal) >= 10
+    k = procs.kamailio({1: ["127.0.0.1:9"]})
+    for name, value in sorted(literal):
+        label = re.search(rf'name={name}; label=(\w+)', cfg).group(1)
+        assert k.metric(f"kamailio_{name}", f'{label}="{value}"') == 0, (name, value)
+
+
 def test_management_endpoints(procs, tmp_path):
     ua, ub = procs.uas(name="a"), procs.uas(name="b")
     k = procs.kamailio({1: [ua.addr]}, log_level=int(os.environ.get("CF_KAM_LOG", "2")))

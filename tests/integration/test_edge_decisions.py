@@ -131,6 +131,14 @@ CAPPED = POLICY.replace("rules:\n", """rules:
 """, 1)
 
 
+def hot_at_edge(kamailio, scope: str) -> bool:
+    try:
+        kamailio.jsonrpc("htable.get", ["cfhot", scope])
+    except RuntimeError:  # jsonrpc error: no such item
+        return False
+    return True
+
+
 async def test_a_source_near_a_limit_is_decided_by_the_controller_with_exact_counts(stack, store):
     await asyncio.to_thread((stack.policy_dir / "policy.yaml").write_text,
                             CAPPED.format(pbx_busy=stack.pbx_busy.addr, pbx=stack.pbx.addr))
@@ -147,7 +155,11 @@ async def test_a_source_near_a_limit_is_decided_by_the_controller_with_exact_cou
             (call_id,) = call_ids(result)
             record = await wait_state(store, call_id, "failed" if n >= 4 else "ended")
             decided.append((record["decided_by"], record["rule"]))
-            await asyncio.sleep(0.2)  # the controller reads the counters and tells the edge
+            if n == 1:  # two calls counted: half the cap, the controller reads it and tells the edge
+                deadline = time.monotonic() + 10
+                while not await asyncio.to_thread(hot_at_edge, stack.kamailio, "source|127.0.0.1"):
+                    assert time.monotonic() < deadline, "the source was never marked hot at the edge"
+                    await asyncio.sleep(0.05)
         assert decided == [("edge", "default"), ("edge", "default"), ("controller", "default"),
                            ("controller", "default"), ("controller", "source-cap"), ("controller", "source-cap")]
         assert controller.metric("callfabric_hot_scopes_total", result="pushed") >= 1

@@ -499,12 +499,16 @@ async def test_forged_internal_headers_never_reach_the_media_node_nor_the_contro
     tcp_replies = await asyncio.to_thread(send_tcp, defence.tcp_port, "127.0.0.42", data, 2.0)
     assert 200 in finals(tcp_replies), tcp_replies
 
-    await asyncio.sleep(0.5)
-    media_messages = await defence.media_messages()
+    deadline = time.monotonic() + 10
+    while True:  # both calls were answered: wait for the media node's log of their INVITEs
+        media_messages = await defence.media_messages()
+        invites = [m for m in media_messages if m.direction == "in" and m.first_line.startswith("INVITE ")]
+        if len({c for m in invites for c in m.header("Call-ID")}) >= 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert len({c for m in invites for c in m.header("Call-ID")}) == 2, [m.raw for m in invites]
     seen = "\n".join(m.raw for m in media_messages if m.direction == "in")
     assert "evil" not in seen and "forged" not in seen, seen
-    invites = [m for m in media_messages if m.direction == "in" and m.first_line.startswith("INVITE ")]
-    assert invites
     for invite in invites:  # only the controller's own internal headers
         assert invite.header("X-Callfabric-Agent") == ["intake"], invite.raw
     assert "X-Tenant-Hint: kept" in seen

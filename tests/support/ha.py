@@ -160,15 +160,21 @@ def _headers(text: str) -> tuple[str, list[tuple[str, str]]]:
 class FakeMediaNode(asyncio.DatagramProtocol):
     """A media node for the edge: SIP over UDP in front of a FakeAri. An INVITE becomes a
     caller channel entering Stasis(callfabric, <Call-ID>, <X-Callfabric-Agent>) — refused
-    with 503 when no controller listens, like Asterisk's Stasis() failing — the caller's BYE
-    hangs it up. A caller channel that vanishes before the caller's BYE is a dropped call."""
+    with 503 when no controller listens, like Asterisk's Stasis() failing. Like Asterisk, the
+    caller gets its 200 OK only once a controller answered the channel over ARI (POST
+    /channels/{id}/answer): a channel hung up before that gets 480, one never answered
+    within `answer_timeout_s` 408 — so a caller's success means the controller answered. The
+    caller's BYE hangs the channel up; a caller channel that vanishes before it is a dropped
+    call."""
 
-    def __init__(self, fake: FakeAri):
+    def __init__(self, fake: FakeAri, answer_timeout_s: float = 10.0):
         self.fake = fake
+        self.answer_timeout_s = answer_timeout_s
         self.calls: dict[str, MediaCall] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
         self.refused: list[str] = []
+        self.unanswered: list[str] = []  # in Stasis, but never answered by a controller
 
     async def start(self, port: int = 0) -> "FakeMediaNode":
         loop = asyncio.get_running_loop()
@@ -233,6 +239,17 @@ class FakeMediaNode(asyncio.DatagramProtocol):
             self.refused.append(call.call_id)
             self._reply(call, headers, addr, "503 Service Unavailable", cseq)
             return
+        deadline = time.monotonic() + self.answer_timeout_s
+        while True:  # Asterisk sends 200 OK when the Stasis application answers the channel
+            channel = self.fake._chans.get(call.channel)
+            if channel is not None and channel.model["state"] == "Up":
+                break
+            if channel is None or time.monotonic() > deadline:
+                self.unanswered.append(call.call_id)
+                self._reply(call, headers, addr, "480 Temporarily Unavailable" if channel is None
+                            else "408 Request Timeout", cseq)
+                return
+            await asyncio.sleep(0.005)
         call.answered = True
         sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
                "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")

@@ -147,7 +147,10 @@ class FakeDecider:
             self.loop.call_soon_threadsafe(_close)
         self.thread.join(timeout=5)
 
-    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 5.0, count: int = 1) -> list[dict]:
+    def wait_for(self, pred: Callable[[dict], bool], timeout: float = 5.0, count: int = 1,
+                 at_least: int | None = None) -> list[dict]:
+        """The events matching `pred` once there are `count` of them; fewer by the deadline
+        fails (AssertionError), unless the caller says how few it accepts (`at_least`)."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -156,7 +159,9 @@ class FakeDecider:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return found
+                    if at_least is not None and len(found) >= at_least:
+                        return found
+                    raise AssertionError(f"{len(found)} of {count} expected events within {timeout}s: {found}")
                 self.cond.wait(left)
 
     def dialog_events(self, call_id: str | None = None) -> list[dict]:

@@ -1,5 +1,6 @@
 """Property: on random policies and random calls, the compiled engine (closures + rule
 index) decides exactly what the reference evaluator decides."""
+import os
 from datetime import datetime, timedelta, timezone
 
 import yaml
@@ -109,7 +110,13 @@ calls = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# bench/mutation.py runs this once per mutant: fewer examples there (and a fixed seed, so a
+# mutant is judged the same on every run)
+EXAMPLES = int(os.environ.get("CALLFABRIC_PROPERTY_EXAMPLES", "300"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=EXAMPLES != 300)
 @given(rules=rules(), batch=st.lists(calls, min_size=1, max_size=15))
 def test_compiled_engine_agrees_with_the_reference(rules, batch):
     policy = policy_from_texts({"a.yaml": DECLARATIONS, "b.yaml": yaml.safe_dump({"rules": rules})})

@@ -1,0 +1,148 @@
+"""Does the suite bite? Mutation testing (mutmut) over the modules where a silent bug costs most:
+the edge protocol and header sanitising, policy compile/evaluate, risk and bans, and the call
+store's record transitions. Each mutant (an operator flipped, a constant changed, a call
+dropped …) is run against the fast tests that cover its function; a mutant no test fails on
+"survived". Surviving mutants are printed, with a one-line reason where one was judged
+harmless (SURVIVOR_REASONS); the others are tests still to write.
+
+    python bench/mutation.py [--max-children 2] [--budget-min 30] [--modules controller/x.py ...]
+
+It works on a copy of the tracked files (mutmut rewrites the code it mutates), needs
+redis-server (the call store's tests) and mutmut (`pip install -e '.[bench]'`), and is not part
+of the CI test run. Last line:
+RESULT killed_pct=… mutants=… modules=… killed=… survived=… no_tests=… timeout=… seconds=…
+(goal: killed_pct >= 85). killed_pct counts timeouts as killed and mutants no test reaches as
+not killed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODULES = [
+    "controller/edge/protocol.py",      # the decision channel's wire format, answers, parsing of edge events
+    "controller/actions.py",            # header names/values, reasons: what may reach a SIP message
+    "controller/policy/compile.py",     # the compiled policy: rule index, matchers, decide
+    "controller/policy/conditions.py",  # conditions compiled to closures
+    "controller/policy/risk.py",        # risk detectors, scores and outcomes
+    "controller/security/bans.py",      # bans: records, expiry, pushes to the edges
+    "controller/state/calls.py",        # call records and their state transitions in Redis
+]
+TESTS = [
+    "tests/edge/test_protocol.py", "tests/edge/test_channel.py", "tests/edge/test_local.py",
+    "tests/policy/test_conditions.py", "tests/policy/test_decisions.py", "tests/policy/test_numbers.py",
+    "tests/policy/test_security.py", "tests/policy/test_validation.py", "tests/policy/test_engine_property.py",
+    "tests/security/test_guard.py", "tests/state/test_calls.py", "tests/state/test_pack.py",
+    "tests/api/test_webhooks.py",
+]
+# Tests that start a separate interpreter on the code (it would not see the mutant) stay out.
+DESELECT = ["tests/edge/test_local.py::test_the_edge_decides_on_a_bare_interpreter_like_kamailios"]
+
+# Survivors judged harmless, by mutant name prefix: why no test should fail on them.
+SURVIVOR_REASONS: dict[str, str] = {}
+
+
+def copy_tree(dest: Path) -> None:
+    """The tracked files (and the working tree's edits to them): what the tests run on."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def config(modules: list[str]) -> str:
+    def items(values: list[str]) -> str:
+        return "".join(f"\n    {v}" for v in values)
+    return ("[mutmut]\nsource_paths=controller\n"
+            f"only_mutate={items(modules)}\n"
+            f"tests_dir={items(TESTS)}\n"
+            f"pytest_add_cli_args={items(['-p', 'no:cacheprovider', '-x'] + [f'--deselect={d}' for d in DESELECT])}\n"
+            f"also_copy={items(['tests', 'policies', 'examples', 'kamailio', 'asterisk', 'pyproject.toml'])}\n")
+
+
+def mutmut(workdir: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CALLFABRIC_PROPERTY_EXAMPLES": "25", "PYTHONPATH": str(workdir)}
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def changed_line(workdir: Path, name: str) -> str:
+    """The mutant's diff, as the one line it changed (`- old` → `+ new`)."""
+    diff = mutmut(workdir, "show", name, timeout=60).stdout.splitlines()
+    old = [line[1:].strip() for line in diff if line.startswith("-") and not line.startswith("---")]
+    new = [line[1:].strip() for line in diff if line.startswith("+") and not line.startswith("+++")]
+    return f"{' / '.join(old)[:100]}  ->  {' / '.join(new)[:100]}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-children", type=int, default=2, help="mutants run at once")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="give up (exit 2) after this long")
+    parser.add_argument("--modules", nargs="*", default=MODULES)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (mutmut browse there)")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        print("redis-server is required (the call store's tests)", file=sys.stderr)
+        return 2
+    try:
+        import mutmut as _  # noqa: F401
+    except ImportError:
+        print("mutmut is not installed: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="callfabric-mutation-"))
+    started = time.monotonic()
+    try:
+        copy_tree(workdir)
+        (workdir / "setup.cfg").write_text(config(args.modules))
+        print(f"mutating {len(args.modules)} modules in {workdir}, against {len(TESTS)} test files", flush=True)
+        try:
+            run = mutmut(workdir, "run", "--max-children", str(args.max_children), timeout=args.budget_min * 60)
+        except subprocess.TimeoutExpired:
+            print(f"mutmut did not finish within {args.budget_min} min", file=sys.stderr)
+            return 2
+        if run.returncode != 0:
+            print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
+            return 2
+        mutmut(workdir, "export-cicd-stats", timeout=300)
+        stats = json.loads((workdir / "mutants" / "mutmut-cicd-stats.json").read_text())
+        results = mutmut(workdir, "results", "--all", "true", timeout=300).stdout
+        outcomes = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M))
+        survivors = sorted(n for n, o in outcomes.items() if o in ("survived", "no tests"))
+        unexplained = 0
+        print(f"\n{len(survivors)} mutants not killed (survived, or no test reaches them):")
+        for name in survivors:
+            reason = next((r for prefix, r in SURVIVOR_REASONS.items() if name.startswith(prefix)), "")
+            unexplained += not reason
+            print(f"  {name} [{outcomes[name]}]: {changed_line(workdir, name)}"
+                  + (f"\n      harmless: {reason}" if reason else ""))
+        killed = stats.get("killed", 0) + stats.get("timeout", 0)
+        total = killed + stats.get("survived", 0) + stats.get("no_tests", 0) + stats.get("suspicious", 0)
+        pct = 100.0 * killed / total if total else 0.0
+        print(f"\n{unexplained} survivors without a reason: each is a test to write")
+        print(f"RESULT killed_pct={pct:.1f} mutants={total} modules={len(args.modules)} "
+              f"killed={stats.get('killed', 0)} survived={stats.get('survived', 0)} "
+              f"no_tests={stats.get('no_tests', 0)} timeout={stats.get('timeout', 0)} "
+              f"seconds={time.monotonic() - started:.0f}")
+        return 0 if pct >= 85 else 1
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

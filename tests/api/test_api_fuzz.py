@@ -57,11 +57,14 @@ class Running:
                                      live_scopes={}, window_counters=[], at_ms=now_ms(),
                                      event={"event": "decided", "ts": 1})
         await self.fake.inbound_call("callfabric", ["fuzz@edge", "intake"], sip_call_id="fuzz@edge")
-        for _ in range(300):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             media = self.app[MEDIA].calls.get("fuzz@edge")
             if media and media.state == "active":
                 return
             await asyncio.sleep(0.01)
+        # without a live call, "a rejected command changed nothing" would prove nothing
+        raise RuntimeError(f"the fuzz target call never became active: {self.app[MEDIA].calls.get('fuzz@edge')}")
 
     def start(self) -> "Running":
         self.error = None

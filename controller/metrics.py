@@ -22,7 +22,7 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "decision_errors": ("framing", "bad-json", "overload", "disconnected", "answer-too-long", "bad-request",
                         "no-policy", "redis", "internal", "bad-decided-event", "bad-ban-event", "bad-dialog-event"),
     "redis_errors": ("create", "counters", "transition", "media", "housekeeping", "security"),
-    "edge_rpc_errors": ("block", "unblock"),
+    "edge_rpc_errors": ("block", "unblock", "htable.reload"),
     "hot_scopes": ("pushed", "failed", "dropped"),
     "edge_policy_writes": ("ok", "error"),
     "webhook_decisions": ("answered", "timeout", "error", "garbage", "invalid"),

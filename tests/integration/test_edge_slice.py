@@ -288,7 +288,8 @@ def controller_process(stack, tmp_path):
     settings = stack.settings()
     config = tmp_path / "controller.yaml"
     config.write_text(yaml.safe_dump({
-        "policy_dir": settings.policy_dir, "redis_url": settings.redis_url, "edge_evapi": settings.edge_evapi,
+        "policy_dir": settings.policy_dir, "redis_url": settings.redis_url, "redis_mode": settings.redis_mode,
+        "redis_nodes": list(settings.redis_nodes), "edge_evapi": settings.edge_evapi,
         "http_listen": settings.http_listen, "instance_id": "frozen-one", "log_level": "INFO"}))
     log = open(tmp_path / "controller.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(config)],

@@ -247,6 +247,8 @@ for banned in ('yaml', 'jsonschema', 'aiohttp', 'redis', 'prometheus_client'):
 """
 
 
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="under bench/mutation.py: a bare interpreter "
+                    "(no site-packages) cannot run mutmut's mutated code")
 def test_the_edge_decides_on_a_bare_interpreter_like_kamailios(tmp_path):
     policy = load_policy(ROOT / "policies")
     path = tmp_path / "edge.policy"

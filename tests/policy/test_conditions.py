@@ -106,7 +106,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize("match, fields, expected", CASES, ids=[f"{i}:{c[0][:40]}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("match, fields, expected", CASES, ids=[f"{i}:{c[0][:40]}".replace("::", ": :") for i, c in enumerate(CASES)])
 def test_condition(match, fields, expected, evaluator):
     assert (decides(rule(match), evaluator, **fields) == "hit") is expected
 

@@ -117,7 +117,9 @@ def test_dockerfiles_copy_files_that_exist(service):
     ignore = context / ".dockerignore"
     ignored = [line for line in ignore.read_text().splitlines() if line and not line.startswith("#")] \
         if ignore.exists() else []
-    for source, _ in copied(dockerfile):
+    sources = list(copied(dockerfile))
+    assert sources, f"{dockerfile}: no COPY found"
+    for source, _ in sources:
         assert (list(context.glob(source)) if "*" in source else (context / source).exists()), \
             f"{dockerfile}: COPY {source} not in {context}"
         parts = Path(source).parts
@@ -169,6 +171,7 @@ def test_asterisk_placeholders_are_all_filled_by_the_entrypoint_and_the_local_ru
         used |= set(re.findall(r"@@([A-Z_]+)@@", conf.read_text()))
     entrypoint = (ROOT / "asterisk" / "bin" / "docker-entrypoint.sh").read_text()
     runner = (ROOT / "controller" / "localstack" / "asterisk.py").read_text()
+    assert used
     for name in used:
         assert f"@@{name}@@" in entrypoint, f"docker-entrypoint.sh does not fill @@{name}@@"
         assert f'"{name}"' in runner, f"localstack/asterisk.py does not fill @@{name}@@"

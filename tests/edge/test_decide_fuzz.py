@@ -202,7 +202,9 @@ def test_any_decided_event_is_recorded_or_refused_never_an_exception(redis_url, 
         refused = metrics.registry.get_sample_value("callfabric_decision_errors_total", {"reason": "bad-decided-event"})
         recorded = metrics.registry.get_sample_value("callfabric_edge_made_decisions_total", {"outcome": "agent"})
         assert refused and recorded, (refused, recorded)
-        for record in loop.run_until_complete(store.get_many(loop.run_until_complete(store.recent_calls(1000)))):
+        records = loop.run_until_complete(store.get_many(loop.run_until_complete(store.recent_calls(1000))))
+        assert records
+        for record in records:
             assert record is not None and record["state"] in ("routing", "failed") and record["controller"] == "fuzz"
     finally:
         loop.run_until_complete(store.aclose())

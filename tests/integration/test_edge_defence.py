@@ -483,6 +483,7 @@ async def test_a_hostile_corpus_is_answered_or_dropped_and_the_edge_keeps_workin
     assert defence.frames and all(isinstance(json.loads(f), dict) for f in defence.frames)
     for why in ("framing", "bad-json", "internal", "bad-ban-event", "bad-dialog-event"):
         assert defence.metric("callfabric_decision_errors_total", reason=why) == 0, why
+    assert defence.decides
     for message in defence.decides:
         assert isinstance(message.get("headers"), dict)
         assert not [h for h in message["headers"] if h.lower().startswith("x-callfabric-")]

@@ -43,7 +43,8 @@ MODULES = [
     "controller/state/calls.py",        # call records and their state transitions in Redis
 ]
 TESTS = [
-    "tests/edge/test_protocol.py", "tests/edge/test_channel.py", "tests/edge/test_local.py",
+    "tests/edge/test_protocol.py", "tests/edge/test_protocol_limits.py", "tests/edge/test_channel.py",
+    "tests/edge/test_local.py",
     "tests/policy/test_conditions.py", "tests/policy/test_decisions.py", "tests/policy/test_numbers.py",
     "tests/policy/test_security.py", "tests/policy/test_validation.py", "tests/policy/test_engine_property.py",
     "tests/security/test_guard.py", "tests/state/test_calls.py", "tests/state/test_pack.py",

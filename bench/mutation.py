@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import fnmatch
 import io
-import json
 import os
 import re
 import shutil
@@ -184,10 +184,15 @@ def main() -> int:
         if run.returncode != 0:
             print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
             return 2
-        mutmut(workdir, "export-cicd-stats", timeout=300)
-        stats = json.loads((workdir / "mutants" / "mutmut-cicd-stats.json").read_text())
         results = mutmut(workdir, "results", "--all", "true", timeout=300).stdout
-        outcomes = dict(re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M))
+        outcomes = {name: outcome for name, outcome in re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)
+                    if not selected or any(fnmatch.fnmatch(name, pattern) for pattern in selected)}
+        stats = {key: sum(1 for o in outcomes.values() if o == outcome) for key, outcome in (
+            ("killed", "killed"), ("survived", "survived"), ("no_tests", "no tests"), ("timeout", "timeout"),
+            ("suspicious", "suspicious"), ("not_checked", "not checked"))}
+        if stats["not_checked"]:
+            print(f"{stats['not_checked']} selected mutants were not checked", file=sys.stderr)
+            return 2
         survivors = sorted(n for n, o in outcomes.items() if o in ("survived", "no tests"))
         unexplained, wording = 0, 0
         print(f"\n{len(survivors)} mutants not killed (survived, or no test reaches them):")

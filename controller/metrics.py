@@ -20,8 +20,9 @@ DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.00
 # asking for a name or value that does not exist gets nothing instead of a silent 0.
 KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "decision_errors": ("framing", "bad-json", "overload", "disconnected", "answer-too-long", "bad-request",
-                        "no-policy", "redis", "internal", "bad-decided-event", "bad-ban-event", "bad-dialog-event"),
-    "redis_errors": ("create", "counters", "transition", "media", "housekeeping", "security"),
+                        "no-policy", "redis", "internal", "bad-decided-event", "bad-ban-event", "bad-dialog-event",
+                        "bad-fallback-event", "bad-auth-event", "bad-event"),
+    "redis_errors": ("create", "counters", "transition", "media", "housekeeping", "security", "edge-events"),
     "edge_rpc_errors": ("block", "unblock", "htable.reload"),
     "hot_scopes": ("pushed", "failed", "dropped"),
     "edge_policy_writes": ("ok", "error"),
@@ -29,7 +30,7 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "risk_outcomes": ("allow", "challenge", "reject", "ban"),
     "commands_forwarded": ("answered", "timeout", "no-owner"),
     "redis_queue": ("queued", "flushed", "failed", "dropped"),
-    "decisions_without_state": ("open", "closed", "edge"),
+    "decisions_without_state": ("open", "closed", "edge", "refused"),
     "policy_reloads": tuple((trigger, result) for trigger in ("start", "file", "signal", "api")
                             for result in ("accepted", "refused")),
 }

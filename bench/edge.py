@@ -16,8 +16,11 @@ failures, achieved rate and setup latency p50/p95 per mode (INVITE sent → 200 
     python bench/edge.py [--rates 600,2000,4000] [--seconds 4] [--rounds 2] [--hold-ms 0] [--controllers 1]
                          [--decide edge|controller]
 
-Last line: RESULT p50_ratio=… p95_ratio=… p50_added_ms=… p95_added_ms=… max_cps_static=…
-max_cps_controller=… cps_ratio=… (ratios and added ms at the reference rate, 2,000 CPS).
+Last line: RESULT decide=edge|controller at_cps=… p50_ratio=… p95_ratio=… p50_added_ms=…
+p95_added_ms=… max_cps_static=… max_cps_controller=… top_offered_cps=… cps_ratio=…
+(ratios and added ms at `at_cps`: 2,000 CPS, or the middle offered rate when 2,000 is not
+offered — said in the output too; cps_ratio is `unmeasured` when both modes sustain the top
+offered rate, since neither limit was reached).
 max_cps_* is the highest offered rate at which ≥ 99.5 % of calls succeeded at ≥ 95 % of the
 offered rate with a setup p95 ≤ 100 ms (beyond that the calls are being queued). Controller
 runs also print the controller's own decision time (from its histogram, bucket bounds).
@@ -142,17 +145,29 @@ def main() -> None:
             print(f"{rate:>5}   {mode:<10} {ok:>8} {failed:>8}   {summary[(rate, mode)]['p50']:6.2f}   "
                   f"{summary[(rate, mode)]['p95']:6.2f}   {'sustained' if summary[(rate, mode)]['sustained'] else 'NOT sustained'}")
         reference = REFERENCE_RATE if (REFERENCE_RATE, "static") in summary else rates[len(rates) // 2]
+        if reference != REFERENCE_RATE:
+            print(f"\n{REFERENCE_RATE} CPS was not offered: the ratios below are taken at {reference} CPS")
         s, c = summary[(reference, "static")], summary[(reference, "controller")]
         max_static = max([r for r in rates if summary[(r, "static")]["sustained"]], default=0)
         max_controller = max([r for r in rates if summary[(r, "controller")]["sustained"]], default=0)
         p50_ratio, p95_ratio = c["p50"] / s["p50"], c["p95"] / s["p95"]
         print(f"\nat {reference} CPS: controller adds {c['p50'] - s['p50']:.2f} ms at p50 (x{p50_ratio:.2f}), "
               f"{c['p95'] - s['p95']:.2f} ms at p95 (x{p95_ratio:.2f})")
+        top = max(rates)
+        # both modes sustaining the top offered rate means neither limit was found: no ratio
+        if max_static == top and max_controller == top:
+            cps_ratio = "unmeasured"
+            print(f"both modes sustained the top offered rate ({top} CPS): their limits (and cps_ratio) are "
+                  f"above it; offer higher --rates to measure them")
+        else:
+            cps_ratio = f"{max_controller / max_static:.2f}" if max_static else "unmeasured"
         print(f"goal p95_added_ms <= 1.0: {'met' if c['p95'] - s['p95'] <= 1.0 else 'NOT met'}; "
-              f"goal cps_ratio >= 0.9: {'met' if max_static and max_controller / max_static >= 0.9 else 'NOT met'}")
-        print(f"RESULT p50_ratio={p50_ratio:.2f} p95_ratio={p95_ratio:.2f} p50_added_ms={c['p50'] - s['p50']:.2f} "
-              f"p95_added_ms={c['p95'] - s['p95']:.2f} max_cps_static={max_static} max_cps_controller={max_controller} "
-              f"cps_ratio={(max_controller / max_static) if max_static else 0:.2f}")
+              f"goal cps_ratio >= 0.9: {'met' if max_static and max_controller / max_static >= 0.9 else 'NOT met'}"
+              f"{' (both at the top offered rate)' if cps_ratio == 'unmeasured' and max_static else ''}")
+        print(f"RESULT decide={args.decide} at_cps={reference} p50_ratio={p50_ratio:.2f} p95_ratio={p95_ratio:.2f} "
+              f"p50_added_ms={c['p50'] - s['p50']:.2f} p95_added_ms={c['p95'] - s['p95']:.2f} "
+              f"max_cps_static={max_static} max_cps_controller={max_controller} top_offered_cps={top} "
+              f"cps_ratio={cps_ratio}")
     finally:
         for thing in reversed(things):
             try:

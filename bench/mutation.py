@@ -182,7 +182,9 @@ def main() -> int:
             print(f"mutmut did not finish within {args.budget_min} min", file=sys.stderr)
             return 2
         if run.returncode != 0:
-            print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
+            (workdir / "mutmut-run.log").write_text(run.stdout + "\n" + run.stderr)
+            print(run.stdout[-3000:], run.stderr[-3000:], f"(all of it: {workdir / 'mutmut-run.log'})", sep="\n",
+                  file=sys.stderr)
             return 2
         results = mutmut(workdir, "results", "--all", "true", timeout=300).stdout
         outcomes = {name: outcome for name, outcome in re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)

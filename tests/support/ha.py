@@ -144,6 +144,7 @@ class MediaCall:
     bye_at: float = 0.0
     dropped: str = ""  # why the caller's channel disappeared before the caller hung up
     responses: dict[int, bytes] = field(default_factory=dict)  # CSeq number -> last response (retransmissions)
+    inviting: int = 0  # CSeq of the INVITE waiting for its final answer (0: none)
 
 
 def _headers(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -214,7 +215,11 @@ class FakeMediaNode(asyncio.DatagramProtocol):
             if call is not None and int(cseq[0]) in call.responses:  # a retransmission
                 self.transport.sendto(call.responses[int(cseq[0])], addr)
                 return
+            if call is not None and call.inviting == int(cseq[0]):  # retransmitted while the controller answers
+                self._reply(call, headers, addr, "100 Trying", int(cseq[0]), remember=False)
+                return
             call = self.calls.setdefault(call_id, MediaCall(call_id))
+            call.inviting = int(cseq[0])
             self._reply(call, headers, addr, "100 Trying", int(cseq[0]), remember=False)
             asyncio.get_running_loop().create_task(self._invite(call, headers, addr, values, int(cseq[0])))
         elif method == "BYE":

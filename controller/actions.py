@@ -11,7 +11,8 @@ import re
 from typing import Any
 
 TERMINAL_VERBS = ("route_agent", "route_sip", "reject", "ask_webhook")
-MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "continue")
+MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "anchor_media", "continue")
+ANCHOR_MODES = ("always", "nat-only", "never")
 SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
 # On a live call the same documents act on the call: route_agent transfers to an agent,
 # route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
@@ -210,6 +211,12 @@ def action_schema(ref_prefix: str = "#/$defs/") -> dict[str, Any]:
                 ],
             },
             "max_duration": {"description": "Hang the call up after this long.", **_DURATION_SCHEMA},
+            "anchor_media": {
+                "description": "Whether the edge's rtpengine carries this call's media (overrides the trunk's "
+                               "`media`): always, only when the caller is behind NAT, or never (an SRTP "
+                               "caller is always anchored: its media ends at the edge).",
+                "enum": list(ANCHOR_MODES),
+            },
             "ask_webhook": {
                 "description": "Ask a webhook for the actions; fall back when it is slow, down or answers garbage.",
                 "type": "object",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
-from controller.actions import is_trusted_header
+from controller.actions import ANCHOR_MODES, is_trusted_header
 from controller.edge import bundle, protocol
 from controller.edge.verdict import call_counters, hot_key, hot_thresholds, verdict
 from controller.policy import Policy
@@ -95,8 +95,12 @@ def kamailio_vars(answer: Mapping[str, Any]) -> tuple[tuple[str, str | int], ...
     action, hdrs = answer.get("action"), answer.get("hdrs", "")
     if not isinstance(hdrs, str) or not _usable_hdrs(hdrs):
         return None
-    ring, max_duration, dispatcher_set, uris, code, reason = 0, 0, 0, "", 0, ""
+    ring, max_duration, dispatcher_set, uris, code, reason, media = 0, 0, 0, "", 0, "", ""
     if action in ("dispatch", "relay"):
+        if "media" in answer:
+            media = answer["media"]
+            if media not in ANCHOR_MODES:
+                return None
         if "ring_timeout_ms" in answer:
             ring = answer["ring_timeout_ms"]
             if not _count(ring) or not RING_TIMEOUT_MS[0] <= ring <= RING_TIMEOUT_MS[1]:
@@ -125,7 +129,7 @@ def kamailio_vars(answer: Mapping[str, Any]) -> tuple[tuple[str, str | int], ...
         return None
     return (("$var(a_action)", action), ("$var(a_hdrs)", hdrs), ("$var(a_ring)", ring),
             ("$var(a_maxdur)", max_duration), ("$var(a_set)", dispatcher_set), ("$var(a_uris)", uris),
-            ("$var(a_code)", code), ("$var(a_reason)", reason))
+            ("$var(a_code)", code), ("$var(a_reason)", reason), ("$var(a_media)", media))
 
 
 def caller_headers(message: str, wanted: frozenset[str]) -> dict[str, list[str]]:

@@ -322,6 +322,8 @@ def answer_for(tx: str, decision: Decision, internal_headers: list[tuple[str, st
         raise ValueError(f"no edge answer for outcome {decision.outcome!r}")
     if decision.max_duration_s:
         answer["max_duration_s"] = decision.max_duration_s
+    if decision.anchor_media:
+        answer["media"] = decision.anchor_media
     return answer, dropped
 
 

@@ -44,6 +44,7 @@ class ActionSet:
     headers: tuple[HeaderTemplate, ...] = ()
     forks: tuple[Fork, ...] = ()
     max_duration_s: int | None = None
+    anchor_media: str | None = None
 
 
 # Standard reason phrases for the reject codes operators use most.
@@ -84,6 +85,8 @@ def build_action_set(actions: list[dict[str, Any]], agents: dict[str, Agent], de
                               arg.get("codec", target.codec), arg.get("direction", target.direction)))
         elif verb == "max_duration":
             fields["max_duration_s"] = max(1, parse_duration_ms(arg) // 1000)
+        elif verb == "anchor_media":
+            fields["anchor_media"] = arg
     return ActionSet(headers=tuple(headers), forks=tuple(forks), **fields)
 
 
@@ -91,12 +94,14 @@ def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -
     """Combine the actions of the rules applied, in order; the last one is terminal.
 
     Headers: a later rule's value replaces an earlier one of the same name. Forks: each
-    (target, direction) once. Maximum duration: the smallest one given wins.
+    (target, direction) once. Maximum duration: the smallest one given wins. Media anchoring:
+    the last one given.
     """
     rule, final = applied[-1]
     headers: dict[str, tuple[str, str]] = {}
     forks: dict[tuple[str, str], Fork] = {}
     max_duration: int | None = None
+    anchor: str | None = None
     for rule_name, actions in applied:
         for header in actions.headers:
             headers[header.name.lower()] = (header.name, header.render(facts, rule_name, version))
@@ -104,9 +109,10 @@ def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -
             forks.setdefault((fork.target, fork.direction), fork)
         if actions.max_duration_s is not None:
             max_duration = actions.max_duration_s if max_duration is None else min(max_duration, actions.max_duration_s)
+        anchor = actions.anchor_media or anchor
     common = dict(rule=rule, applied_rules=tuple(name for name, _ in applied), policy_version=version,
                   headers=tuple(headers.values()), forks=tuple(forks.values()), max_duration_s=max_duration,
-                  tenant=facts.tenant, trunk=facts.trunk)
+                  tenant=facts.tenant, trunk=facts.trunk, anchor_media=anchor)
     if final.terminal == "agent":
         return Decision(outcome="agent", agent=final.agent, **common)
     if final.terminal == "sip":
@@ -122,4 +128,5 @@ def _with_fallback(actions: ActionSet) -> ActionSet:
     fallback = actions.webhook_fallback
     limits = [d for d in (actions.max_duration_s, fallback.max_duration_s) if d is not None]
     return replace(fallback, headers=actions.headers + fallback.headers, forks=actions.forks + fallback.forks,
-                   max_duration_s=min(limits) if limits else None)
+                   max_duration_s=min(limits) if limits else None,
+                   anchor_media=fallback.anchor_media or actions.anchor_media)

@@ -40,6 +40,7 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
     headers = dict(asked.headers)
     forks = {(f.target, f.direction): f for f in asked.forks}
     durations = [asked.max_duration_s] if asked.max_duration_s else []
+    anchor = asked.anchor_media
     for i, action in enumerate(answer["actions"]):
         verb, arg = canonical_action(action)
         where = f"actions.{i}.{verb}"
@@ -80,6 +81,8 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
             forks.setdefault((fork.target, fork.direction), fork)
         elif verb == "max_duration":
             durations.append(max(1, parse_duration_ms(arg) // 1000))
+        elif verb == "anchor_media":
+            anchor = arg
     if not terminal:
         errors.append(("actions", "an answer needs a terminal action (route_agent, route_sip or reject)"))
     if errors:
@@ -87,4 +90,4 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
     fallback = asked.webhook.fallback
     target = {"agent": None, "destination": None, "reject_code": None, "reject_reason": None, **terminal}
     return replace(fallback, **target, headers=tuple(headers.items()), forks=tuple(forks.values()),
-                   max_duration_s=min(durations) if durations else None)
+                   max_duration_s=min(durations) if durations else None, anchor_media=anchor)

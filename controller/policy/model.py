@@ -310,6 +310,7 @@ class Decision:
     tenant: str | None = None
     risk: RiskAssessment | None = None  # when the policy scores risk and something was found
     trunk: str | None = None  # the inbound trunk the call came in on
+    anchor_media: str | None = None  # always | nat-only | never: overrides the trunk's media anchoring
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (what the decision record, explain and tests show)."""
@@ -342,6 +343,8 @@ class Decision:
             out["tenant"] = self.tenant
         if self.trunk is not None:
             out["trunk"] = self.trunk
+        if self.anchor_media is not None:
+            out["anchor_media"] = self.anchor_media
         if self.risk is not None:
             out["risk"] = self.risk.to_dict()
         out["policy_version"] = self.policy_version

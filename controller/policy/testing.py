@@ -18,7 +18,7 @@ from controller.policy.yamlpos import PositionedDocument, YamlSyntaxError, load_
 
 CALL_KEYS = {"from", "to", "ruri", "src", "transport", "headers", "at", "call_id", "counters", "trunk"}
 EXPECT_KEYS = {"outcome", "rule", "applied_rules", "agent", "destination", "reject", "headers", "forks",
-               "max_duration", "tenant", "trunk", "webhook", "fallback", "risk", "findings"}
+               "max_duration", "tenant", "trunk", "anchor_media", "webhook", "fallback", "risk", "findings"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,7 @@ def decision_view(decision_dict: dict[str, Any]) -> dict[str, Any]:
                             "max_duration": decision_dict.get("max_duration_s"),
                             "tenant": decision_dict.get("tenant"),
                             "trunk": decision_dict.get("trunk"),
+                            "anchor_media": decision_dict.get("anchor_media"),
                             "risk": decision_dict.get("risk", {}).get("outcome"),
                             "findings": [x["detector"] for x in decision_dict.get("risk", {}).get("findings", [])]}
     if "agent" in decision_dict:

@@ -739,7 +739,7 @@ class _Builder:
 
     # -- actions ---------------------------------------------------------------------------------
     def _actions(self, doc: PositionedDocument, path: Path, actions: list[dict[str, Any]], context: str) -> ActionSet:
-        terminals, continues, durations, header_names = [], [], [], {}
+        terminals, continues, durations, anchors, header_names = [], [], [], [], {}
         complete = True
         for i, action in enumerate(actions):
             if not self.valid(doc, path + (i,)):
@@ -753,6 +753,8 @@ class _Builder:
                 continues.append(i)
             elif verb == "max_duration":
                 durations.append(i)
+            elif verb == "anchor_media":
+                anchors.append(i)
             if verb == "route_agent" and arg["agent"] not in self.decl_names["agents"]:
                 self._unknown(doc, sub, "agent", arg["agent"])
             elif verb == "route_sip" and arg["destination"] not in self.decl_names["destinations"]:
@@ -805,6 +807,8 @@ class _Builder:
             self.error(doc, path, f"{where} needs a terminal action ({options}){extra}")
         if len(durations) > 1:
             self.error(doc, path + (durations[1],), "max_duration is given twice")
+        if len(anchors) > 1:
+            self.error(doc, path + (anchors[1],), "anchor_media is given twice")
         try:
             return build_action_set(actions, **self.context)
         except (KeyError, ValueError, TypeError):

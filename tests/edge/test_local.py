@@ -360,11 +360,14 @@ def test_fields_read_from_the_request_decide_like_its_decide_event(tmp_path, pol
      {"$var(a_action)": "relay", "$var(a_uris)": "sip:a@h:5060>sips:b@h", "$var(a_ring)": 3000}),
     ({"action": "reject", "code": 486, "reason": "", "hdrs": ""},
      {"$var(a_action)": "reject", "$var(a_code)": 486, "$var(a_reason)": "Rejected"}),
+    ({"action": "dispatch", "set": 1, "hdrs": "", "media": "nat-only"},
+     {"$var(a_action)": "dispatch", "$var(a_set)": 1, "$var(a_media)": "nat-only"}),
 ])
 def test_an_edge_answer_becomes_what_kamailio_carries_out(answer, carried_out):
     got = dict(kamailio_vars({"tx": "1:2", **answer}))
     assert got == {**{"$var(a_hdrs)": "", "$var(a_ring)": 0, "$var(a_maxdur)": 0, "$var(a_set)": 0,
-                      "$var(a_uris)": "", "$var(a_code)": 0, "$var(a_reason)": ""}, **carried_out}
+                      "$var(a_uris)": "", "$var(a_code)": 0, "$var(a_reason)": "", "$var(a_media)": ""},
+                   **carried_out}
 
 
 @pytest.mark.parametrize("answer", [
@@ -377,6 +380,8 @@ def test_an_edge_answer_becomes_what_kamailio_carries_out(answer, carried_out):
     {"action": "dispatch", "set": -1},
     {"action": "dispatch", "set": 1, "max_duration_s": 0},
     {"action": "dispatch", "set": 1, "ring_timeout_ms": 999},
+    {"action": "dispatch", "set": 1, "media": "sometimes"},
+    {"action": "dispatch", "set": 1, "media": 1},
     {"action": "relay", "uris": []},
     {"action": "relay", "uris": ["sip:a b@h"]},
     {"action": "relay", "uris": ["tel:+1"]},

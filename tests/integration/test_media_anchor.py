@@ -145,3 +145,41 @@ async def test_trunks_choose_whether_media_is_anchored(trunked):
     assert address == "127.0.0.43" and not anchored_port(port)
     address, port = await offered_to_media_node("127.0.0.43", announce_ip=PRIVATE)
     assert address == "127.0.0.1" and anchored_port(port)
+
+
+async def test_the_decision_chooses_the_calls_anchoring(tmp_path, procs):
+    """The answer's `media` (a policy's or webhook's anchor_media) replaces the trunk's choice;
+    an SRTP caller stays anchored whatever the decision says."""
+    from controller.edge.trunks import build_table, write_table
+    from controller.policy.validate import build_policy_source
+
+    trunks = tmp_path / "trunks"
+
+    def start():
+        write_table(str(trunks), build_table(build_policy_source({"p.yaml": TRUNKS}), "callfabric", environ={}))
+        rtp = procs.add(Rtpengine(tmp_path).start())
+        media = procs.add(SippUAS(tmp_path, "uas_answer.xml", "media", ["-mp", str(echo_port()), "-rtp_echo"]).start())
+        kamailio = procs.kamailio({1: [media.addr]}, extra_defines={"RTPENGINE_SOCK": rtp.sock}, trunks_dir=trunks)
+        procs.decider(kamailio, lambda d: {"action": "dispatch", "set": 1,
+                                           **({"media": d["headers"]["X-Anchor"][0]} if "X-Anchor" in d["headers"] else {})})
+        return kamailio, media, rtp
+    kamailio, media, rtp = await asyncio.to_thread(start)
+
+    async def offered(source: str, anchor: str | None, audio: bool = True, **kw) -> tuple[str, int]:
+        result = await SipCaller(kamailio.sip_port, source_ip=source, **kw).call(
+            "+18005550100", 0.4, headers={"X-Anchor": anchor} if anchor else None)
+        assert result.status == 200 and (result.rtp_received > 0 or not audio), result
+        invite = [i for i in await asyncio.to_thread(received_invites, media) if result.call_id in i][-1]
+        return sdp_address(invite.partition("\n\n")[2])
+
+    def anchored(address: tuple[str, int]) -> bool:
+        return address[0] == "127.0.0.1" and rtp.port_min <= address[1] < rtp.port_min + rtp.ports
+    # trunk `direct` (127.0.0.42) is never anchored by itself; a decision can anchor its calls
+    assert not anchored(await offered("127.0.0.42", None))
+    assert anchored(await offered("127.0.0.42", "always"))
+    # trunk `nat-only` (127.0.0.43): a NAT caller is anchored unless the decision says never (then
+    # the media node is told the caller's private address: no audio, as the decision asked)
+    assert anchored(await offered("127.0.0.43", "nat-only", announce_ip=PRIVATE))
+    assert (await offered("127.0.0.43", "never", audio=False, announce_ip=PRIVATE))[0] == PRIVATE
+    # trunk `secure` (127.0.0.41, SRTP required): SRTP ends at the edge, whatever is decided
+    assert anchored(await offered("127.0.0.41", "never", srtp=True))

@@ -111,6 +111,32 @@ def test_ask_webhook_fallback_keeps_what_was_accumulated():
     assert fb.max_duration_s == 300
 
 
+def test_anchor_media_is_decided_per_call_the_last_rule_winning():
+    from controller.edge.protocol import answer_for
+    from controller.policy.answers import decision_from_answer
+
+    policy = policy_with("""\
+        rules:
+          - {name: everyone, actions: [anchor_media: always, continue: true]}
+          - {name: lan, match: {source_ip: "10.0.0.0/8"}, actions: [anchor_media: never, route_agent: billing]}
+          - name: hook
+            match: {caller: "+442079460000"}
+            actions: [ask_webhook: {url: "https://app/hook", fallback: [anchor_media: nat-only, route_agent: billing]}]
+        """)
+    lan = policy.decide(call(src_ip="10.1.2.3"))
+    assert (lan.rule, lan.anchor_media, lan.to_dict()["anchor_media"]) == ("lan", "never", "never")
+    assert answer_for("1:2", lan, [])[0]["media"] == "never"
+    assert policy.decide(call()).anchor_media == "always"
+    asked = policy.decide(call(from_user="+442079460000"))
+    assert asked.webhook.fallback.anchor_media == "nat-only"
+    answered = decision_from_answer(policy.source, asked, {"actions": [{"route_agent": "intake"},
+                                                                      {"anchor_media": "never"}]})
+    assert answered.anchor_media == "never"
+    # none said: the edge keeps the trunk's anchoring (no "media" in the answer)
+    plain = policy_with("").decide(call())
+    assert plain.anchor_media is None and "media" not in answer_for("1:2", plain, [])[0]
+
+
 def test_ask_webhook_default_timeout():
     d = policy_with("rules:\n  - {name: h, actions: [ask_webhook: {url: 'http://h', fallback: [reject: 503]}]}\n").decide(call())
     assert d.webhook.timeout_ms == 1000 and d.webhook.fallback.reject_code == 503

@@ -11,8 +11,10 @@ import re
 from typing import Any
 
 TERMINAL_VERBS = ("route_agent", "route_sip", "reject", "ask_webhook")
-MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "anchor_media", "continue")
+MODIFIER_VERBS = ("add_headers", "fork", "max_duration", "anchor_media", "continue", "record", "gather")
 ANCHOR_MODES = ("always", "nat-only", "never")
+# Modifiers carried out by the media plane once the call is connected to its agent.
+ON_ANSWER_VERBS = ("record", "gather")
 SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
 # On a live call the same documents act on the call: route_agent transfers to an agent,
 # route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
@@ -217,6 +219,10 @@ def action_schema(ref_prefix: str = "#/$defs/") -> dict[str, Any]:
                                "caller is always anchored: its media ends at the edge).",
                 "enum": list(ANCHOR_MODES),
             },
+            "record": {**record_schema(), "description": "Record the call once it is connected to its agent "
+                                                          "(as the live `record` action)."},
+            "gather": {**gather_schema(), "description": "Collect digits once the call is connected to its agent "
+                                                          "(as the live `gather` action)."},
             "ask_webhook": {
                 "description": "Ask a webhook for the actions; fall back when it is slow, down or answers garbage.",
                 "type": "object",

@@ -17,7 +17,7 @@ from controller.actions import canonical_action, live_action_schema, parse_durat
 from controller.media.ari import AriError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
-from controller.policy.gathered import branch_actions, regex_problems
+from controller.policy.gathered import branch_actions, media_action_problems
 from controller.schema_errors import describe
 from controller.state.calls import CallStore, now_ms
 from controller.state.inbox import InboxTimeout, NodeInbox
@@ -27,7 +27,6 @@ log = logging.getLogger("callfabric.api.commands")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 GATHER_WEBHOOK_TIMEOUT_S = 5.0
-MAX_RECORDING_S = 24 * 3600
 _LIVE_ACTION = Draft202012Validator(live_action_schema())
 _WEBHOOK_ANSWER = Draft202012Validator({
     "type": "object", "required": ["actions"], "additionalProperties": False,
@@ -52,23 +51,12 @@ def validate_action(document: Any, path: str = "action") -> dict[str, Any]:
         for sub_path, message, _ in describe(error):
             errors.append({"path": ".".join([path, *map(str, sub_path)]), "message": message})
     if not errors:
-        errors = [{"path": ".".join([path, *map(str, sub_path)]), "message": message}
-                  for sub_path, message in _nested_problems(document)]
+        verb, arg = canonical_action(document)
+        errors = [{"path": ".".join([path, verb, *map(str, sub_path)]), "message": message}
+                  for sub_path, message in media_action_problems(verb, arg)]
     if errors:
         raise CommandError(422, "invalid action", errors)
     return document
-
-
-def _nested_problems(action: dict[str, Any], path: tuple = ()) -> list[tuple[tuple, str]]:
-    """What the schema cannot say about a valid action: the regexes of a gather's branches."""
-    verb, arg = canonical_action(action)
-    out = []
-    if verb == "gather":
-        for i, branch in enumerate(arg.get("then", [])):
-            out += regex_problems(branch.get("match", {}), path + (verb, "then", i, "match"))
-            for j, nested in enumerate(branch["actions"]):
-                out += _nested_problems(nested, path + (verb, "then", i, "actions", j))
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +86,7 @@ class CallControl:
         self.forwarding = forwarding
         self._ask_webhook = ask_webhook
         plane.on_gathered = self.gathered
+        plane.on_connected = self.connected
 
     async def execute(self, call_id: str, action: dict[str, Any], idempotency_key: str | None = None) -> CommandResult:
         validate_action(action)
@@ -261,19 +250,15 @@ class CallControl:
             return {"action": verb, "result": await plane.dtmf.send(
                 call_id, arg["digits"], to=arg.get("to", "caller"), duration_ms=arg.get("duration_ms", 100),
                 between_ms=arg.get("between_ms", 100))}
+        if verb in ("gather", "record"):
+            self._check_declared(verb, arg)
         if verb == "gather":
-            for branch in arg.get("then", []):
-                for nested in branch["actions"]:
-                    self._check_names(nested)
             return {"action": verb, "result": await plane.dtmf.gather(
                 call_id, leg=arg.get("leg", "caller"), max_digits=arg.get("max_digits", 32),
                 finish_key=arg.get("finish_key", "#"), timeout_ms=parse_duration_ms(arg.get("timeout", "5s")),
                 prompt=arg.get("prompt", ""), then=arg.get("then"), webhook=arg.get("webhook", ""))}
         if verb == "record":
             max_s = parse_duration_ms(arg["max_duration"]) // 1000 if "max_duration" in arg else 0
-            if max_s > MAX_RECORDING_S:
-                raise CommandError(422, "invalid action", [{"path": "action.record.max_duration",
-                                                            "message": f"at most {MAX_RECORDING_S // 3600} hours"}])
             return {"action": verb, "result": await plane.recording.start(
                 call_id, arg.get("channels", "both"), beep=arg.get("beep", False),
                 announcement=arg.get("announcement", ""), max_duration_s=max_s)}
@@ -289,18 +274,33 @@ class CallControl:
         """A recording kept on its media node, streamed to `sink`."""
         return await self.plane.recording.download(node, name, sink)
 
-    def _check_names(self, action: dict[str, Any]) -> None:
-        """A nested action (a gather's branch) names what the serving policy declares."""
-        verb, arg = canonical_action(action)
-        sections = {"route_agent": ("agents", "agent"), "route_sip": ("destinations", "destination"),
-                    "add_human": ("destinations", "destination"), "fork": ("fork_targets", "target")}
-        if verb in sections:
-            section, key = sections[verb]
-            self._names(section, arg[key])
-        elif verb == "gather":
-            for branch in arg.get("then", []):
-                for nested in branch["actions"]:
-                    self._check_names(nested)
+    def _check_declared(self, verb: str, arg: dict[str, Any]) -> None:
+        """A gather's branches name what the serving policy declares."""
+        policy = self._policy()
+        names = {section: getattr(policy.source, section) if policy else {}
+                 for section in ("agents", "destinations", "fork_targets")}
+        problems = media_action_problems(verb, arg, names)
+        if problems:
+            raise CommandError(422, "invalid action", [{"path": ".".join(["action", verb, *map(str, p)]),
+                                                        "message": m} for p, m in problems])
+
+    async def connected(self, call_id: str, actions: list[dict[str, Any]]) -> None:
+        """The call is connected to its agent: its decision's media actions (record, gather)."""
+        await self._run_all(call_id, actions, "on_answer_failed", {})
+
+    async def _run_all(self, call_id: str, actions: list[dict[str, Any]], failed: str, detail: dict[str, Any]) -> None:
+        """Carry out actions in order; each one's failure is recorded on the call's timeline
+        (event `failed`) and does not stop the next one."""
+        for i, action in enumerate(actions):
+            try:
+                await self._run(call_id, validate_action(action, f"actions.{i}"))
+            except (MediaError, CommandError, AriError) as exc:
+                why = str(exc)
+                if isinstance(exc, CommandError) and exc.errors:
+                    why += "".join(f"; {e['path']}: {e['message']}" for e in exc.errors)
+                log.warning("call %s: action %d (%s) failed: %s", call_id, i, failed, why)
+                await self.store.append_event(call_id, {"event": failed, "ts": now_ms(), **detail, "action": i,
+                                                        "reason": why})
 
     async def gathered(self, call_id: str, result: dict[str, Any]) -> None:
         """A gather ended: carry out its branch's actions, or ask its webhook for them. Each
@@ -309,14 +309,7 @@ class CallControl:
             actions = await self._ask_gather_webhook(call_id, result)
         else:
             actions = branch_actions(result.get("then") or [], result.get("digits", ""), result.get("reason", ""))
-        for i, action in enumerate(actions or []):
-            try:
-                await self._run(call_id, validate_action(action, f"actions.{i}"))
-            except (MediaError, CommandError, AriError) as exc:
-                log.warning("call %s: action %d after gather %s failed: %s", call_id, i, result.get("gather_id"), exc)
-                await self.store.append_event(call_id, {"event": "gather_action_failed", "ts": now_ms(),
-                                                        "gather": result.get("gather_id"), "action": i,
-                                                        "reason": str(exc)})
+        await self._run_all(call_id, actions or [], "gather_action_failed", {"gather": result.get("gather_id")})
 
     async def _ask_gather_webhook(self, call_id: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         if self._ask_webhook is None:

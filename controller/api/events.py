@@ -29,7 +29,7 @@ PUBLIC_TYPES = {
     "play_finished": "play.finished", "play_failed": "play.failed",
     "dtmf": "call.dtmf", "dtmf_sent": "call.dtmf_sent", "gather_started": "gather.started",
     "gather_completed": "gather.completed", "gather_action_failed": "gather.action_failed",
-    "gather_webhook_failed": "gather.webhook_failed", "recording_started": "recording.started",
+    "gather_webhook_failed": "gather.webhook_failed", "on_answer_failed": "media.action_failed", "recording_started": "recording.started",
     "recording_completed": "recording.completed", "recording_failed": "recording.failed",
 }
 EVENT_TYPES = tuple(sorted(set(PUBLIC_TYPES.values())))

@@ -79,6 +79,8 @@ class MediaPlane:
         # Carries out what a finished gather leads to (its policy branch, its webhook's answer):
         # set by whoever runs actions on calls (the API's call control).
         self.on_gathered: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
+        # Carries out the decision's media actions (record, gather) once a call is connected.
+        self.on_connected: Callable[[str, list[dict[str, Any]]], Awaitable[None]] | None = None
         self._handlers: dict[str, list[Feature]] = {}  # ARI event type -> the features that handle it
         for feature in self.features:
             for kind in feature.events:

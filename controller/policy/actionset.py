@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controller.actions import canonical_action, parse_duration_ms, sanitize_header_value
+from controller.actions import ON_ANSWER_VERBS, canonical_action, parse_duration_ms, sanitize_header_value
 from controller.policy.facts import Facts
 from controller.policy.model import Agent, Decision, Destination, Fork, ForkTarget, WebhookAsk
 
@@ -45,6 +45,7 @@ class ActionSet:
     forks: tuple[Fork, ...] = ()
     max_duration_s: int | None = None
     anchor_media: str | None = None
+    on_answer: tuple[dict[str, Any], ...] = ()  # record / gather, as live action documents
 
 
 # Standard reason phrases for the reject codes operators use most.
@@ -63,6 +64,7 @@ def build_action_set(actions: list[dict[str, Any]], agents: dict[str, Agent], de
     fields: dict[str, Any] = {"terminal": None}
     headers: list[HeaderTemplate] = []
     forks: list[Fork] = []
+    on_answer: list[dict[str, Any]] = []
     for action in actions:
         verb, arg = canonical_action(action)
         if verb == "route_agent":
@@ -87,7 +89,24 @@ def build_action_set(actions: list[dict[str, Any]], agents: dict[str, Agent], de
             fields["max_duration_s"] = max(1, parse_duration_ms(arg) // 1000)
         elif verb == "anchor_media":
             fields["anchor_media"] = arg
-    return ActionSet(headers=tuple(headers), forks=tuple(forks), **fields)
+        elif verb in ON_ANSWER_VERBS:
+            on_answer.append({verb: arg})
+    return ActionSet(headers=tuple(headers), forks=tuple(forks), on_answer=tuple(on_answer), **fields)
+
+
+def merge_on_answer(lists: list[tuple[dict[str, Any], ...]]) -> tuple[dict[str, Any], ...]:
+    """Media actions of several rules, in order: each recording (by what it records) once, the
+    last gather only (a gather replaces the one before)."""
+    records: dict[str, dict[str, Any]] = {}
+    gather: dict[str, Any] | None = None
+    for actions in lists:
+        for action in actions:
+            ((verb, arg),) = action.items()
+            if verb == "record":
+                records.setdefault(arg.get("channels", "both"), action)
+            else:
+                gather = action
+    return tuple(records.values()) + ((gather,) if gather else ())
 
 
 def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -> Decision:
@@ -95,7 +114,7 @@ def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -
 
     Headers: a later rule's value replaces an earlier one of the same name. Forks: each
     (target, direction) once. Maximum duration: the smallest one given wins. Media anchoring:
-    the last one given.
+    the last one given. Media actions: see merge_on_answer.
     """
     rule, final = applied[-1]
     headers: dict[str, tuple[str, str]] = {}
@@ -112,7 +131,8 @@ def assemble(applied: list[tuple[str, ActionSet]], facts: Facts, version: str) -
         anchor = actions.anchor_media or anchor
     common = dict(rule=rule, applied_rules=tuple(name for name, _ in applied), policy_version=version,
                   headers=tuple(headers.values()), forks=tuple(forks.values()), max_duration_s=max_duration,
-                  tenant=facts.tenant, trunk=facts.trunk, anchor_media=anchor)
+                  tenant=facts.tenant, trunk=facts.trunk, anchor_media=anchor,
+                  on_answer=merge_on_answer([a.on_answer for _, a in applied]))
     if final.terminal == "agent":
         return Decision(outcome="agent", agent=final.agent, **common)
     if final.terminal == "sip":
@@ -129,4 +149,5 @@ def _with_fallback(actions: ActionSet) -> ActionSet:
     limits = [d for d in (actions.max_duration_s, fallback.max_duration_s) if d is not None]
     return replace(fallback, headers=actions.headers + fallback.headers, forks=actions.forks + fallback.forks,
                    max_duration_s=min(limits) if limits else None,
-                   anchor_media=fallback.anchor_media or actions.anchor_media)
+                   anchor_media=fallback.anchor_media or actions.anchor_media,
+                   on_answer=actions.on_answer + fallback.on_answer)

@@ -1,6 +1,6 @@
 """Decision-webhook answers: `{"actions": [...]}` in the same vocabulary as policy rules,
-validated as strictly (one terminal action, declared names, safe headers), turned into the
-call's decision. Pure: the controller fetches the answer, this decides what it means."""
+validated as strictly (one terminal action, declared names, safe headers; `record` and
+`gather` run once the call is connected), turned into the call's decision. Pure: the controller fetches the answer, this decides what it means."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -12,7 +12,8 @@ from controller.actions import (
     TERMINAL_VERBS, action_schema, canonical_action, header_name_problem, header_value_problem, parse_duration_ms,
     reason_problem,
 )
-from controller.policy.actionset import REASON_PHRASES
+from controller.policy.actionset import REASON_PHRASES, merge_on_answer
+from controller.policy.gathered import media_action_problems
 from controller.policy.model import Decision, Fork
 from controller.schema_errors import describe
 
@@ -41,6 +42,8 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
     forks = {(f.target, f.direction): f for f in asked.forks}
     durations = [asked.max_duration_s] if asked.max_duration_s else []
     anchor = asked.anchor_media
+    on_answer: list[dict[str, Any]] = []
+    names = {section: getattr(source, section) for section in ("agents", "destinations", "fork_targets")}
     for i, action in enumerate(answer["actions"]):
         verb, arg = canonical_action(action)
         where = f"actions.{i}.{verb}"
@@ -83,6 +86,10 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
             durations.append(max(1, parse_duration_ms(arg) // 1000))
         elif verb == "anchor_media":
             anchor = arg
+        elif verb in ("record", "gather"):
+            problems = media_action_problems(verb, arg, names)
+            errors += [(".".join([where, *map(str, path)]), message) for path, message in problems]
+            on_answer.append({verb: arg})
     if not terminal:
         errors.append(("actions", "an answer needs a terminal action (route_agent, route_sip or reject)"))
     if errors:
@@ -90,4 +97,5 @@ def decision_from_answer(source: Any, asked: Decision, answer: Any) -> Decision:
     fallback = asked.webhook.fallback
     target = {"agent": None, "destination": None, "reject_code": None, "reject_reason": None, **terminal}
     return replace(fallback, **target, headers=tuple(headers.items()), forks=tuple(forks.values()),
-                   max_duration_s=min(durations) if durations else None, anchor_media=anchor)
+                   max_duration_s=min(durations) if durations else None, anchor_media=anchor,
+                   on_answer=merge_on_answer([asked.on_answer, tuple(on_answer)]))

@@ -309,6 +309,7 @@ class Decision:
     max_duration_s: int | None = None
     tenant: str | None = None
     risk: RiskAssessment | None = None  # when the policy scores risk and something was found
+    on_answer: tuple[Mapping[str, Any], ...] = ()  # live actions (record, gather) once the agent is connected
     trunk: str | None = None  # the inbound trunk the call came in on
     anchor_media: str | None = None  # always | nat-only | never: overrides the trunk's media anchoring
 
@@ -339,6 +340,8 @@ class Decision:
                              "codec": f.codec, "direction": f.direction} for f in self.forks]
         if self.max_duration_s is not None:
             out["max_duration_s"] = self.max_duration_s
+        if self.on_answer:
+            out["on_answer"] = [dict(a) for a in self.on_answer]
         if self.tenant is not None:
             out["tenant"] = self.tenant
         if self.trunk is not None:

@@ -18,6 +18,7 @@ from controller.actions import (
 )
 from controller.policy import conditions as cond
 from controller.schema_errors import TYPE_WORDS, describe, json_type, show
+from controller.policy.gathered import media_action_problems
 from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, REASON_PHRASES, ActionSet, build_action_set
 from controller.policy.model import (
     Agent, Destination, Detector, Digest, ForkTarget, InboundTrunk, NodeSet, OutboundTrunk, PolicyInvalid, PolicyIssue,
@@ -784,6 +785,9 @@ class _Builder:
                         self.error(doc, sub, "max_duration must be at least 1 second")
                 except ValueError as exc:
                     self.error(doc, sub, str(exc))
+            elif verb in ("record", "gather"):
+                for sub_path, message in media_action_problems(verb, arg, self.decl_names):
+                    self.error(doc, sub + sub_path, message)
             elif verb == "ask_webhook":
                 if context in ("fallback", "challenge"):
                     self.error(doc, sub, "a webhook's fallback cannot ask another webhook" if context == "fallback"

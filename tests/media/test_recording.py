@@ -164,3 +164,21 @@ def test_the_cli_builds_record_actions():
     assert _call_action(parse(["call", "stop-record", "c1", "r4"])) == {"stop_record": {"recording_id": "r4"}}
     for action in (record, {"stop_record": True}, {"record": "agent"}):
         assert validate_action(action)
+
+
+async def test_the_decisions_media_actions_run_once_the_agent_is_connected(h):
+    from controller.state.calls import now_ms
+    CallControl(h.plane, h.store, lambda: SERVING)  # carries out on-answer actions for the plane
+    decision = {"outcome": "agent", "rule": "r", "agent": {"name": "intake"},
+                "on_answer": [{"record": {"channels": "caller"}}, {"record": {"channels": "sideways"}},
+                              {"gather": {"max_digits": 2, "webhook": "http://127.0.0.1:9/none"}}]}
+    await h.store.create(CALL, {"state": "routing", "outcome": "agent", "rule": "r", "decision": decision},
+                         live_scopes={}, window_counters=[], at_ms=now_ms(), event={"event": "decided", "ts": 1})
+    await h.fake.inbound_call("callfabric", [CALL, "intake"], sip_call_id=CALL)
+    started = await until_event(h, "recording_started")
+    assert started["channels"] == "caller"
+    await until_event(h, "gather_started")
+    failed = await until_event(h, "on_answer_failed")
+    assert failed["action"] == 1 and "sideways" in failed["reason"]  # an invalid one is refused, the rest runs
+    names = [e["event"] for e in await h.store.timeline(CALL)]
+    assert names.index("media_up") < names.index("recording_starting")

@@ -127,7 +127,7 @@ class Call(Feature):
         async with plane.lock(call_id):
             await plane.store.add_media_call(node, call_id)
             await plane.save(media, "media_start", node=node, channel=channel_id, agent=agent.name)
-        await self._connect_agent(media, agent, forks, started, answer=True)
+        await self._connect_agent(media, agent, forks, started, answer=True, on_answer=_on_answer(decision))
 
     async def set_up_again(self, media: CallMedia, caller: dict[str, Any], bridges: set[str]) -> None:
         """A call whose set-up was cut short: its partial objects go, then it is set up anew."""
@@ -139,14 +139,16 @@ class Call(Feature):
         plane.forks.abandon(media)
         media.bridge = media.next_id("bridge")
         args = plane.stasis_args(client, caller) or []
-        agent, forks = await self._agent_for(media.call_id, str(args[1]) if len(args) > 1 and args[1] else "")
+        agent, forks, decision = await self._agent_for(media.call_id, str(args[1]) if len(args) > 1 and args[1] else "",
+                                                       with_decision=True)
         if agent is None:
             await plane.timeline(media, "media_refused", node=media.node, reason="no agent")
             await plane.teardown(media, "no-agent", hang_up_caller=True)
             return
         await plane.save(media, "media_start", node=media.node, channel=media.caller_channel, agent=agent.name,
                          detail="set up again after a controller change")
-        plane.spawn(media.node, self._connect_agent(media, agent, forks, time.perf_counter(), answer=True), "setup")
+        plane.spawn(media.node, self._connect_agent(media, agent, forks, time.perf_counter(), answer=True,
+                                                    on_answer=_on_answer(decision)), "setup")
 
     async def _agent_for(self, call_id: str, requested_agent: str, with_decision: bool = False):
         """The agent (and forks) the call's decision names, else the one the edge asked for."""
@@ -165,10 +167,11 @@ class Call(Feature):
             return None
 
     async def _connect_agent(self, media: CallMedia, agent: Endpoint, forks: list[Any], started: float, *,
-                             answer: bool) -> None:
+                             answer: bool, on_answer: list[dict[str, Any]] | None = None) -> None:
         """Bridge the caller with the agent, then (inbound) answer: the agent leg is in the
         bridge before the caller's first packet, so none of the caller's audio is lost. The
-        forks start beside it.
+        forks start beside it; once connected, the decision's media actions (record, gather)
+        are carried out (`MediaPlane.on_connected`).
 
         Asterisk work happens outside the call's lock (events about the call, forks starting
         beside the agent leg, must not wait for it); the lock guards the record only."""
@@ -205,6 +208,8 @@ class Call(Feature):
             media.state = "active"
             await plane.save(media, "media_up", setup_ms=round((time.perf_counter() - started) * 1000, 1),
                              agent=agent.name)
+        if on_answer and plane.on_connected is not None:
+            plane.spawn(media.node, plane.on_connected(call_id, on_answer), "on-answer actions")
 
     async def start_agent(self, media: CallMedia, agent: Endpoint) -> AgentLeg:
         """A new agent leg, up and in the call's bridge (the caller decides when it becomes
@@ -293,3 +298,9 @@ class Call(Feature):
     def ending(self, media: CallMedia) -> None:
         if media.agent:
             media.agent.state = "gone"
+
+
+def _on_answer(decision: dict[str, Any]) -> list[dict[str, Any]]:
+    """The decision's media actions (record, gather), as recorded."""
+    actions = decision.get("on_answer")
+    return [a for a in actions if isinstance(a, dict)] if isinstance(actions, list) else []

@@ -6,8 +6,8 @@ COPY pyproject.toml README.md ./
 COPY controller ./controller
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 COPY policies ./policies
-# the edge policy volume (compose) takes this directory's owner on first use
-RUN mkdir -p /srv/callfabric/edge && chown callfabric /srv/callfabric/edge
+# the edge policy and edge key volumes (compose) take these directories' owner on first use
+RUN mkdir -p /srv/callfabric/edge /srv/callfabric/keys && chown callfabric /srv/callfabric/edge /srv/callfabric/keys
 USER callfabric
 ENV CALLFABRIC_POLICY_DIR=/srv/callfabric/policies \
     CALLFABRIC_HTTP_LISTEN=0.0.0.0:8460

@@ -182,6 +182,7 @@ class ControllerProcess:
                 "edge_evapi": [f"127.0.0.1:{kamailio.evapi_port}"],
                 "edge_rpc": [f"http://127.0.0.1:{kamailio.http_port}/RPC"],
                 "edge_policy_file": str(kamailio.edge_policy or ""),
+                "edge_policy_key_file": str(kamailio.edge_policy_key or ""),
                 "edge_streams": [kamailio.edge_name],  # (read only when the edge writes it: EVENTS_REDIS)
                 "http_listen": http, "log_level": "WARNING", "instance_id": f"{name}-{index}", **(extra or {})}))
             self.configs.append(config)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -35,12 +36,14 @@ from controller.media.ownership import NodeOwnership
 from controller.media.features.recording import prune as prune_recordings
 from controller.media.plane import Endpoint, MediaPlane
 from controller.metrics import Metrics
+from controller.policy.lastgood import LastGood
 from controller.policy.reload import PolicyHolder, ReloadOutcome, reload_on_sighup
 from controller.security.bans import BanList
 from controller.security.hot import HotScopes
 from controller.security.guard import SecurityGuard
 from controller.security.trust import TrustedPeers
 from controller.state.calls import CallStore, now_ms
+from controller.state.policycopy import PolicyCopy
 from controller.state.inbox import NodeInbox
 from controller.state.journal import Journal
 from controller.state.leases import NodeLeases
@@ -109,28 +112,60 @@ async def _policy_ctx(app: web.Application) -> AsyncIterator[None]:
     listeners: list = []
     app[POLICY_LISTENERS] = listeners
 
+    copy = PolicyCopy(app[STORE].redis)
+    last_good = LastGood(settings.instance_id, settings.policy_last_good_file, redis_save=copy.save,
+                         redis_load=copy.load,
+                         on_write=lambda where, ok: metrics.policy_last_good_writes.labels(where, "ok" if ok else
+                                                                                           "error").inc())
+    keeping: set[asyncio.Task] = set()
+
     def on_outcome(outcome: ReloadOutcome) -> None:
         metrics.policy_outcome(outcome)
+        metrics.policy_last_good.set(1 if holder.policy is not None and holder.origin != "files" else 0)
         if publisher is not None:
             publisher.outcome(outcome)
+        if outcome.accepted and holder.origin == "files" and holder.policy is not None:
+            task = asyncio.get_running_loop().create_task(last_good.keep(holder.policy))
+            keeping.add(task)
+            task.add_done_callback(keeping.discard)
         for listener in listeners:
             listener(outcome)
 
     holder = PolicyHolder(settings.policy_dir, on_outcome)
     if settings.edge_policy_file:
-        publisher = EdgePolicyPublisher(settings.edge_policy_file, holder, metrics)
+        publisher = EdgePolicyPublisher(settings.edge_policy_file, settings.edge_policy_key_file, holder, metrics)
     app[POLICIES] = holder
     outcome = await holder.reload("start")
     if not outcome.accepted:
-        log.error("no valid policy in %s: every call gets the edge fallback until one loads", settings.policy_dir)
+        await _restore_last_good(holder, last_good, settings)
     reload_on_sighup(holder)
     watcher = asyncio.create_task(holder.watch(settings.policy_poll_s))
     yield
     await cancel_tasks(watcher)
+    if keeping:
+        await asyncio.gather(*list(keeping), return_exceptions=True)
     if publisher is not None:
         await publisher.close()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+async def _restore_last_good(holder: PolicyHolder, last_good: LastGood, settings: Settings) -> None:
+    """The files are refused at start: serve the last policy this deployment served, never
+    nothing (with nothing, every call would get the edge's fallback, rejects included)."""
+    errors = "; ".join(str(i) for i in holder.files_issues[:3]) + (" …" if len(holder.files_issues) > 3 else "")
+    restored = await last_good.restore()
+    if restored is None:
+        log.error("the policy files in %s are refused (%s) and no policy was served before (no last good copy in "
+                  "Redis%s): NO POLICY — every call gets the edge's fallback until valid files load",
+                  settings.policy_dir, errors, f" nor {settings.policy_last_good_file}"
+                  if settings.policy_last_good_file else "")
+        return
+    saved, policy = restored
+    await holder.restore(policy, f"last-good ({saved.where})")
+    log.error("the policy files in %s are refused (%s): SERVING THE LAST GOOD POLICY %s, kept by %s at %s from %s, "
+              "until valid files load", settings.policy_dir, errors, policy.version, saved.by,
+              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.saved_ms / 1000)), saved.where)
 
 
 def _webhook_target(settings: Settings, holder: PolicyHolder):
@@ -406,11 +441,19 @@ async def health_view(request: web.Request) -> web.Response:
     # "replaying": Redis answers, but state changes queued during its outage are still being
     # written (counters the policy reads may be short until then)
     state = "ok" if not store.degraded else "replaying" if redis_ok and store.available else "unreachable"
-    healthy = policy is not None and redis_ok and state == "ok" and all(edges.values()) and lifecycle == "serving"
+    holder = app[POLICIES]
+    # the files on disk refused (at start: a last good copy serves, or nothing) is degraded
+    files_ok = not holder.files_issues
+    healthy = policy is not None and files_ok and redis_ok and state == "ok" and all(edges.values()) \
+        and lifecycle == "serving"
     recorder = app[RECORDER]
     body = {"status": "ok" if healthy else "draining" if lifecycle != "serving" else "degraded",
             "instance": app[SETTINGS].instance_id,
-            "policy_version": policy.version if policy else None, "redis": redis_ok and store.available,
+            "policy_version": policy.version if policy else None,
+            "policy": {"version": policy.version if policy else None, "from": holder.origin or None,
+                       "files": "ok" if files_ok else "refused",
+                       "errors": [str(i) for i in holder.files_issues[:5]]},
+            "redis": redis_ok and store.available,
             "state": state, "queued": store.outage.depth, "edges": edges,
             "edge_events": {edge: "consuming" if owned else "standby" for edge, owned in recorder.owned.items()},
             "media_nodes": media_nodes}

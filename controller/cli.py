@@ -609,6 +609,28 @@ def cmd_config_describe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _octal_mode(text: str) -> str:
+    if not text.isdigit() or any(c > "7" for c in text) or int(text, 8) > 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode like 0640")
+    return text
+
+
+def cmd_edge_key(args: argparse.Namespace) -> int:
+    """Make the key the edge policy file is signed with (edge_policy_key_file, Kamailio's
+    EDGE_POLICY_KEY) unless the file exists: 64 random hex digits."""
+    from controller.edge.bundle import BundleError, create_key, read_key
+
+    try:
+        made = create_key(args.path, int(args.mode, 8))
+        read_key(args.path)
+    except OSError as exc:
+        return _fail(f"{args.path}: {exc.strerror or exc}")
+    except BundleError as exc:
+        return _fail(str(exc))
+    print(f"{args.path}: {'new key written' if made else 'key already there, kept'}")
+    return EXIT_OK
+
+
 def cmd_api_openapi(args: argparse.Namespace) -> int:
     from controller.api.openapi import document
 
@@ -779,6 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--media", choices=("auto", "asterisk", "stand-in"), help="the media node (default: the config's "
                                                                              "x-up.media, auto)")
     up.set_defaults(func=cmd_up)
+
+    edge = commands.add_parser("edge", help="the SIP edge's side of the controller")
+    edge_commands = edge.add_subparsers(dest="edge_command", required=True)
+    edge_key = edge_commands.add_parser("key", help="make the key the edge policy file is signed with (kept if the "
+                                                    "file exists)")
+    edge_key.add_argument("path", help="the key file (edge_policy_key_file, Kamailio's EDGE_POLICY_KEY)")
+    edge_key.add_argument("--mode", default="0640", type=_octal_mode,
+                          help="file mode of a new key (default 0640: Kamailio reads it through the group)")
+    edge_key.set_defaults(func=cmd_edge_key)
 
     api = commands.add_parser("api", help="the REST API")
     api_commands = api.add_subparsers(dest="api_command", required=True)

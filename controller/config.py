@@ -26,6 +26,10 @@ def _setting(default: Any, doc: str) -> Any:
 @dataclass(slots=True)
 class Settings:
     policy_dir: str = _setting("policies", "Directory of routing policy YAML files (hot-reloaded).")
+    policy_last_good_file: str = _setting("", "A local copy of the last policy served (besides the one in Redis): "
+                                              "at start, when the files are refused, the newest copy serves, so a "
+                                              "controller never starts without a policy it served before. Empty: "
+                                              "Redis only.")
     policy_poll_s: float = _setting(1.0, "How often the policy directory is checked for changes (seconds).")
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "Redis holding call state (redis:// or unix://); with "
                                                           "redis_mode cluster or sentinel, only its user, password "
@@ -56,6 +60,11 @@ class Settings:
                                         "text://<this directory>, e.g. a volume shared with the edges only). Empty: "
                                         "the edges do not check trunks (every source may call).")
     edge_realm: str = _setting("callfabric", "Digest realm the edges challenge inbound trunks with.")
+    edge_policy_key_file: str = _setting("", "The key file the edge policy file is signed with (HMAC-SHA256, at least "
+                                             "32 bytes; `callfabric edge key PATH` makes one). Needed with "
+                                             "edge_policy_file; Kamailio's EDGE_POLICY_KEY names the same key, and "
+                                             "refuses a policy file that does not verify. Keep it where only you "
+                                             "write (not beside the policy file).")
     edge_streams: list = _setting(["edge"], "Names of the edges (Kamailio's EDGE_NAME) whose event streams in Redis "
                                             "(cf:edge:{name}:events, Kamailio's EVENTS_REDIS) the controllers record; "
                                             "one controller consumes each at a time.")
@@ -260,6 +269,9 @@ def check_settings(settings: Settings) -> None:
     except ValueError as exc:
         raise ConfigError(f"setting {exc}") from None
     trusted_networks(settings)
+    if settings.edge_policy_file and not settings.edge_policy_key_file:
+        raise ConfigError("setting edge_policy_key_file: needed with edge_policy_file (the edges refuse unsigned "
+                          "policy files); `callfabric edge key PATH` writes one")
     redis_target(settings)
     if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
         raise ConfigError(f"setting redis_outage_decisions: {settings.redis_outage_decisions!r}: expected one of "

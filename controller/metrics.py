@@ -90,6 +90,12 @@ class Metrics:
                                     registry=r)
         self.policy_reloads = Counter("callfabric_policy_reloads_total", "Policy loads by result.",
                                       ["trigger", "result"], registry=r)
+        self.policy_last_good = Gauge("callfabric_policy_last_good", "1 while the policy serving is the last good copy "
+                                      "(Redis or policy_last_good_file) because the files were refused at start.",
+                                      registry=r)
+        self.policy_last_good_writes = Counter("callfabric_policy_last_good_writes_total", "Serving policies kept as "
+                                               "the last good one, by where (redis, file, encode) and result.",
+                                               ["where", "result"], registry=r)
         self.policy_info = Gauge("callfabric_policy_info", "The policy version serving (value 1).", ["version"],
                                  registry=r)
         self.ari_connected = Gauge("callfabric_ari_connected", "1 while the events websocket of an Asterisk node is up.",
@@ -139,6 +145,10 @@ class Metrics:
         self.bans = Counter("callfabric_bans_total", "Sources banned at the edge, by origin (policy, api, asterisk) "
                             "and the detector that weighed most (manual for the API).", ["origin", "detector"],
                             registry=r)
+        self.fallback_rejects = Counter("callfabric_fallback_rejects_total", "Calls this controller could not decide "
+                                        "(state-unavailable, overload, internal) that the policy rejects anyway: "
+                                        "answered with that reject instead of the edge's fallback.", ["reason"],
+                                        registry=r)
         self.bans_refused = Counter("callfabric_bans_refused_total", "Bans refused because they would hit a trusted "
                                     "peer (a media node, trusted_peers), by origin (policy, api, asterisk, edge).",
                                     ["origin"], registry=r)

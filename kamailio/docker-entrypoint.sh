@@ -9,6 +9,10 @@
 #   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4),
 #   EDGE_POLICY (the policy file the controller writes, its edge_policy_file: the edge then
 #   decides the common calls itself; unset: every call is asked over evapi),
+#   EDGE_POLICY_KEY (the key file that policy file's HMAC is checked with: the controller's
+#   edge_policy_key_file), EDGE_DECIDE (1, or 0: the policy only keeps its rejects in the
+#   fallback, every call goes to a controller); the last policy file that verified is kept in
+#   $run/edge-policy.last-good,
 #   EVENTS_REDIS_HOST / EVENTS_REDIS_PORT / EVENTS_REDIS_DB (the Redis holding call state: the
 #   edge's events then go to its stream cf:edge:{EDGE_NAME}:events whatever the controllers
 #   do; unset: over evapi to a connected controller), EDGE_NAME (edge), EVENTS_QUEUE_MAX,
@@ -32,7 +36,11 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
   -A "CHILDREN=${CHILDREN:-4}"
 if [ -n "${SIP_ADVERTISE:-}" ]; then set -- "$@" -A "SIP_ADVERTISE=${SIP_ADVERTISE}"; fi
 if [ -n "${TRUSTED_NET:-}" ]; then set -- "$@" -A "TRUSTED_NET=\"${TRUSTED_NET}\""; fi
-if [ -n "${EDGE_POLICY:-}" ]; then set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\""; fi
+if [ -n "${EDGE_POLICY:-}" ]; then
+  set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\"" -A "EDGE_POLICY_CACHE=\"$run/edge-policy.last-good\"" \
+    -A "EDGE_DECIDE=${EDGE_DECIDE:-1}"
+fi
+if [ -n "${EDGE_POLICY_KEY:-}" ]; then set -- "$@" -A "EDGE_POLICY_KEY=\"${EDGE_POLICY_KEY}\""; fi
 if [ -n "${EVENTS_REDIS_HOST:-}" ]; then
   set -- "$@" -A "EVENTS_REDIS=\"name=cfev;addr=${EVENTS_REDIS_HOST};port=${EVENTS_REDIS_PORT:-6379};db=${EVENTS_REDIS_DB:-0}\"" \
     -A "EDGE_NAME=\"${EDGE_NAME:-edge}\""

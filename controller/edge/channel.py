@@ -135,9 +135,9 @@ class EdgeChannel:
         if kind == "decide":
             if len(self._tasks) >= self.max_in_flight:
                 self.metrics.decision_errors.labels("overload").inc()
-                tx = message.get("tx")
-                if isinstance(tx, str):
-                    self._send(protocol.fallback_answer(tx, "overload"))
+                answer = self.decisions.without_decision(message, "overload")
+                if answer is not None:
+                    self._send(answer)
                 return
             self._spawn(self._answer(message, received))
         elif kind in ("dialog", "decided", "fallback", "ban", "auth"):

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from controller.edge import protocol
-from controller.edge.verdict import call_counters, verdict
+from controller.edge.verdict import call_counters, reject_floor, verdict
 from controller.metrics import Metrics
 from controller.policy import Decision
 from controller.policy.answers import AnswerInvalid, decision_from_answer
@@ -68,7 +68,7 @@ class EdgeDecisions:
             return protocol.fallback_answer(request.tx, "no-policy")
         call_id = request.call.call_id
         if not self.store.available and self.state_unavailable != "open":
-            return self._without_state(request.tx)
+            return self._without_state(request, policy)
         written = self._deciding.setdefault(call_id, asyncio.Event())
         try:
             return await self._decide(request, policy, received)
@@ -77,11 +77,11 @@ class EdgeDecisions:
             self.metrics.decision_errors.labels("redis").inc()
             log.error("call %s: call store unavailable (%s): %s", call_id, exc,
                       "503" if self.state_unavailable == "closed" else "edge fallback")
-            return self._without_state(request.tx)
+            return self._without_state(request, policy)
         except Exception:  # a bug must cost one call its decision, never the controller
             self.metrics.decision_errors.labels("internal").inc()
             log.exception("call %s: decision failed", call_id)
-            return protocol.fallback_answer(request.tx, "internal")
+            return self._fallback(request, policy, "internal")
         finally:
             written.set()
             self._deciding.pop(call_id, None)
@@ -169,11 +169,44 @@ class EdgeDecisions:
         log.warning("call %s: decision webhook %s (%s): fallback applies", call.call_id, webhook.url, result)
         return webhook.fallback, {**detail, "applied": "fallback"}
 
-    def _without_state(self, tx: str) -> dict[str, Any]:
-        """The answer when Redis cannot take the call (closed: 503 here; else the edge's fallback)."""
+    def _without_state(self, request: protocol.DecideRequest, policy: Any) -> dict[str, Any]:
+        """The answer when Redis cannot take the call (closed: 503 here; else the edge's fallback,
+        unless the policy rejects the call anyway)."""
         mode = "closed" if self.state_unavailable == "closed" else "edge"
         self.metrics.decisions_without_state.labels(mode).inc()
-        return protocol.unavailable_answer(tx) if mode == "closed" else protocol.fallback_answer(tx, "state-unavailable")
+        if mode == "closed":
+            return protocol.unavailable_answer(request.tx)
+        return self._fallback(request, policy, "state-unavailable")
+
+    def _fallback(self, request: protocol.DecideRequest, policy: Any, reason: str) -> dict[str, Any]:
+        """The edge's fallback for a call this controller cannot decide, unless the policy rejects
+        it whatever the counters and webhooks would say (verdict.reject_floor): then that reject,
+        so no fallback routes a call the policy blocks."""
+        try:
+            floor = reject_floor(policy, policy.compiled.facts(request.call))
+        except Exception:  # the fallback stays the answer
+            log.exception("call %s: reject check for the fallback failed", request.call.call_id)
+            floor = None
+        if floor is None:
+            return protocol.fallback_answer(request.tx, reason)
+        self.metrics.fallback_rejects.labels(reason).inc()
+        log.info("call %s: %s, rejected by policy %s (rule %s) instead of the fallback", request.call.call_id,
+                 reason, policy.version, floor.rule)
+        answer, _ = protocol.answer_for(request.tx, floor, [])
+        return answer
+
+    def without_decision(self, message: dict[str, Any], reason: str) -> dict[str, Any] | None:
+        """The answer to a decide this controller will not decide (overload): the edge's fallback,
+        or the policy's reject (see _fallback). None when it cannot be matched to a transaction."""
+        tx = message.get("tx")
+        if not isinstance(tx, str) or not protocol._TX.match(tx):
+            return None
+        policy = self._policy()
+        try:
+            request = protocol.parse_decide(message)
+        except protocol.BadRequest:
+            return protocol.fallback_answer(tx, reason)
+        return protocol.fallback_answer(tx, reason) if policy is None else self._fallback(request, policy, reason)
 
     def _record_written(self, call_id: str, replies: asyncio.Future) -> None:
         try:

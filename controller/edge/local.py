@@ -12,8 +12,11 @@ knows. It leaves the call to the controller (the evapi decide) when:
 - a limit is so small that half of it is 0;
 - the policy asks a webhook, or a risk detector found something (scoring, bans and their
   timeline belong to the controller);
-- no policy is loaded yet, the request is unusable, the record would not fit in an event, or
-  anything goes wrong.
+- no policy is loaded yet (no file, or none that verified: bundle.py), the request is
+  unusable, the record would not fit in an event, or anything goes wrong.
+When it leaves a call to the controller, it says which reject the policy gives the call whatever
+the controller knows more (verdict.reject_floor): if the call then takes the fallback (no
+controller, a timeout …), kamailio.cfg's route[FALLBACK] rejects it instead of routing it.
 
 Standard library only; nothing here blocks (one stat() per second to notice a new policy)."""
 from __future__ import annotations
@@ -29,8 +32,8 @@ from typing import Any, Callable, Mapping
 
 from controller.actions import ANCHOR_MODES, is_trusted_header
 from controller.edge import bundle, protocol
-from controller.edge.verdict import call_counters, hot_key, hot_thresholds, verdict
-from controller.policy import Policy
+from controller.edge.verdict import call_counters, hot_key, hot_thresholds, reject_floor, verdict
+from controller.policy import Decision, Policy
 
 RECHECK_S = 1.0  # how often the policy file is looked at
 MAX_EVENT_BYTES = 24 * 1024  # the `decided` event must fit kamailio.cfg's pv_buffer_size (32 KB)
@@ -62,10 +65,11 @@ class EdgeOutcome:
     event: str = ""  # the `decided` event JSON for the controller
     # what route[EDGE_DECIDED] carries out: (pseudo-variable, value) as route[VALIDATE_ANSWER] sets them
     kamailio_vars: tuple[tuple[str, str | int], ...] = ()
+    floor: tuple[int, str] | None = None  # deferred: the reject it gets if it takes the fallback
 
     @staticmethod
-    def defer(reason: str) -> "EdgeOutcome":
-        return EdgeOutcome(reason)
+    def defer(reason: str, floor: Decision | None = None) -> "EdgeOutcome":
+        return EdgeOutcome(reason, floor=(floor.reject_code, floor.reject_reason) if floor is not None else None)
 
     @property
     def answer(self) -> str:
@@ -74,6 +78,22 @@ class EdgeOutcome:
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _state(path: str | None) -> tuple:
+    """What identifies a file's content for a reload (it is read again when this changes)."""
+    if not path:
+        return ("none",)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ("missing", exc.errno)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @lru_cache(maxsize=1024)
@@ -156,50 +176,128 @@ def caller_headers(message: str, wanted: frozenset[str]) -> dict[str, list[str]]
 
 
 class EdgeDecider:
-    def __init__(self, path: str, log: Callable[[str, str], None], clock: Callable[[], float] = time.monotonic):
+    """One per Kamailio process (each has its own interpreter). The policy in use is the last
+    one that verified: from the controller's file, else from the edge's own copy of the last
+    file that verified (`cache_path`, written by whichever process verified it first), so a
+    process that never saw a good file, or a Kamailio restarted while the file is tampered
+    with, still has the policy the controller served last."""
+
+    def __init__(self, path: str, key_path: str | None, log: Callable[[str, str], None],
+                 clock: Callable[[], float] = time.monotonic, refused: Callable[[str, str], bool] | None = None,
+                 cache_path: str | None = None):
         self.path = path
+        self.key_path = key_path
+        self.cache_path = cache_path
         self.policy: Policy | None = None
         self._log = log  # (level: info|warn|error, message)
+        self._refused = refused or (lambda state, reason: True)  # (file state, reason) -> first to report it
         self._clock = clock
         self._checked = -math.inf
         self._stamp: tuple | None = None
+        self._loaded_at = 0.0  # wall clock time the policy in use was loaded
         self._thresholds: dict[str, int] = {}
 
     def refresh(self) -> None:
-        """Load the policy file when it changed (looked at once per RECHECK_S); a file that
-        cannot be used is reported and the last good policy keeps deciding."""
+        """Look at the files once per RECHECK_S; when the policy file, the key or the last good
+        copy changed, use the policy file if it verifies, else the last good copy if it is newer
+        than the policy in use. A file that cannot be used — unsigned, a MAC that does not
+        verify, another code version, not a policy — is refused loudly (logged, counted once)."""
         now = self._clock()
         if now - self._checked < RECHECK_S:
             return
         self._checked = now
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            stamp: tuple = ("missing", exc.errno)
-            if stamp != self._stamp:
-                self._stamp = stamp
-                self._log("warn", f"edge policy {self.path}: {exc.strerror or exc}; the controller decides every call"
-                          if self.policy is None else f"edge policy {self.path} is gone; still deciding with "
-                          f"{self.policy.version}")
-            return
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        main = _state(self.path)
+        stamp = (main, _state(self.key_path), _state(self.cache_path))
         if stamp == self._stamp:
             return
         self._stamp = stamp
         try:
-            policy = Policy(bundle.read(self.path))
-        except Exception as exc:  # BundleError, or a bug compiling it: keep the last good one
-            kept = self.policy.version if self.policy else "none (the controller decides every call)"
-            self._log("error", f"edge policy {self.path} refused: {exc}; still deciding with {kept}")
+            if not self.key_path:
+                raise bundle.BundleError("no-key", "no key to verify it with (EDGE_POLICY_KEY is not set)")
+            key = bundle.read_key(self.key_path)
+        except bundle.BundleError as exc:
+            self._refuse(stamp, exc)
             return
-        self.policy = policy
-        self._thresholds = hot_thresholds(policy)
-        self._log("info", f"edge policy {policy.version} loaded from {self.path}")
+        if main[0] == "missing":
+            self._log("warn", f"edge policy {self.path} is not there; " + (
+                f"still deciding with {self.policy.version}" if self.policy else "the controller decides every call"))
+        else:
+            try:
+                data = _read(self.path)
+                self._use(bundle.load(data, key), "")
+            except Exception as exc:  # BundleError, or a bug compiling it: keep the last good one
+                self._refuse(stamp, exc)
+            else:
+                self._keep(data)
+                return
+        self._from_cache(key)
+
+    def _use(self, source, origin: str) -> None:
+        policy = Policy(source)
+        self.policy, self._thresholds, self._loaded_at = policy, hot_thresholds(policy), time.time()
+        self._log("info", f"edge policy {policy.version} loaded from {origin or self.path}")
+
+    def _refuse(self, stamp: tuple, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, bundle.BundleError) else "error"
+        first = self._refused(":".join(map(str, stamp)), reason)
+        kept = self.policy.version if self.policy else "none"
+        self._log("error" if first else "info", f"edge policy {self.path} refused ({reason}): {exc}; still deciding "
+                  f"with {kept}")
+
+    def _keep(self, data: bytes) -> None:
+        """Make the file that verified the edge's last good copy (atomically; once per content)."""
+        if not self.cache_path:
+            return
+        try:
+            if _read(self.cache_path) == data:
+                return
+        except OSError:
+            pass
+        directory = os.path.dirname(self.cache_path) or "."
+        temporary = os.path.join(directory, f".{os.path.basename(self.cache_path)}.{os.getpid()}")
+        try:
+            with open(temporary, "wb") as out:
+                out.write(data)
+            os.replace(temporary, self.cache_path)
+        except OSError as exc:
+            self._log("warn", f"could not keep the last good edge policy in {self.cache_path}: {exc}")
+
+    def _from_cache(self, key: bytes) -> None:
+        if not self.cache_path:
+            return
+        try:
+            cached_at = os.stat(self.cache_path).st_mtime
+            if self.policy is not None and cached_at <= self._loaded_at:
+                return  # ours is as recent
+            source = bundle.load(_read(self.cache_path), key)
+            if self.policy is None or source.version != self.policy.version:
+                self._use(source, f"the last good copy {self.cache_path}")
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            self._log("warn", f"the last good edge policy copy {self.cache_path} is unusable: {exc}")
 
     @property
     def header_names(self) -> frozenset[str]:
         """The caller's headers the current policy reads (lower case), after refresh()."""
         return self.policy.compiled.header_names if self.policy is not None else frozenset()
+
+    def floor(self, request: str | Mapping[str, Any]) -> EdgeOutcome:
+        """For an edge that leaves every call to the controllers (EDGE_DECIDE 0): only the reject
+        the call gets if it takes the fallback (deferred "controller")."""
+        try:
+            self.refresh()
+            policy = self.policy
+            if policy is None:
+                return EdgeOutcome.defer("no-policy")
+            message = json.loads(request) if isinstance(request, str) else request
+            parsed = protocol.parse_decide(message if isinstance(message, dict) else {})
+            return EdgeOutcome.defer("controller", reject_floor(policy, policy.compiled.facts(parsed.call)))
+        except (ValueError, protocol.BadRequest):
+            return EdgeOutcome.defer("bad-request")
+        except Exception as exc:
+            self._log("error", f"edge fallback check failed: {type(exc).__name__}: {exc}")
+            return EdgeOutcome.defer("error")
 
     def decide(self, request: str | Mapping[str, Any], is_hot: Callable[[str], bool]) -> EdgeOutcome:
         """Decide the call of a decide event: its JSON, or the same fields already read (the
@@ -229,15 +327,15 @@ class EdgeDecider:
             limit = thresholds.get(probe.key)
             if limit is not None:
                 if limit <= 0:
-                    return EdgeOutcome.defer("exact-counter")
+                    return EdgeOutcome.defer("exact-counter", reject_floor(policy, facts))
                 watched.add(hot_key(probe))
         if any(is_hot(key) for key in watched):
-            return EdgeOutcome.defer("hot")
+            return EdgeOutcome.defer("hot", reject_floor(policy, facts))
         decision = policy.compiled.decide_facts(facts)
         if decision.outcome == "webhook":
-            return EdgeOutcome.defer("webhook")
+            return EdgeOutcome.defer("webhook", reject_floor(policy, facts, decision))
         if decision.risk is not None:
-            return EdgeOutcome.defer("risk")
+            return EdgeOutcome.defer("risk", reject_floor(policy, facts, decision))
         at_ms = time.time_ns() // 1_000_000
         result = verdict(policy, parsed, facts, decision, counters, at_ms=at_ms,
                          decide_ms=round((time.perf_counter() - started) * 1000, 3), decided_by="edge")
@@ -245,10 +343,10 @@ class EdgeDecider:
         if carried_out is None:
             self._log("error", f"edge answer refused by Kamailio's own checks, the controller decides: "
                                f"{_json(result.answer)[:300]}")
-            return EdgeOutcome.defer("invalid")
+            return EdgeOutcome.defer("invalid", reject_floor(policy, facts, decision))
         # (a counter probe is the tuple [key, kind, scope, value, window_s, count, member])
         encoded = _json({"event": "decided", "call_id": parsed.call.call_id, "tx": parsed.tx, "record": result.record,
                          "timeline": result.event, "live_scopes": result.live_scopes, "counters": counters})
         if len(encoded) > MAX_EVENT_BYTES:  # beyond Kamailio's pv buffer: let the controller record it
-            return EdgeOutcome.defer("too-big")
+            return EdgeOutcome.defer("too-big", reject_floor(policy, facts, decision))
         return EdgeOutcome("", result.answer, encoded, carried_out)

@@ -211,7 +211,7 @@ class FallbackEvent:
 
     call_id: str
     reason: str
-    mode: str  # open | closed
+    mode: str  # open | closed | rejected (the edge's policy rejected it: route[FALLBACK])
     ts_ms: int
     tx: str
     from_tag: str
@@ -225,7 +225,7 @@ def parse_fallback(message: dict[str, Any], now_ms: int) -> FallbackEvent:
     if not _TOKEN.match(reason):
         raise BadRequest(f"fallback event with an unusable reason {reason[:64]!r}")
     mode = message.get("mode")
-    if mode not in ("open", "closed"):
+    if mode not in ("open", "closed", "rejected"):
         raise BadRequest(f"fallback event with an unknown mode {str(mode)[:16]!r}")
     ts = message.get("ts")
     return FallbackEvent(call_id, reason, mode,

@@ -1,6 +1,8 @@
 """Keeps the edges' copy of the policy current: whenever a policy version starts serving here,
-it is written to `edge_policy_file` (controller/edge/bundle.py) for Kamailio's own decisions.
-A refused policy writes nothing: the edges keep deciding with the last good one, like us."""
+it is written to `edge_policy_file` (controller/edge/bundle.py), signed with the key in
+`edge_policy_key_file` (read at each write: a rotated key is used from the next version on),
+for Kamailio's own decisions. A refused policy writes nothing: the edges keep deciding with the
+last good one, like us."""
 from __future__ import annotations
 
 import asyncio
@@ -8,14 +10,16 @@ import logging
 
 from controller.edge import bundle
 from controller.metrics import Metrics
+from controller.policy.canonical import DocumentInvalid
 from controller.policy.reload import PolicyHolder, ReloadOutcome
 
 log = logging.getLogger("callfabric.edge")
 
 
 class EdgePolicyPublisher:
-    def __init__(self, path: str, holder: PolicyHolder, metrics: Metrics):
+    def __init__(self, path: str, key_path: str, holder: PolicyHolder, metrics: Metrics):
         self.path = path
+        self.key_path = key_path
         self.holder = holder
         self.metrics = metrics
         self.written: str | None = None  # the version in the file
@@ -35,14 +39,17 @@ class EdgePolicyPublisher:
             if policy is None or policy.version == self.written:
                 return
             try:
-                await asyncio.to_thread(bundle.write, self.path, policy.source)
-            except OSError as exc:
+                await asyncio.to_thread(self._write, policy.source)
+            except (OSError, bundle.BundleError, DocumentInvalid) as exc:
                 self.metrics.edge_policy_writes.labels("error").inc()
                 log.error("could not write the edge policy %s (the edges keep their last one): %s", self.path, exc)
                 return
             self.written = policy.version
             self.metrics.edge_policy_writes.labels("ok").inc()
             log.info("edge policy %s written to %s", policy.version, self.path)
+
+    def _write(self, source) -> None:
+        bundle.write(self.path, source, bundle.read_key(self.key_path))
 
     async def close(self) -> None:
         if self._tasks:

@@ -33,7 +33,8 @@ log = logging.getLogger("callfabric.edge")
 
 GROUP = "callfabric"
 _DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
-_FALLBACK_OUTCOME = {"open": "routing", "closed": "failed"}
+# fallback mode -> the call's state; "rejected": the edge's policy rejected it instead (route[FALLBACK])
+_FALLBACK_OUTCOME = {"open": "routing", "closed": "failed", "rejected": "failed"}
 
 
 def stream_key(edge: str) -> str:
@@ -265,7 +266,8 @@ class EdgeRecorder:
             if kind == "fallback":
                 taken = protocol.parse_fallback(message, at)
                 fields = {"state": _FALLBACK_OUTCOME[taken.mode], "tx": taken.tx, "from_tag": taken.from_tag,
-                          "decided_by": "edge-fallback", "outcome": "fallback", "rule": "",
+                          "decided_by": "edge-fallback", "rule": "",
+                          "outcome": "reject" if taken.mode == "rejected" else "fallback",
                           "fallback_mode": taken.mode, "edge": source}
                 event = {"event": "fallback", "ts": taken.ts_ms, "reason": taken.reason, "mode": taken.mode}
                 return FallbackTaken(taken.call_id, taken.reason, fields, event, taken.ts_ms)

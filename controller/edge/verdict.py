@@ -7,7 +7,7 @@ was decided.
 Standard library only (Kamailio's interpreter imports it), like the policy engine."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller.edge import protocol
@@ -34,6 +34,22 @@ def call_counters(policy: Any, facts: Facts) -> list[CounterProbe]:
     if security is not None:
         probes += security.probes(facts)
     return probes
+
+
+def reject_floor(policy: Any, facts: Facts, decision: Decision | None = None) -> Decision | None:
+    """The reject a call gets even when it takes the fallback (no controller, a timeout, a
+    controller that cannot decide): the policy's own decision with what it knows without the
+    controller — every counter read as 0, a decision webhook's fallback actions — when that is
+    a reject (a blocked premium number, a source outside its hours, a risk list match …).
+    None: the fallback may route it. A limit reached (counters) is not seen here."""
+    decision = decision if decision is not None else policy.compiled.decide_facts(facts)
+    if decision.outcome == "webhook":
+        carried = decision.webhook.fallback
+        security = policy.compiled.security
+        if security is not None:
+            carried = security.cap(carried if carried.risk else replace(carried, risk=decision.risk))
+        decision = carried
+    return decision if decision.outcome == "reject" else None
 
 
 def hot_key(probe: CounterProbe) -> str:

@@ -124,6 +124,7 @@ class Kamailio:
         name: str = "kamailio",
         pike_trusted_net: str | None = "127.0.0.1/32",
         edge_policy: Path | str | None = None,
+        edge_policy_key: Path | str | None = None,
         trunks_dir: Path | str | None = None,
         events_redis: str | None = None,
         edge_name: str = "edge",
@@ -146,6 +147,10 @@ class Kamailio:
         self.extra_defines = extra_defines or {}
         # where the controller writes the policy for the edge's own decisions (None: off)
         self.edge_policy = Path(edge_policy) if edge_policy is not None else None
+        # the key its HMAC is checked with (the controller's edge_policy_key_file): made at
+        # start() when missing, by default in Kamailio's own directory
+        self.edge_policy_key = Path(edge_policy_key) if edge_policy_key is not None else \
+            (self.workdir / "edge-policy.key" if edge_policy is not None else None)
         # where the controller writes the trunk table (None: no trunk checks at the edge)
         self.trunks_dir = Path(trunks_dir) if trunks_dir is not None else None
         # the Redis (URL) the edge writes its events to (None: over evapi to a controller)
@@ -204,6 +209,8 @@ class Kamailio:
             defines["PIKE_TRUSTED_NET"] = f'"{self.pike_trusted_net}"'
         if self.edge_policy is not None:
             defines["EDGE_POLICY"] = f'"{self.edge_policy}"'
+            defines["EDGE_POLICY_KEY"] = f'"{self.edge_policy_key}"'
+            defines["EDGE_POLICY_CACHE"] = f'"{self.workdir / "edge-policy.last-good"}"'
             defines["EDGE_SCRIPT"] = f'"{EDGE_SCRIPT}"'
         if self.trunks_dir is not None:
             defines["TRUNKS_DB"] = f'"text://{self.trunks_dir.resolve()}"'
@@ -231,6 +238,9 @@ class Kamailio:
         self.rundir.mkdir(parents=True, exist_ok=True)
         if not self.ds_file.exists():
             self.write_dispatcher_list()
+        if self.edge_policy_key is not None:
+            from controller.edge.bundle import create_key
+            create_key(self.edge_policy_key)
         if self.trunks_dir is not None:
             from controller.edge.trunks import seed_table
             seed_table(str(self.trunks_dir))

@@ -102,6 +102,7 @@ redis_url: redis://127.0.0.1:{redis}/0
 edge_evapi: ["127.0.0.1:{evapi}"]
 edge_rpc: ["http://127.0.0.1:{rpc}/RPC"]
 edge_policy_file: {edge_policy}
+edge_policy_key_file: {edge_key}    # made on the first run; the edge refuses policy files it does not verify
 http_listen: 127.0.0.1:{http}
 api_tokens: ["ops:read,control,admin:{token}"]
 log_format: text
@@ -118,6 +119,7 @@ def write_config(path: Path) -> None:
         prometheus=f"127.0.0.1:{_port(PREFERRED['prometheus'])}", policy_dir=policy_dir,
         redis=_port(PREFERRED["redis"]), evapi=_port(PREFERRED["evapi"]), rpc=_port(PREFERRED["rpc"]),
         edge_policy=(path.parent / ".callfabric" / "edge" / "policy.bin").resolve(),
+        edge_key=(path.parent / ".callfabric" / "keys" / "edge-policy.key").resolve(),
         http=_port(PREFERRED["http"]), token=secrets.token_urlsafe(24))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -269,9 +271,11 @@ class Stack:
         if settings.edge_policy_file and edge_policy is None:
             self.notes.append("Kamailio's app_python3 is not installed: every call is decided by the controller "
                               "(kamailio-python3-modules enables the edge's own decisions)")
+        edge_key = Path(settings.edge_policy_key_file) if edge_policy is not None else None
         if edge_policy is not None:
             edge_policy.parent.mkdir(parents=True, exist_ok=True)
-        kamailio = Kamailio(workdir, {}, edge_policy=edge_policy, log_level=2,
+            edge_key.parent.mkdir(parents=True, exist_ok=True)
+        kamailio = Kamailio(workdir, {}, edge_policy=edge_policy, edge_policy_key=edge_key, log_level=2,
                             extra_defines={"SIP_LISTEN": f"udp:{sip_host}:{sip_port}"})
         kamailio.sip_port = sip_port
         kamailio.evapi_port = _hostport(settings.edge_evapi[0])[1]

@@ -18,7 +18,7 @@ log = logging.getLogger("callfabric.policy")
 
 @dataclass(frozen=True, slots=True)
 class ReloadOutcome:
-    trigger: str  # "start" | "file" | "signal" | "api"
+    trigger: str  # "start" | "file" | "signal" | "api" | "last-good" (restored: lastgood.py)
     accepted: bool
     version: str  # the version serving after this reload
     previous: str | None
@@ -44,11 +44,16 @@ def directory_signature(directory: str) -> tuple:
 
 
 class PolicyHolder:
-    """Serves the current policy; `policy` is replaced atomically (one attribute store)."""
+    """Serves the current policy; `policy` is replaced atomically (one attribute store).
+    `origin` says where it came from ("files", or the last good copy it was restored from
+    when the files were refused at start) and `files_issues` why the files on disk are refused
+    (empty while they load)."""
 
     def __init__(self, directory: str | os.PathLike[str], on_outcome: Callable[[ReloadOutcome], None] | None = None):
         self.directory = str(directory)
         self.policy: Policy | None = None
+        self.origin = ""
+        self.files_issues: tuple[PolicyIssue, ...] = ()
         self._on_outcome = on_outcome
         self._lock = asyncio.Lock()
         self._signature: tuple | None = None
@@ -61,15 +66,28 @@ class PolicyHolder:
                 policy = await asyncio.to_thread(load_policy, self.directory)
             except PolicyInvalid as exc:
                 outcome = ReloadOutcome(trigger, False, previous or "", previous, tuple(exc.issues))
-                errors = [str(i) for i in exc.issues if i.severity == "error"]
+                self.files_issues = tuple(i for i in exc.issues if i.severity == "error")
+                errors = [str(i) for i in self.files_issues]
                 log.error("policy reload (%s) refused, still serving %s: %d error(s)\n%s",
                           trigger, previous or "nothing", len(errors), "\n".join(errors))
             else:
-                self.policy = policy
+                self.policy, self.origin, self.files_issues = policy, "files", ()
                 outcome = ReloadOutcome(trigger, True, policy.version, previous, policy.warnings)
                 if outcome.changed:
                     log.info("policy %s loaded (%s), was %s", policy.version, trigger, previous or "none")
             self._signature = signature
+        if self._on_outcome:
+            self._on_outcome(outcome)
+        return outcome
+
+    async def restore(self, policy: Policy, origin: str) -> ReloadOutcome:
+        """Serve `policy`, a copy of one served before (policy/lastgood.py), while the files are
+        refused; the next reload that accepts the files replaces it."""
+        async with self._lock:
+            if self.policy is not None:
+                raise RuntimeError("a policy is serving already")
+            self.policy, self.origin = policy, origin
+            outcome = ReloadOutcome("last-good", True, policy.version, None, self.files_issues)
         if self._on_outcome:
             self._on_outcome(outcome)
         return outcome

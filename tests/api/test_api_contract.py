@@ -415,7 +415,8 @@ async def test_every_operation_answers_every_documented_status_as_documented(red
             async with controller(contract, http, redis_url=f"redis://127.0.0.1:{closed_port()}/0", policy_dir=good,
                                   instance_id="contract-degraded") as api:
                 await _degraded_cases(api)
-            async with controller(contract, http, redis_url=redis_url, policy_dir=bad,
+            # (another Redis database: no policy was ever served there, so none is restored)
+            async with controller(contract, http, redis_url=redis_url.rsplit("/", 1)[0] + "/1", policy_dir=bad,
                                   instance_id="contract-drain") as api:
                 await _no_policy_then_drain_cases(api)
     finally:

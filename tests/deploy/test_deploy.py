@@ -160,6 +160,19 @@ def test_the_edge_image_runs_the_deciding_code_and_reads_the_controllers_policy_
     assert mount("controller", written) == mount("kamailio", read) == "edge-policy"
     assert written.rsplit("/", 1)[1] == read.rsplit("/", 1)[1]
 
+    # the key that file is signed with: made by the one-shot edge-key service on a volume of its
+    # own, which the controller and Kamailio only read (writing the policy volume is not enough
+    # to replace it)
+    signer = COMPOSE["services"]["controller"]["environment"]["CALLFABRIC_EDGE_POLICY_KEY_FILE"]
+    checker = COMPOSE["services"]["kamailio"]["environment"]["EDGE_POLICY_KEY"]
+    assert mount("controller", signer) == mount("kamailio", checker) == "edge-key"
+    assert signer.rsplit("/", 1)[1] == checker.rsplit("/", 1)[1]
+    maker = COMPOSE["services"]["edge-key"]
+    assert maker["command"][:3] == ["callfabric", "edge", "key"] and maker["command"][-1].endswith(signer.rsplit("/", 1)[1])
+    for service in ("controller", "kamailio"):
+        assert [v for v in COMPOSE["services"][service]["volumes"] if v.startswith("edge-key:")][0].endswith(":ro")
+        assert COMPOSE["services"][service]["depends_on"]["edge-key"]["condition"] == "service_completed_successfully"
+
 
 def test_the_controller_image_checks_its_health():
     assert "HEALTHCHECK" in (ROOT / "Dockerfile").read_text() and "/healthz" in (ROOT / "Dockerfile").read_text()

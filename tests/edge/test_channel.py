@@ -106,10 +106,16 @@ async def test_overload_sheds_to_the_edge_fallback(channel, monkeypatch):
     writer.write(b"".join(frame(decide(f"4:{i}")) for i in range(60)))
     shed = await read_answers(reader, 10)
     assert all(a["action"] == "fallback" and a["reason"] == "overload" for a in shed)
+    # a call the policy blocks is refused even when shed: no fallback routes it
+    writer.write(frame(decide("4:60", ruri_user="09091234567")) + frame({"event": "decide", "tx": "4:61"}))
+    blocked, unusable = await read_answers(reader, 2)
+    assert (blocked["tx"], blocked["action"], blocked["code"]) == ("4:60", "reject", 403)
+    assert unusable == {"tx": "4:61", "action": "fallback", "reason": "overload"}
     gate.set()
     rest = await read_answers(reader, 50)
     assert sorted(a["tx"] for a in shed + rest) == sorted(f"4:{i}" for i in range(60))
-    assert errors(metrics, "overload") == 10
+    assert errors(metrics, "overload") == 12
+    assert metrics.registry.get_sample_value("callfabric_fallback_rejects_total", {"reason": "overload"}) == 1
 
 
 async def test_dialog_events_follow_the_call_and_wait_for_its_decision(channel):
@@ -146,4 +152,23 @@ async def test_redis_down_asks_for_the_edge_fallback(policy):
     answer = await decisions.decide(decide("7:1"), 0.0)
     assert answer == {"tx": "7:1", "action": "fallback", "reason": "state-unavailable"}
     assert metrics.registry.get_sample_value("callfabric_redis_errors_total", {"operation": "create"}) == 1
+    # without Redis the controller still knows what the policy blocks: no fallback for those
+    answer = await decisions.decide(decide("7:2", ruri_user="09091234567"), 0.0)
+    assert (answer["action"], answer["code"], answer["reason"]) == ("reject", 403, "Forbidden")
+    assert metrics.registry.get_sample_value("callfabric_fallback_rejects_total",
+                                             {"reason": "state-unavailable"}) == 1
+    await store.aclose()
+
+
+async def test_a_decision_that_fails_still_keeps_the_policys_reject(redis_url, policy, monkeypatch):
+    store = CallStore(redis_url)
+    metrics = Metrics()
+    decisions = EdgeDecisions(lambda: policy, store, metrics, "unit")
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(decisions, "_decide", broken)
+    assert await decisions.decide(decide("8:1"), 0.0) == {"tx": "8:1", "action": "fallback", "reason": "internal"}
+    answer = await decisions.decide(decide("8:2", ruri_user="09091234567"), 0.0)
+    assert answer["action"] == "reject" and answer["code"] == 403
     await store.aclose()

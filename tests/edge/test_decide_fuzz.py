@@ -144,9 +144,11 @@ def test_any_decide_event_gets_an_answer_or_is_dropped_never_an_exception(redis_
 
 
 def test_the_edge_decides_or_leaves_any_decide_event_to_the_controller(tmp_path_factory):
-    path = tmp_path_factory.mktemp("edge") / "edge.policy"
-    bundle.write(path, POLICY.source)
-    decider = EdgeDecider(str(path), lambda level, message: None)
+    directory = tmp_path_factory.mktemp("edge")
+    path, key = directory / "edge.policy", directory / "edge-policy.key"
+    bundle.create_key(key)
+    bundle.write(path, POLICY.source, bundle.read_key(key))
+    decider = EdgeDecider(str(path), str(key), lambda level, message: None)
 
     tagged = []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from controller.edge import bundle, protocol
-from controller.edge.local import RECHECK_S, EdgeDecider, caller_headers, kamailio_vars
+from controller.edge.local import RECHECK_S, EdgeDecider, EdgeOutcome, caller_headers, kamailio_vars
 from controller.edge.verdict import hot_thresholds
 from controller.metrics import Metrics
 from controller.security.hot import HotScopes
@@ -68,11 +68,20 @@ class Clock:
         return self.now
 
 
+KEY = b"k" * 32
+
+
+def key_file(tmp_path: Path, key: bytes = KEY) -> Path:
+    path = tmp_path / "edge-policy.key"
+    path.write_bytes(key + b"\n")
+    return path
+
+
 def decider_for(tmp_path: Path, policy, hot: set[str] | None = None):
     path = tmp_path / "edge.policy"
-    bundle.write(path, policy.source)
+    bundle.write(path, policy.source, KEY)
     log, clock = Logged(), Clock()
-    decider = EdgeDecider(str(path), log, clock)
+    decider = EdgeDecider(str(path), str(key_file(tmp_path)), log, clock)
     hot = hot if hot is not None else set()
     return decider, (lambda message: decider.decide(json.dumps(message), hot.__contains__)), log, clock, path
 
@@ -188,7 +197,7 @@ def test_a_new_policy_is_picked_up_and_a_bad_one_leaves_the_last_good(tmp_path, 
     first = decider.policy.version
     changed = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES.replace(
         "route_agent: billing", "reject: {code: 480, reason: Closed}")})
-    bundle.write(path, changed.source)
+    bundle.write(path, changed.source, KEY)
     assert json.loads(decide(request("02079460001")).answer)["action"] == "dispatch"  # not looked at yet
     clock.now += RECHECK_S
     assert json.loads(decide(request("02079460001")).answer)["code"] == 480
@@ -201,45 +210,97 @@ def test_a_new_policy_is_picked_up_and_a_bad_one_leaves_the_last_good(tmp_path, 
     path.unlink()
     clock.now += RECHECK_S
     assert decide(request("02079460001")).deferred == ""
-    assert "gone" in log[-1][1]
+    assert "is not there; still deciding with" in log[-1][1]
 
 
 def test_no_policy_file_means_the_controller_decides(tmp_path):
     log = Logged()
-    decider = EdgeDecider(str(tmp_path / "missing.policy"), log)
+    decider = EdgeDecider(str(tmp_path / "missing.policy"), str(key_file(tmp_path)), log)
     assert decider.decide(json.dumps(request()), lambda key: False).deferred == "no-policy"
     assert log[0][0] == "warn" and "controller decides every call" in log[0][1]
 
 
-@pytest.mark.parametrize("damage", [
-    lambda data: b"not a policy",
-    lambda data: data.replace(b'"format": 1', b'"format": 2'),
-    lambda data: data.replace(bundle.CODE.encode(), b"0" * 16),
-    lambda data: data[:-40],
-    lambda data: data.split(b"\n", 2)[0] + b"\n" + data.split(b"\n", 2)[1] + b"\n" + pickle.dumps(os.getcwd),
-    lambda data: data.split(b"\n", 2)[0] + b"\n" + data.split(b"\n", 2)[1] + b"\n" + pickle.dumps({"a": 1}),
-], ids=["magic", "format", "other-code", "truncated", "foreign-callable", "not-a-policy"])
-def test_a_bad_policy_file_is_refused_with_a_reason(policy, damage):
+def _signed(payload: bytes, key: bytes = KEY) -> bytes:
+    """A file whose MAC verifies with `key` around any payload (what a holder of the key could write)."""
+    return bundle.MAGIC + bundle.MAC_PREFIX + bundle._mac(key, payload) + b"\n" + payload
+
+
+def _payload(data: bytes) -> bytes:
+    return data.split(b"\n", 2)[2]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: b"not a policy", "format"),
+    (lambda data: b"callfabric-edge-policy\n" + _payload(data), "format"),  # the unsigned format 1
+    (lambda data: bundle.MAGIC + _payload(data), "unsigned"),
+    (lambda data: data.replace(b'"agents":{', b'"agents":{"evil":{},', 1), "bad-mac"),  # tampered after signing
+    (lambda data: data[:-40], "bad-mac"),
+    (lambda data: _signed(_payload(data), b"x" * 32), "bad-mac"),  # signed with another key
+    (lambda data: _signed(_payload(data).replace(b'"format":2', b'"format":3')), "format"),
+    (lambda data: _signed(_payload(data).replace(bundle.CODE.encode(), b"0" * 16)), "code"),
+    (lambda data: _signed(_payload(data).replace(b'"codec":"ulaw"', b'"codec":7', 1)), "invalid"),
+    (lambda data: _signed(_payload(data).split(b"\n")[0] + b"\n" + pickle.dumps(os.getcwd)), "invalid"),
+], ids=["magic", "format-1", "unsigned", "tampered", "truncated", "other-key", "format", "other-code",
+        "bad-type", "pickle"])
+def test_a_bad_policy_file_is_refused_with_a_reason(policy, damage, reason):
     with pytest.raises(bundle.BundleError) as info:
-        bundle.load(damage(bundle.dump(policy.source)))
-    assert str(info.value)
+        bundle.load(damage(bundle.dump(policy.source, KEY)), KEY)
+    assert info.value.reason == reason and str(info.value)
 
 
-def test_a_policy_file_cannot_run_code(tmp_path, policy):
+def test_a_policy_file_is_data_never_code(tmp_path, policy):
+    """Even a file signed with the right key (a compromised controller) cannot make the edge
+    run anything: there is no pickle, only the policy model's fields."""
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/owned",))
-    head = bundle.dump(policy.source).split(b"\n", 2)
-    with pytest.raises(bundle.BundleError, match="not part of a policy"):
-        bundle.load(head[0] + b"\n" + head[1] + b"\n" + pickle.dumps(Exploit()))
+    head = _payload(bundle.dump(policy.source, KEY)).split(b"\n")[0]
+    for body in (pickle.dumps(Exploit()), json.dumps({"format": 1, "policy": {"__reduce__": ["os.system", "x"]}}).encode()):
+        with pytest.raises(bundle.BundleError, match="not a valid policy"):
+            bundle.load(_signed(head + b"\n" + body), KEY)
     assert not (tmp_path / "owned").exists()
+
+
+def test_a_refused_file_is_reported_once_and_the_last_good_keeps_deciding(tmp_path, policy):
+    decider, decide, log, clock, path = decider_for(tmp_path, policy)
+    reports = []
+    decider._refused = lambda state, reason: (reports.append((state, reason)), len(reports) == 1)[1]
+    assert decide(request("02079460001")).deferred == ""
+    good = decider.policy.version
+    path.write_bytes(path.read_bytes().replace(b'"agents":{', b'"agents":{"evil":{},', 1))
+    clock.now += RECHECK_S
+    assert json.loads(decide(request("02079460001")).answer)["action"] == "dispatch"
+    assert decider.policy.version == good
+    assert [r for _, r in reports] == ["bad-mac"] and log[-1][0] == "error" and "MAC" in log[-1][1]
+    clock.now += RECHECK_S
+    decide(request("02079460001"))
+    assert len(reports) == 1  # the same file is not reported again
+    # a new key on the edge's side (rotation not done at the controller yet): refused too
+    key_file(tmp_path, b"r" * 32)
+    clock.now += RECHECK_S
+    decide(request("02079460001"))
+    assert [r for _, r in reports] == ["bad-mac", "bad-mac"] and log[-1][0] == "info"
+
+
+def test_without_a_key_every_file_is_refused(tmp_path, policy):
+    path = tmp_path / "edge.policy"
+    bundle.write(path, policy.source, KEY)
+    log = Logged()
+    for key_path in (None, str(tmp_path / "no-such.key")):
+        decider = EdgeDecider(str(path), key_path, log)
+        assert decider.decide(json.dumps(request()), lambda key: False).deferred == "no-policy"
+        assert log[-1][0] == "error" and "no-key" in log[-1][1]
+    (tmp_path / "short.key").write_bytes(b"short")
+    decider = EdgeDecider(str(path), str(tmp_path / "short.key"), log)
+    assert decider.decide(json.dumps(request()), lambda key: False).deferred == "no-policy"
+    assert "at least 32" in log[-1][1]
 
 
 BARE = """
 import json, sys
 assert not any('site-packages' in p or 'dist-packages' in p for p in sys.path), sys.path
 from controller.edge.local import EdgeDecider
-decider = EdgeDecider(sys.argv[1], lambda level, message: None)
+decider = EdgeDecider(sys.argv[1], sys.argv[2], lambda level, message: None)
 out = [decider.decide(line, lambda key: False) for line in sys.stdin.read().splitlines()]
 print(json.dumps([[o.deferred, o.answer] for o in out]))
 for banned in ('yaml', 'jsonschema', 'aiohttp', 'redis', 'prometheus_client'):
@@ -252,14 +313,15 @@ for banned in ('yaml', 'jsonschema', 'aiohttp', 'redis', 'prometheus_client'):
 def test_the_edge_decides_on_a_bare_interpreter_like_kamailios(tmp_path):
     policy = load_policy(ROOT / "policies")
     path = tmp_path / "edge.policy"
-    bundle.write(path, policy.source)
+    bundle.write(path, policy.source, KEY)
     calls = [request(ruri, src_ip="203.0.113.9", from_user="+12025550123")
              for ruri in ("18005550101", "18005550000", "19005551234", "18005550300")]
-    done = subprocess.run([SYSTEM_PYTHON, "-S", "-c", BARE, str(path)], input="\n".join(map(json.dumps, calls)),
+    done = subprocess.run([SYSTEM_PYTHON, "-S", "-c", BARE, str(path), str(key_file(tmp_path))],
+                          input="\n".join(map(json.dumps, calls)),
                           capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")})
     assert done.returncode == 0, done.stderr
-    here = EdgeDecider(str(path), lambda level, message: None)
+    here = EdgeDecider(str(path), str(key_file(tmp_path)), lambda level, message: None)
     expected = [[o.deferred, o.answer] for o in (here.decide(json.dumps(c), lambda key: False) for c in calls)]
     assert json.loads(done.stdout) == expected
     assert any(deferred == "" for deferred, _ in expected)
@@ -392,3 +454,78 @@ def test_an_edge_answer_becomes_what_kamailio_carries_out(answer, carried_out):
 ])
 def test_an_edge_answer_kamailio_would_refuse_is_not_carried_out(answer):
     assert kamailio_vars({"tx": "1:2", "hdrs": "", **answer}) is None
+
+
+# -- the last good copy ------------------------------------------------------------------------
+def _tamper(path: Path) -> None:
+    path.write_bytes(path.read_bytes().replace(b'"agents":{', b'"agents":{"evil":{},', 1))
+
+
+def test_a_process_that_never_saw_a_good_file_uses_the_edges_last_good_copy(tmp_path, policy):
+    path, key, cache = tmp_path / "edge.policy", key_file(tmp_path), tmp_path / "cache" / "last-good"
+    cache.parent.mkdir()
+    bundle.write(path, policy.source, KEY)
+    first = EdgeDecider(str(path), str(key), Logged(), cache_path=str(cache))
+    assert first.decide(json.dumps(request("02079460001")), lambda k: False).deferred == ""
+    assert cache.read_bytes() == path.read_bytes()  # the file that verified, as it was
+    _tamper(path)
+    # another Kamailio process (or Kamailio restarted) meets the tampered file first
+    log = Logged()
+    second = EdgeDecider(str(path), str(key), log, cache_path=str(cache))
+    outcome = second.decide(json.dumps(request("09090000000")), lambda k: False)
+    assert json.loads(outcome.answer)["code"] == 403  # the premium reject of the last good policy
+    assert second.policy.version == policy.version
+    assert [level for level, _ in log[:2]] == ["error", "info"] and "last good copy" in log[1][1]
+    # a copy that does not verify is no policy either
+    _tamper(cache)
+    third = EdgeDecider(str(path), str(key), log, cache_path=str(cache))
+    assert third.decide(json.dumps(request()), lambda k: False).deferred == "no-policy"
+    assert "unusable" in log[-1][1]
+
+
+def test_a_process_holding_an_older_policy_takes_the_newer_last_good_copy(tmp_path, policy):
+    path, key, cache = tmp_path / "edge.policy", key_file(tmp_path), tmp_path / "last-good"
+    bundle.write(path, policy.source, KEY)
+    clock = Clock()
+    idle = EdgeDecider(str(path), str(key), Logged(), clock, cache_path=str(cache))
+    idle.refresh()
+    newer = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": RULES.replace(
+        "route_agent: billing", "reject: {code: 480, reason: Closed}")})
+    bundle.write(path, newer.source, KEY)
+    busy = EdgeDecider(str(path), str(key), Logged(), cache_path=str(cache))
+    busy.refresh()  # verified the new file first: it is the edge's last good copy now
+    os.utime(cache, (os.path.getmtime(cache) + 1,) * 2)  # (written after the idle one loaded its policy)
+    _tamper(path)
+    clock.now += RECHECK_S
+    idle.refresh()
+    assert idle.policy.version == newer.version
+
+
+# -- the reject a call keeps in the fallback ---------------------------------------------------
+def test_a_deferred_call_carries_the_reject_the_policy_would_give_it(tmp_path, policy):
+    _, decide, _, _, _ = decider_for(tmp_path, policy, hot={"source|192.0.2.7"})
+    # a hot source: the controller counts exactly; the premium number is refused whatever it counts
+    deferred = decide(request("09090000000"))
+    assert deferred.deferred == "hot" and deferred.floor == (403, "Destination Blocked")
+    assert decide(request("02079460001")).floor is None  # routed if the controller does not answer
+    # a decision webhook's own fallback decides what happens without the controller
+    webhook = policy_from_texts({"00-decl.yaml": DECLARATIONS, "10-rules.yaml": textwrap.dedent("""\
+        rules:
+          - name: ask
+            match: {ruri: "+442079460002"}
+            actions: [ask_webhook: {url: "http://127.0.0.1:9/hook", fallback: [reject: {code: 480}]}]
+        """)})
+    (tmp_path / "webhook").mkdir()
+    _, decide, _, _, _ = decider_for(tmp_path / "webhook", webhook)
+    outcome = decide(request("02079460002"))
+    assert outcome.deferred == "webhook" and outcome.floor == (480, "Temporarily Unavailable")
+
+
+def test_an_edge_that_leaves_every_call_to_the_controllers_still_knows_its_rejects(tmp_path, policy):
+    decider, _, _, _, _ = decider_for(tmp_path, policy)
+    assert decider.floor(json.dumps(request("09090000000"))) == EdgeOutcome("controller", floor=(403, "Destination Blocked"))
+    assert decider.floor(json.dumps(request("02079460001"))).floor is None
+    assert decider.floor("not json").deferred == "bad-request"
+    nothing = EdgeDecider(str(tmp_path / "none"), str(key_file(tmp_path)), Logged())
+    assert nothing.floor(json.dumps(request("09090000000"))).deferred == "no-policy"
+

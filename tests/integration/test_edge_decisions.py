@@ -34,7 +34,8 @@ async def edge_policy_version(stack: Stack, other_than: str | None = None, timeo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            version = (await asyncio.to_thread(bundle.read, stack.edge_policy)).version
+            version = (await asyncio.to_thread(
+                lambda: bundle.read(stack.edge_policy, bundle.read_key(stack.kamailio.edge_policy_key)))).version
         except bundle.BundleError:
             version = None
         if version and version != other_than:
@@ -208,3 +209,54 @@ async def test_an_edge_that_cannot_load_the_deciding_code_leaves_every_call_to_t
         assert "edge decisions off: cannot load callfabric" in await asyncio.to_thread(stack.kamailio.log_text)
     finally:
         await controller.stop()
+
+
+async def test_a_tampered_or_unsigned_policy_file_is_refused_loudly_and_the_last_good_keeps_deciding(stack, store):
+    """The file is data with a MAC: whoever can write the policy volume but does not hold the
+    key (tampering, a file of the old unsigned format, one signed with another key) gets it
+    refused at the edge — logged, counted once per file — and the edge goes on deciding with the
+    last policy that verified."""
+    controller = await start_controller(stack)
+    good = await edge_policy_version(stack)
+    result = await stack.call("18005550200")
+    assert result.successful == 1 and (await wait_state(store, call_ids(result)[0], "ended"))["decided_by"] == "edge"
+    await controller.stop()  # nobody rewrites the file now
+    await asyncio.to_thread(wait_clients, stack.kamailio, 0)
+    signed = await asyncio.to_thread(stack.edge_policy.read_bytes)
+    payload = signed.split(b"\n", 2)[2]
+    # the premium reject turned into a route to the sales agent, MAC left as it was
+    tampered = signed.replace(b'"reject_code":403', b'"reject_code":480', 1)
+    assert tampered != signed
+    forged_key = bundle.MAGIC + bundle.MAC_PREFIX + bundle._mac(b"attacker-key-" * 3, payload) + b"\n" + payload
+    for bad, reason in ((tampered, "bad-mac"), (bundle.MAGIC + payload, "unsigned"),
+                        (b"callfabric-edge-policy\n" + payload, "format"), (forged_key, "bad-mac")):
+        await asyncio.to_thread(stack.edge_policy.write_bytes, bad)
+        metric = f'kamailio_callfabric_edge_policy_refused_total{{reason="{reason}"}}'
+        before = await asyncio.to_thread(stack.kamailio.metric, metric.split("{")[0], f'reason="{reason}"')
+        await asyncio.sleep(RECHECK_S + 0.2)
+        # a premium number stays rejected by the last good policy, at the edge, with no controller
+        rejected = await stack.call("19005551234", "uac_reject.xml", code=403)
+        assert rejected.successful == 1, (reason, rejected.output)
+        for _ in range(3):  # every worker gets a call: the file is counted once all the same
+            assert (await stack.call("18005550200")).successful == 1
+        after = await asyncio.to_thread(stack.kamailio.metric, metric.split("{")[0], f'reason="{reason}"')
+        assert after == before + 1, (reason, before, after)
+    log = await asyncio.to_thread(stack.kamailio.log_text)
+    assert "refused (bad-mac): its MAC does not verify" in log and f"still deciding with {good}" in log
+    assert "refused (unsigned): the file carries no MAC" in log
+    assert await asyncio.to_thread(stack.kamailio.metric, "kamailio_callfabric_edge_deferred_total",
+                                   'reason="no-policy"') == 0  # every worker had a policy
+
+    # Kamailio restarted while the file is still tampered with: its copy of the last file that
+    # verified (EDGE_POLICY_CACHE) is what it decides with
+    await asyncio.to_thread(stack.edge_policy.write_bytes, tampered)
+    await asyncio.to_thread(stack.kamailio.stop)
+    await asyncio.to_thread(stack.kamailio.start)
+    rejected = await stack.call("19005551234", "uac_reject.xml", code=403)
+    assert rejected.successful == 1, rejected.output
+    routed = await stack.call("18005550200")
+    assert routed.successful == 1, routed.output
+    (invite,) = (await invites(stack.sales, call_id=call_ids(routed)[0]))[:1]
+    assert invite.header("X-Callfabric-Policy") == [good] and not invite.header("X-Callfabric-Fallback")
+    log = await asyncio.to_thread(stack.kamailio.log_text)
+    assert f"edge policy {good} loaded from the last good copy" in log

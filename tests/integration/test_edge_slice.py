@@ -83,7 +83,7 @@ class Stack:
                       edge_evapi=[f"127.0.0.1:{self.kamailio.evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
                       instance_id="test-controller")
         if self.edge_policy is not None:
-            values.update(edge_policy_file=str(self.edge_policy),
+            values.update(edge_policy_file=str(self.edge_policy), edge_policy_key_file=str(self.kamailio.edge_policy_key),
                           edge_rpc=[f"http://127.0.0.1:{self.kamailio.http_port}/RPC"])
         values.update(overrides)
         return Settings(**values)

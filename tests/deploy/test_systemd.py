@@ -99,6 +99,7 @@ def test_the_addresses_line_up():
     assert settings.edge_evapi == [kamailio["EVAPI_BIND"]]
     assert settings.edge_rpc == [f"http://127.0.0.1:{kamailio['HTTP_PORT']}/RPC"]
     assert settings.edge_policy_file == kamailio["EDGE_POLICY"]
+    assert settings.edge_policy_key_file == kamailio["EDGE_POLICY_KEY"]
     redis = shlex.split(unit(UNITS / "callfabric-redis.service")["Service"]["ExecStart"])
     assert settings.redis_url == f"redis://127.0.0.1:{redis[redis.index('--port') + 1]}/0"
     asterisk = env_file(UNITS / "asterisk.env")

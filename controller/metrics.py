@@ -31,8 +31,12 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "commands_forwarded": ("answered", "timeout", "no-owner"),
     "redis_queue": ("queued", "flushed", "failed", "dropped"),
     "decisions_without_state": ("open", "closed", "edge", "refused"),
-    "policy_reloads": tuple((trigger, result) for trigger in ("start", "file", "signal", "api")
+    "policy_reloads": tuple((trigger, result) for trigger in ("start", "file", "signal", "api", "last-good")
                             for result in ("accepted", "refused")),
+    "fallback_rejects": ("state-unavailable", "overload", "internal"),
+    "bans_refused": ("policy", "api", "asterisk", "edge"),
+    "policy_last_good_writes": tuple((where, result) for where in ("redis", "file", "encode")
+                                     for result in ("ok", "error")),
 }
 
 

@@ -50,6 +50,7 @@ class FaultRun:
     duplicated: list[str] = field(default_factory=list)  # timelines with an end or a decision twice
     mislabelled: list[str] = field(default_factory=list)  # routed by the edge's fallback, recorded otherwise
     fallbacks: int = 0  # calls the edge routed by its fallback (records saying so)
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
     lost_with_redis: int = 0  # redis-empty: calls over before Redis lost its data (nothing could keep them)
     events_dropped: float = 0.0
     recovery_s: float | None = None  # Redis back → nothing queued or replaying, events consumed
@@ -63,7 +64,8 @@ class FaultRun:
         recovery = f"{self.recovery_s:.2f}s" if self.recovery_s is not None else "-"
         return (f"{self.fault:14s} {self.rate:4d} cps {len(self.placed):5d} calls: failed {self.failed}, "
                 f"records missing {len(self.missing)}, unclosed {len(self.unclosed)}, duplicated "
-                f"{len(self.duplicated)}, fallbacks {self.fallbacks} (mislabelled {len(self.mislabelled)}), events dropped {self.events_dropped:.0f}, lost with Redis's data "
+                f"{len(self.duplicated)}, fallbacks {self.fallbacks} {self.fallback_reasons or ''} (mislabelled "
+                f"{len(self.mislabelled)}), events dropped {self.events_dropped:.0f}, lost with Redis's data "
                 f"{self.lost_with_redis}, Redis back→normal {recovery}, metrics mismatched {self.mismatched or 'none'}")
 
 
@@ -273,6 +275,7 @@ def _check_records(stack: FaultStack, run: FaultRun, lost_before_ms: float | Non
                 run.unclosed.append(call_id)
         if record.get("fallback"):
             run.fallbacks += 1
+            run.fallback_reasons[record["fallback"]] = run.fallback_reasons.get(record["fallback"], 0) + 1
             if record.get("decided_by") != "edge-fallback" or record.get("outcome") != "fallback":
                 run.mislabelled.append(call_id)
         elif record.get("decided_by") == "edge-fallback":

@@ -266,10 +266,9 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
                               ask_webhook=app[WEBHOOKS].ask, decision_budget_ms=settings.edge_decision_budget_ms,
                               security=app[GUARD], state_unavailable=settings.redis_outage_decisions,
                               hot=app[HOT])
-    if settings.edge_events_batch < 1:
-        raise ConfigError("setting edge_events_batch: expected a positive number of events")
     recorder = EdgeRecorder(decisions, Journal(app[STORE]), metrics, leases=app[LEASES], security=app[GUARD],
-                            batch_max=settings.edge_events_batch)
+                            batch_max=settings.edge_events_batch,
+                            linger_s=settings.edge_events_linger_ms / 1000)
     app[RECORDER] = recorder
     channels = []
     for endpoint in settings.edge_evapi:
@@ -279,9 +278,7 @@ async def _edge_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EDGES] = channels
     tasks = [asyncio.create_task(c.run(), name=f"edge {c.name}") for c in channels]
     tasks.append(asyncio.create_task(recorder.run_local(), name="edge events (evapi)"))
-    for edge in settings.edge_streams:
-        if not edge or not all(ch.isalnum() or ch in "-_." for ch in edge):
-            raise ConfigError(f"setting edge_streams: {edge!r} is not an edge name (letters, digits, - _ .)")
+    for edge in settings.edge_streams:  # (names checked with the other settings: config.check_settings)
         tasks.append(asyncio.create_task(recorder.run_stream(edge, settings.lease_poll_s), name=f"edge events {edge}"))
     yield
     await cancel_tasks(*tasks)

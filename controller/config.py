@@ -69,6 +69,9 @@ class Settings:
                                             "(cf:edge:{name}:events, Kamailio's EVENTS_REDIS) the controllers record; "
                                             "one controller consumes each at a time.")
     edge_events_batch: int = _setting(500, "Edge events applied per batch (two Redis pipelines a batch).")
+    edge_events_linger_ms: int = _setting(25, "After a batch of edge events that was not full, wait this long for "
+                                              "more (bigger batches cost less per call; records land that much "
+                                              "later).")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "
                                   "bans are recorded but no edge enforces them.")
     trusted_peers: list = _setting([], "Addresses or subnets of trusted peers (carriers' SBCs, the media nodes if "
@@ -276,6 +279,14 @@ def check_settings(settings: Settings) -> None:
     if settings.redis_outage_decisions not in STATE_UNAVAILABLE_MODES:
         raise ConfigError(f"setting redis_outage_decisions: {settings.redis_outage_decisions!r}: expected one of "
                           f"{', '.join(STATE_UNAVAILABLE_MODES)}")
+    for edge in settings.edge_streams:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", edge):
+            raise ConfigError(f"setting edge_streams: {edge!r} is not an edge name (Kamailio's EDGE_NAME: letters, "
+                              "digits, - _ .)")
+    if settings.edge_events_batch < 1:
+        raise ConfigError(f"setting edge_events_batch: {settings.edge_events_batch}: expected 1 or more events")
+    if not 0 <= settings.edge_events_linger_ms <= 1000:
+        raise ConfigError(f"setting edge_events_linger_ms: {settings.edge_events_linger_ms}: expected 0 to 1000")
     if settings.recording_retention_days < 0:
         raise ConfigError(f"setting recording_retention_days: {settings.recording_retention_days}: 0 (keep) or more")
     if settings.recording_dir and os.path.exists(settings.recording_dir) and not os.path.isdir(settings.recording_dir):

@@ -129,3 +129,18 @@ def test_outbound_trunk_names_a_trunk_and_an_old_host_port_says_how_to_migrate()
     message = str(refused.value)
     assert "\n" not in message and message.startswith("setting outbound_trunk: '10.0.0.9:5060' is not a trunk name")
     assert 'trunks: {carrier: {outbound: {address: "10.0.0.9:5060"}}}, and set outbound_trunk: carrier' in message
+
+
+@pytest.mark.parametrize("fields, refused", [
+    ({"edge_streams": ["edge 1"]}, "setting edge_streams: 'edge 1' is not an edge name"),
+    ({"edge_streams": ["{x}"]}, "setting edge_streams: '{x}' is not an edge name"),
+    ({"edge_events_batch": 0}, "setting edge_events_batch: 0: expected 1 or more events"),
+    ({"edge_events_linger_ms": -1}, "setting edge_events_linger_ms: -1: expected 0 to 1000"),
+])
+def test_edge_event_settings_are_checked_before_start(fields, refused):
+    from controller.config import check_settings
+
+    check_settings(Settings(edge_streams=["edge-1", "edge.2"], edge_events_batch=1, edge_events_linger_ms=0))
+    with pytest.raises(ConfigError) as caught:
+        check_settings(Settings(**fields))
+    assert str(caught.value).startswith(refused) and "\n" not in str(caught.value)

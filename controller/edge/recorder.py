@@ -49,7 +49,7 @@ def writer_key(edge: str) -> str:
 class EdgeRecorder:
     def __init__(self, decisions: EdgeDecisions, journal: Journal, metrics: Metrics, *,
                  leases: NodeLeases | None = None, security: SecurityGuard | None = None, batch_max: int = 500,
-                 block_ms: int = 250, local_max: int = 20_000):
+                 block_ms: int = 250, linger_s: float = 0.025, local_max: int = 20_000):
         """`leases`: needed to consume the edges' streams (run_stream), not for evapi events."""
         self.decisions = decisions
         self.journal = journal
@@ -59,6 +59,10 @@ class EdgeRecorder:
         self.security = security
         self.batch_max = batch_max
         self.block_ms = block_ms
+        # after a batch that was not full, wait this long for the next one to grow: the cost of
+        # a batch (a read, two pipelines, a task switch) is shared by more calls; records land
+        # that much later
+        self.linger_s = linger_s
         self.instance = decisions.instance_id
         self._local: deque[dict[str, Any]] = deque()  # events that came over evapi
         self._local_max = local_max
@@ -175,6 +179,8 @@ class EdgeRecorder:
             ack = [("XACK", key, GROUP, *ids), ("XDEL", key, *ids)] if ids else []
             try:
                 await self.apply(messages, source=edge, ack=ack, ids=ids)
+                if len(entries) < self.batch_max and not claiming:
+                    await asyncio.sleep(self.linger_s)
             except PartlyApplied:
                 raise  # what it applied is counted; the rest of it is completed when delivered again
             except (RedisError, OSError):

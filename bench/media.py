@@ -14,7 +14,8 @@ per called number), so every figure is per call:
   echo agent → caller), fork one way (caller → fork target), set-up (INVITE → 200 OK, 200 OK
   → first agent packet, 200 OK → first fork packet);
 - transfer gap: the longest silence at the caller around an AI → AI transfer (REST API);
-- conference (--conference): the agent round trip while a human listens in (mixing bridge);
+- conference (--conference): the agent round trip with a human in, in `conference` mode (the
+  call's bridge mixes three) and in `listen` mode (the human hears a snoop);
 - capacity: N concurrent calls with an agent leg and a fork, N = 20, 40, 80 … up to
   --max-calls, until a fork loses packets or the round trip p95 passes 5 ms; CPU % of a core
   per call for Asterisk and the controller from their own /proc/<pid>/stat over a steady
@@ -364,29 +365,32 @@ async def transfer_phase(stack: RealStack) -> float | None:
 
 
 async def conference_phase(stack: RealStack) -> None:
-    window = {}
+    """The agent's round trip before and while a human is in: `conference` (the call's bridge
+    mixes three) and `listen` (the human hears a snoop; the call's bridge stays two-party)."""
+    for mode in ("conference", "listen"):
+        window = {}
+        mouth, ear = Mouth(0, seed=5), Ear()
 
-    async def add_human(result):
-        await asyncio.sleep(2.0)
-        window["before"] = len(plan_mouth.sent)
-        await stack.api(f"/calls/{result.call_id}/actions",
-                        {"action": {"add_human": {"destination": "desk", "mode": "conference"}}})
-        await asyncio.sleep(1.0)
-        window["with"] = len(plan_mouth.sent)
+        async def add_human(result):
+            await asyncio.sleep(2.0)
+            window["before"] = len(mouth.sent)
+            await stack.api(f"/calls/{result.call_id}/actions",
+                            {"action": {"add_human": {"destination": "desk", "mode": mode}}})
+            await asyncio.sleep(1.0)
+            window["with"] = len(mouth.sent)
 
-    agent, sink = stack.peers[0]
-    agent.ear, sink.ear = Ear(), Ear()
-    plan_mouth, ear = Mouth(0, seed=5), Ear()
-    result = await SipCaller(stack.kamailio.sip_port).call("18005550000", 6.0, payload=plan_mouth, listen=ear.hear,
-                                                           while_up=add_human)
-    await wait_idle(stack)
-    if result.status != 200 or "with" not in window:
-        print("conference: the call failed")
-        return
-    two = latencies_ms(plan_mouth.sent[:window["before"]], ear.onsets)
-    three = latencies_ms(plan_mouth.sent[window["with"]:], ear.onsets)
-    print(f"conference: agent round trip, caller + agent: {stats(two)}")
-    print(f"            with a human listening in (mixing bridge): {stats(three)}")
+        agent, sink = stack.peers[0]
+        agent.ear, sink.ear = Ear(), Ear()
+        result = await SipCaller(stack.kamailio.sip_port).call("18005550000", 6.0, payload=mouth, listen=ear.hear,
+                                                               while_up=add_human)
+        await wait_idle(stack)
+        if result.status != 200 or "with" not in window:
+            print(f"{mode}: the call failed")
+            continue
+        two = latencies_ms(mouth.sent[:window["before"]], ear.onsets)
+        three = latencies_ms(mouth.sent[window["with"]:], ear.onsets)
+        print(f"{mode}: agent round trip, caller + agent: {stats(two)}")
+        print(f"{' ' * len(mode)}  with a human in ({mode}): {stats(three)}")
 
 
 async def capacity_phase(stack: RealStack, steps: list[int], window_s: float, rate: float = 20.0) -> dict:
@@ -538,7 +542,8 @@ def run_loop(coroutine):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-calls", type=int, default=80, help="the capacity steps stop here (20, 40, 80 …)")
-    parser.add_argument("--window-s", type=float, default=5.0, help="the steady window of each capacity step")
+    parser.add_argument("--window-s", type=float, default=10.0,
+                        help="the steady window of each capacity step (CPU is counted in 10 ms ticks)")
     parser.add_argument("--conference", action="store_true", help="also measure the round trip with a human in")
     parser.add_argument("--fake-calls", type=int, default=50)
     parser.add_argument("--fake-only", action="store_true", help="skip the real Asterisk even when available")

@@ -275,9 +275,11 @@ def live_action_schema(with_gather: bool = True) -> dict[str, Any]:
                                                  "caller_id": CALLER_ID_SCHEMA}}],
             },
             "add_human": {
-                "description": "Bring a human in (conference: the AI agent stays; handoff: it leaves on answer).",
+                "description": "Bring a human in (conference: the AI agent stays; handoff: it leaves on answer; "
+                               "listen: they hear caller and agent, who stay a two-party call).",
                 "type": "object", "required": ["destination"], "additionalProperties": False,
-                "properties": {"destination": _NAME, "mode": {"enum": ["conference", "handoff"]}, "context": _CONTEXT,
+                "properties": {"destination": _NAME, "mode": {"enum": ["conference", "handoff", "listen"]},
+                               "context": _CONTEXT,
                                "caller_id": CALLER_ID_SCHEMA},
             },
             "fork": {

@@ -442,7 +442,7 @@ def _call_action(args: argparse.Namespace) -> dict:
     if args.call_command == "human":
         context = {k: v for k, v in (("summary", args.summary), ("intent", args.intent),
                                      ("sentiment", args.sentiment)) if v}
-        return {"add_human": {"destination": args.destination, "mode": "handoff" if args.handoff else "conference",
+        return {"add_human": {"destination": args.destination, "mode": "handoff" if args.handoff else "listen" if args.listen else "conference",
                               **({"context": context} if context else {}),
                               **({"caller_id": args.caller_id} if args.caller_id else {})}}
     if args.call_command == "fork":
@@ -712,10 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("call_id")
     transfer.add_argument("--agent")
     transfer.add_argument("--destination")
-    human = call_commands.add_parser("human", help="bring a human in (conference, or --handoff)")
+    human = call_commands.add_parser("human", help="bring a human in (conference, --handoff or --listen)")
     human.add_argument("call_id")
     human.add_argument("--destination", required=True)
-    human.add_argument("--handoff", action="store_true")
+    human.add_argument("--handoff", action="store_true", help="the AI agent leaves when the human answers")
+    human.add_argument("--listen", action="store_true", help="the human only listens (the agent's path stays direct)")
     human.add_argument("--summary")
     human.add_argument("--intent")
     human.add_argument("--sentiment")

@@ -77,11 +77,13 @@ class HumanLeg:
     destination: str
     uri: str
     channel: str
-    mode: str  # conference | handoff
+    mode: str  # conference | handoff | listen
     state: str = "starting"
     started_ms: int = 0
     up_ms: int = 0
     reason: str = ""
+    snoop: str = ""  # listen: the snoop on the caller the human hears the call through
+    bridge: str = ""  # listen: the bridge of that snoop and the human
 
 
 @dataclass(slots=True)
@@ -155,11 +157,13 @@ class CallMedia:
         for fork in self.forks.values():
             out += [fork.snoop, fork.channel]
         out += [h.channel for h in self.humans.values()]
+        out += [h.snoop for h in self.humans.values() if h.snoop]
         out += [r.snoop for r in self.recordings.values()]
         return out
 
     def bridges(self) -> list[str]:
-        return [self.bridge] + [f.bridge for f in self.forks.values()]
+        return ([self.bridge] + [f.bridge for f in self.forks.values()]
+                + [h.bridge for h in self.humans.values() if h.bridge])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

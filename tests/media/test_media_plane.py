@@ -183,7 +183,7 @@ async def test_ai_to_ai_transfer_keeps_the_caller_in_the_bridge(h):
         await h.plane.call.transfer("call-1@edge", "nobody")
 
 
-@pytest.mark.parametrize("mode", ["conference", "handoff"])
+@pytest.mark.parametrize("mode", ["conference", "handoff", "listen"])
 async def test_a_human_is_brought_in_with_context_headers(h, mode):
     caller = await h.call_up()
     media = h.plane.calls["call-1@edge"]
@@ -205,6 +205,15 @@ async def test_a_human_is_brought_in_with_context_headers(h, mode):
     members = set(h.fake.bridges[media.bridge]["channels"])
     if mode == "conference":
         assert members == {caller, agent_channel, human}
+    elif mode == "listen":  # the caller and the agent stay a two-party bridge; the human hears a snoop
+        listener = media.humans[leg["leg_id"]]
+        assert members == {caller, agent_channel} and h.fake.bridges[media.bridge]["technology"] == "simple_bridge"
+        assert set(h.fake.bridges[listener.bridge]["channels"]) == {listener.snoop, human}
+        snoop = next(r for r in h.fake.requests if r.path.endswith(f"/snoop/{listener.snoop}"))
+        assert snoop.path.startswith(f"/channels/{caller}/") and snoop.query["spy"] == "both"
+        await h.fake.caller_hangup(human)  # the human leaves: their snoop and bridge go too
+        await h.until(lambda: listener.snoop not in h.fake.channels and listener.bridge not in h.fake.bridges)
+        assert media.state == "active" and listener.state == "gone"
     else:
         await h.until(lambda: agent_channel not in h.fake.channels)
         assert set(h.fake.bridges[media.bridge]["channels"]) == {caller, human} and media.agent is None

@@ -280,3 +280,32 @@ async def test_the_human_receives_a_call_reference_and_the_callers_number(runnin
     (invite,) = (await asyncio.to_thread(human.invites))[:1]
     assert invite.header("X-Callfabric-Call-Id") == [result.call_id]
     assert "+12025550123" in invite.header("From")[0] and "anonymous" not in invite.header("From")[0].lower()
+
+
+@pytest.mark.parametrize("mode, technology", [("listen", "simple_bridge"), ("conference", "softmix")])
+async def test_a_listening_human_keeps_the_agents_path_two_party(running, mode, technology):
+    """A third member turns the call's bridge into a mixing one (softmix, a 20 ms clock: ~30 ms
+    more for the agent, see bench/media.py --conference); a human who listens hears the call
+    through a snoop instead, and the call's bridge stays caller + agent."""
+    plane, human = running["plane"], running["human"]
+    seen = {}
+
+    async def bring_human(result):
+        media = await wait_active(plane, result.call_id)
+        await plane.humans.add(result.call_id, "desk", f"sip:desk@{human.addr}", mode=mode)
+        deadline = time.monotonic() + 10
+        while not any(h.state == "up" for h in media.humans.values()):
+            assert time.monotonic() < deadline, "the human never joined"
+            await asyncio.sleep(0.1)
+        bridges = {b["id"]: b for b in await plane.nodes["media1"].bridges()}
+        seen["call"] = bridges[media.bridge]
+        leg = next(iter(media.humans.values()))
+        seen["human"] = bridges.get(leg.bridge) if leg.bridge else None
+        seen["agent_rx"] = running["agents"]["intake"].received
+
+    result = await running["caller"].call("18005550199", hold_s=4.0, while_up=bring_human)
+    assert result.status == 200
+    assert seen["call"]["technology"] == technology
+    if mode == "listen":
+        assert len(seen["call"]["channels"]) == 2 and len(seen["human"]["channels"]) == 2
+    assert running["agents"]["intake"].received > seen["agent_rx"], "the agent kept hearing the caller"

@@ -1,14 +1,17 @@
 """Humans: a person called through the edge with the conversation's context in X- headers;
-on answer they join the call's bridge (conference) or replace the AI agent (handoff)."""
+on answer they join the call's bridge (conference), replace the AI agent (handoff), or listen
+in (listen: a snoop on the caller hears both sides, and the caller and the agent stay a
+two-party bridge — a third member would turn it into a mixing one, ~30 ms more for the agent)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from controller.media.ari import AriError
-from controller.media.feature import Feature, FollowUp, MediaError
+from controller.media.feature import LEG_UP_TIMEOUT_S, Feature, FollowUp, MediaError
 from controller.media.headers import context_headers
 from controller.media.model import CallMedia, HumanLeg
 from controller.state.calls import now_ms
@@ -16,6 +19,7 @@ from controller.state.calls import now_ms
 log = logging.getLogger("callfabric.media")
 
 LIVE = ("starting", "up")
+MODES = ("conference", "handoff", "listen")
 
 
 class Humans(Feature):
@@ -27,8 +31,8 @@ class Humans(Feature):
         showing `caller_id` — by default the caller's own number; on answer they join the
         bridge (conference) or replace the AI agent (handoff)."""
         plane = self.plane
-        if mode not in ("conference", "handoff"):
-            raise MediaError(f"mode must be conference or handoff, not {mode!r}", 422)
+        if mode not in MODES:
+            raise MediaError(f"mode must be conference, handoff or listen, not {mode!r}", 422)
         async with plane.lock(call_id):
             media = plane.live(call_id)
             client = plane.nodes[media.node]
@@ -72,11 +76,14 @@ class Humans(Feature):
                 return
             client = plane.nodes[media.node]
             try:
-                await client.add_channel(media.bridge, channel_id)
-            except AriError as exc:
-                human.state, human.reason = "failed", str(exc)
-                await plane.save(media, "human_failed", leg=human.leg_id, reason=str(exc))
-                await plane.quietly(client.hangup(channel_id))
+                if human.mode == "listen":
+                    await self._listen(media, human)
+                else:
+                    await client.add_channel(media.bridge, channel_id)
+            except (AriError, MediaError, asyncio.TimeoutError) as exc:
+                human.state, human.reason = "failed", str(exc) or type(exc).__name__
+                await plane.save(media, "human_failed", leg=human.leg_id, reason=human.reason)
+                await self._release(media, human)
                 return
             human.state, human.up_ms = "up", now_ms()
             await plane.save(media, "human_joined", leg=human.leg_id, destination=human.destination, mode=human.mode,
@@ -90,16 +97,44 @@ class Humans(Feature):
                 await plane.quietly(client.hangup(old.channel))
                 plane.metrics.transfers.labels("handoff", "completed").inc()
                 await plane.save(media, "handoff_completed", from_agent=old.name, to=human.destination)
-            else:
+            elif human.mode == "conference":
                 plane.metrics.transfers.labels("conference", "completed").inc()
+
+    async def _listen(self, media: CallMedia, human: HumanLeg) -> None:
+        """The human hears the call through a snoop on the caller (both directions: the
+        caller, and what the caller hears), in a bridge of their own. Lock held."""
+        plane = self.plane
+        client = plane.nodes[media.node]
+        human.snoop, human.bridge = media.next_id("listensnoop"), media.next_id("listenbridge")
+        await plane.save(media, "human_listening", leg=human.leg_id)
+        up = plane.waiter(human.snoop)
+        try:
+            await asyncio.gather(
+                plane.confirmed(human.snoop, client.snoop(media.caller_channel, human.snoop, spy="both",
+                                                          app_args=f"listen,{human.leg_id}")),
+                client.create_bridge(human.bridge, f"listen-{media.token}-{human.leg_id}"))
+            await asyncio.wait_for(up, LEG_UP_TIMEOUT_S)
+            await client.add_channel(human.bridge, f"{human.snoop},{human.channel}")
+        finally:
+            plane.forget_waiter(human.snoop)
+
+    async def _release(self, media: CallMedia, human: HumanLeg) -> None:
+        """Whatever of a human's leg is still there goes (their channel, a listen snoop and bridge)."""
+        client = self.plane.nodes[media.node]
+        await self.plane.quietly(client.hangup(human.channel))
+        if human.snoop:
+            await self.plane.quietly(client.hangup(human.snoop))
+        if human.bridge:
+            await self.plane.quietly(client.destroy_bridge(human.bridge))
 
     async def gone(self, media: CallMedia, channel_id: str, cause: str) -> bool:
         for human in media.humans.values():
-            if human.channel == channel_id and human.state in LIVE:
+            if channel_id in (human.channel, human.snoop) and human.state in LIVE:
                 answered = human.state == "up"
                 human.state, human.reason = ("gone" if answered else "failed"), str(cause)
                 await self.plane.save(media, "human_left" if answered else "human_failed", leg=human.leg_id,
                                       cause=cause)
+                await self._release(media, human)
                 return True
         return False
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import sys
 import tempfile
@@ -348,6 +349,7 @@ async def record(which: list[str]) -> None:
     finally:
         transport.close()
         await asyncio.to_thread(asterisk.stop)
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
 
 
 if __name__ == "__main__":

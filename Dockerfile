@@ -6,8 +6,9 @@ COPY pyproject.toml README.md ./
 COPY controller ./controller
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 COPY policies ./policies
-# the edge policy and edge key volumes (compose) take these directories' owner on first use
-RUN mkdir -p /srv/callfabric/edge /srv/callfabric/keys && chown callfabric /srv/callfabric/edge /srv/callfabric/keys
+# the edge policy, edge key and state volumes (compose) take these directories' owner on first use
+RUN mkdir -p /srv/callfabric/edge /srv/callfabric/keys /srv/callfabric/state \
+ && chown callfabric /srv/callfabric/edge /srv/callfabric/keys /srv/callfabric/state
 USER callfabric
 ENV CALLFABRIC_POLICY_DIR=/srv/callfabric/policies \
     CALLFABRIC_HTTP_LISTEN=0.0.0.0:8460

@@ -163,6 +163,10 @@ def load_config(path: Path, media: str | None = None) -> UpConfig:
         write_config(path)
     try:
         settings = load_settings(path)
+        if settings.edge_policy_file and not settings.edge_policy_key_file:  # (a config of an older callfabric)
+            key = path.parent.resolve() / ".callfabric" / "keys" / "edge-policy.key"
+            raise ConfigError(f"config file {path}: edge_policy_key_file is missing (the edge refuses unsigned policy "
+                              f"files): add `edge_policy_key_file: {key}` (callfabric up makes the key)")
         check_settings(settings)
         raw = yaml.safe_load(path.read_text()) or {}
         up = raw.get("x-up") or {}

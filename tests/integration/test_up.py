@@ -42,6 +42,7 @@ def config_text(tmp_path: Path, media: str = "stand-in") -> str:
         "policy_dir": str(ROOT / "policies"), "redis_url": f"redis://127.0.0.1:{free_port()}/0",
         "edge_evapi": [f"127.0.0.1:{free_port()}"], "edge_rpc": [f"http://127.0.0.1:{free_port()}/RPC"],
         "edge_policy_file": str(tmp_path / ".callfabric" / "edge" / "policy.bin"),
+        "edge_policy_key_file": str(tmp_path / ".callfabric" / "keys" / "edge-policy.key"),
         "http_listen": f"127.0.0.1:{free_port()}", "api_tokens": [f"ops:read,control,admin:{TOKEN}"],
         "log_format": "text"})
 

@@ -148,7 +148,8 @@ async def test_timeline_is_capped(store):
     assert await store.redis.xlen(timeline_key("cap")) < 200
 
 
-@pytest.mark.parametrize("call_id", ["a" * 500, "x y\r\n", "{weird}", "é@host", ""])
+@pytest.mark.parametrize("call_id", ["a" * 500, "x y\r\n", "{weird}", "é@host", ""],
+                         ids=["long", "crlf", "braces", "non-ascii", "empty"])
 def test_odd_call_ids_get_safe_key_ids(call_id):
     key_id = call_key_id(call_id)
     assert key_id.startswith("h-") and len(key_id) == 34 and "{" not in key_id

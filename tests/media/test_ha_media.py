@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from controller.api.commands import CallControl, Forwarding
 from controller.localstack.redis import RedisServer
 from controller.media.ari import AriClient, AriNode, basic_authorization
+from controller.media.feature import LEG_UP_TIMEOUT_S
 from controller.media.ownership import NodeOwnership
 from controller.media.plane import MediaError, MediaPlane
 from controller.metrics import Metrics
@@ -190,11 +191,11 @@ async def test_a_drained_owner_hands_its_node_over_at_once(fake, controllers):
     await until(lambda: a.owns and fake.app_connected(APP), what="a owns media1")
     b = await controllers("ctl-b")
     channel = await call_up(fake, a.store, lambda: a.plane, "drain@edge")
-    started = time.monotonic()
     await a.ownership.hand_over(wait_s=2.0)
-    await until(lambda: b.owns and "drain@edge" in b.plane.calls, timeout=2, what="b took media1")
+    await until(lambda: b.owns and "drain@edge" in b.plane.calls, timeout=10, what="b took media1")
     await b.plane.wait_synced("media1")
-    assert time.monotonic() - started < TTL_S  # released, not expired
+    # released, not left to expire: a counted its release (how fast is bench/ha.py's to measure)
+    assert sample(a.metrics.registry, "callfabric_node_lease_events_total", node="media1", event="released") == 1
     assert a.ownership.state == "released" and not a.plane.calls
     assert b.plane.calls["drain@edge"].state == "active" and channel in fake.channels
 
@@ -212,9 +213,9 @@ async def test_an_ari_websocket_cut_mid_transfer_is_resynced_without_doing_anyth
     # once — not after a timeout, not by trying again.
     await fake.drop_websockets(abrupt=True)
     started = time.monotonic()
-    with pytest.raises(MediaError, match="gone while the events websocket was down"):
+    with pytest.raises(MediaError, match="gone while the events websocket was down"):  # the resync's verdict
         await c.plane.call.transfer("cut@edge", "billing")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < LEG_UP_TIMEOUT_S  # not the leg's timeout
     assert media.state == "active" and media.agent.channel == old_agent
     assert set(fake.bridges[media.bridge]["channels"]) == {channel, old_agent}
     done = counts(fake, mark)

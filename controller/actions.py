@@ -20,7 +20,7 @@ SETUP_VERBS = TERMINAL_VERBS + MODIFIER_VERBS
 # route_sip hands the call to a SIP destination, fork starts a fork; and a few verbs exist
 # only mid-call.
 LIVE_VERBS = ("route_agent", "route_sip", "fork", "stop_fork", "add_human", "play", "hangup", "set_metadata",
-              "send_dtmf", "gather", "record", "stop_record")
+              "send_dtmf", "gather", "record", "stop_record", "transfer")
 CONTEXT_KEYS = ("summary", "intent", "sentiment")
 
 FORK_DIRECTIONS = ("in", "out", "both")
@@ -61,6 +61,7 @@ DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
 PLAY_MEDIA_PATTERN = r"^(sound|recording|tone|digits|number|characters):[^\s,]{1,200}$|^https?://[^\s,]{1,2000}$"
 FORK_ID_PATTERN = r"^f[0-9]{1,6}$"
 RECORDING_ID_PATTERN = r"^r[0-9]{1,6}$"
+TRANSFER_TARGET_PATTERN = r"^(sips?:[^\s<>\"',?]{3,250}|\+?[0-9]{2,31})$"
 LEG_PATTERN = r"^(caller|h[0-9]{1,6})$"  # the caller, or a human leg (its leg_id)
 SEND_DIGITS_PATTERN = r"^[0-9A-Da-d*#wW]{1,64}$"
 DIGITS_PATTERN = r"^[0-9A-D*#]{0,64}$"
@@ -315,6 +316,23 @@ def live_action_schema(with_gather: bool = True) -> dict[str, Any]:
                                           "between_ms": {"type": "integer", "minimum": 40, "maximum": 2000}}}],
             },
             "record": record_schema(),
+            "transfer": {
+                "description": "Cold transfer: the far end is asked (SIP REFER) to call `to` itself — a sip: URI, "
+                               "or a number (dialled through an outbound trunk) — and the call leaves callfabric. "
+                               "`headers` (X- …) travel in the Refer-To URI, so the far end puts them in its "
+                               "INVITE. transfer.completed / transfer.failed carry the NOTIFY's SIP status; a "
+                               "refused REFER falls back to bridging the caller with `to` through an outbound "
+                               "call (unless `fallback: false`). `method: bridge` goes straight to that.",
+                "type": "object", "required": ["to"], "additionalProperties": False,
+                "properties": {
+                    "to": {"type": "string", "pattern": TRANSFER_TARGET_PATTERN},
+                    "method": {"enum": ["refer", "bridge"], "default": "refer"},
+                    "headers": {"type": "object", "maxProperties": 16,
+                                "additionalProperties": {"type": "string", "maxLength": 256}},
+                    "fallback": {"type": "boolean", "default": True},
+                    "trunk": {**_NAME, "description": "The outbound trunk a number is dialled through."},
+                },
+            },
             "stop_record": {
                 "description": "Stop a recording (`recording.completed` follows), or every one with `true`.",
                 "oneOf": [{"const": True},

@@ -436,8 +436,14 @@ def cmd_calls_trace(args: argparse.Namespace) -> int:
 def _call_action(args: argparse.Namespace) -> dict:
     """The action document a `callfabric call …` command stands for."""
     if args.call_command == "transfer":
-        if bool(args.agent) == bool(args.destination):
-            raise ValueError("give --agent (AI agent) or --destination (SIP destination)")
+        if sum(map(bool, (args.agent, args.destination, args.to))) != 1:
+            raise ValueError("give --agent (AI agent), --destination (SIP destination) or --to (cold transfer)")
+        if args.to:
+            headers = dict(h.split("=", 1) for h in args.header if "=" in h)
+            if len(headers) != len(args.header):
+                raise ValueError("--header takes NAME=VALUE")
+            return {"transfer": {"to": args.to, "method": args.method, **({"headers": headers} if headers else {}),
+                                 **({"fallback": False} if args.no_fallback else {})}}
         return {"route_agent": args.agent} if args.agent else {"route_sip": args.destination}
     if args.call_command == "human":
         context = {k: v for k, v in (("summary", args.summary), ("intent", args.intent),
@@ -708,10 +714,16 @@ def build_parser() -> argparse.ArgumentParser:
     call = commands.add_parser("call", help="act on a live call through the REST API (control scope)")
     _client_options(call, "control", suppress=True)
     call_commands = call.add_subparsers(dest="call_command", required=True)
-    transfer = call_commands.add_parser("transfer", help="to another AI agent or a SIP destination")
+    transfer = call_commands.add_parser("transfer", help="to another AI agent, a SIP destination, or away (--to: "
+                                                         "cold transfer by SIP REFER)")
     transfer.add_argument("call_id")
     transfer.add_argument("--agent")
     transfer.add_argument("--destination")
+    transfer.add_argument("--to", help="a sip: URI or a number: the far end is asked (REFER) to call it")
+    transfer.add_argument("--method", default="refer", choices=("refer", "bridge"),
+                          help="bridge: call it through the edge instead of asking the far end")
+    transfer.add_argument("--header", action="append", default=[], help="NAME=VALUE carried in the Refer-To URI")
+    transfer.add_argument("--no-fallback", action="store_true", help="no bridging when the REFER is refused")
     human = call_commands.add_parser("human", help="bring a human in (conference, --handoff or --listen)")
     human.add_argument("call_id")
     human.add_argument("--destination", required=True)

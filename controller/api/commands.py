@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from jsonschema import Draft202012Validator
 
-from controller.actions import canonical_action, live_action_schema, parse_duration_ms
+from controller.actions import canonical_action, header_name_problem, live_action_schema, parse_duration_ms
 from controller.media.ari import AriError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
@@ -262,6 +262,18 @@ class CallControl:
             return {"action": verb, "result": await plane.recording.start(
                 call_id, arg.get("channels", "both"), beep=arg.get("beep", False),
                 announcement=arg.get("announcement", ""), max_duration_s=max_s)}
+        if verb == "transfer":
+            uri = self._target_uri(arg["to"], arg.get("trunk"), "action.transfer.to")
+            headers = arg.get("headers") or {}
+            problems = [{"path": f"action.transfer.headers.{name}", "message": problem}
+                        for name in headers if (problem := header_name_problem(name))]
+            if problems:
+                raise CommandError(422, "invalid action", problems)
+            if arg.get("method", "refer") == "bridge":
+                leg = await plane.humans.add(call_id, uri, uri, mode="handoff", context=headers)
+                return {"action": verb, "result": {"method": "bridge", "to": uri, **leg}}
+            return {"action": verb, "result": await plane.refer.start(call_id, uri, headers=headers,
+                                                                     fallback=arg.get("fallback", True))}
         if verb == "stop_record":
             return {"action": verb, "result": await plane.recording.stop(call_id, arg.get("recording_id"))}
         raise CommandError(422, f"unknown action {verb!r}")  # unreachable after validation
@@ -273,6 +285,23 @@ class CallControl:
     async def recording_file(self, node: str, name: str, sink: Callable[[bytes], Awaitable[None]]) -> int:
         """A recording kept on its media node, streamed to `sink`."""
         return await self.plane.recording.download(node, name, sink)
+
+    def _target_uri(self, to: str, trunk: str | None, path: str) -> str:
+        """The SIP URI a call or a transfer goes to: a sip: URI as it is, a phone number
+        through an outbound trunk."""
+        target = to if to.startswith(("sip:", "sips:")) else None
+        if target is None:
+            if not to.lstrip("+").isdigit() or len(to) > 32:
+                raise CommandError(422, f"`{path}` must be a phone number or a sip: URI",
+                                   [{"path": path, "message": "expected a phone number or a sip: URI"}])
+            policy = self._policy()
+            target = self._outbound_trunk(trunk).dial_uri(policy.source.settings.numbering.normalise(to))
+        elif trunk is not None:
+            raise CommandError(422, "`trunk` is for phone numbers: a sip: URI is called as it is",
+                               [{"path": "trunk", "message": f"only with a phone number in `{path}`"}])
+        if any(c in target for c in " <>\"\r\n\x00") or len(target) > 256:
+            raise CommandError(422, f"`{path}` is not a valid SIP URI", [{"path": path, "message": "invalid SIP URI"}])
+        return target
 
     def _check_declared(self, verb: str, arg: dict[str, Any]) -> None:
         """A gather's branches name what the serving policy declares."""
@@ -331,18 +360,7 @@ class CallControl:
         edge, with an AI agent on it."""
         endpoint = self._names("agents", agent)
         call_id = f"{uuid.uuid4()}@callfabric"
-        target = to if to.startswith(("sip:", "sips:")) else None
-        if target is None:
-            if not to.lstrip("+").isdigit() or len(to) > 32:
-                raise CommandError(422, "`to` must be a phone number or a sip: URI",
-                                   [{"path": "to", "message": "expected a phone number or a sip: URI"}])
-            policy = self._policy()
-            target = self._outbound_trunk(trunk).dial_uri(policy.source.settings.numbering.normalise(to))
-        elif trunk is not None:
-            raise CommandError(422, "`trunk` is for phone numbers: a sip: URI is called as it is",
-                               [{"path": "trunk", "message": "only with a phone number in `to`"}])
-        if any(c in target for c in " <>\"\r\n\x00") or len(target) > 256:
-            raise CommandError(422, "`to` is not a valid SIP URI", [{"path": "to", "message": "invalid SIP URI"}])
+        target = self._target_uri(to, trunk, "to")
         try:
             return await self.plane.call.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
                                                                          endpoint.transport, endpoint.codec),

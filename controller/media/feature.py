@@ -49,8 +49,9 @@ class Feature:
 
     - its actions: public coroutines that take the call's lock (`plane.lock`) and record each
       change (`plane.save`: media record + timeline step) before the next step;
-    - its ARI events: `entered` (one of its channels entered our application), `gone` (one of
-      its channels left), and the other event types it names in `events` (`on_event`);
+    - its ARI events: `entered` (one of its channels entered our application), `returned` (the
+      caller came back from the dialplan), `gone` (one of its channels left), and the other
+      event types it names in `events` (`on_event`);
     - its steps in the plane's record keeping: `missing` (a resync found its legs gone),
       `take_over` (a call adopted from another controller), `ending` (the call's teardown),
       `adopted` / `released` (the call's legs are counted by this controller, or not any more).
@@ -69,6 +70,11 @@ class Feature:
 
     async def entered(self, media: CallMedia, channel_id: str, channel: dict[str, Any]) -> None:
         """One of its channels entered our application (StasisStart). Takes the lock itself."""
+
+    async def returned(self, media: CallMedia, args: list[str]) -> bool:
+        """The caller came back into our application from the dialplan (Stasis with `args`),
+        lock held: True when this feature had sent it there (handled)."""
+        return False
 
     async def gone(self, media: CallMedia, channel_id: str, cause: str) -> bool:
         """A channel of the call left (StasisEnd / ChannelDestroyed), lock held: True when it

@@ -9,8 +9,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The call's media states. `ending` waits for the channels we hung up to be gone.
-CALL_STATES = ("setup", "active", "transferring", "ending", "ended")
+# The call's media states. `ending` waits for the channels we hung up to be gone; while
+# `referring`, the caller is out of our application (in the dialplan, being transferred).
+CALL_STATES = ("setup", "active", "transferring", "referring", "ending", "ended")
 LEG_STATES = ("starting", "up", "stopping", "gone", "failed")
 
 
@@ -108,6 +109,23 @@ class RecordingLeg:
 
 
 @dataclass(slots=True)
+class ReferLeg:
+    """A cold transfer by SIP REFER: the caller is sent to `to` by the far end (their carrier,
+    their phone); its outcome is the NOTIFY sipfrag's status. When it is refused and `fallback`
+    holds, the caller is bridged with `to` through an outbound call instead (a human leg)."""
+
+    transfer_id: str
+    to: str  # the Refer-To URI (with its headers)
+    fallback: bool = True
+    state: str = "referring"  # referring | completed | failed
+    status: int = 0  # the SIP status of the REFER's outcome (200: accepted and the new call answered)
+    reason: str = ""
+    fallback_leg: str = ""  # the human leg that bridges the caller with `to` after a refusal
+    started_ms: int = 0
+    ended_ms: int = 0
+
+
+@dataclass(slots=True)
 class Gather:
     """Digits being collected from a leg (the caller, or a human) until `max_digits`, the
     finish key or `timeout_ms` without a digit; what happens then (`then` branches, a
@@ -146,6 +164,7 @@ class CallMedia:
     pending_agent: str = ""  # outbound: the agent that joins when the call is answered
     gather: Gather | None = None
     recordings: dict[str, RecordingLeg] = field(default_factory=dict)
+    refers: dict[str, ReferLeg] = field(default_factory=dict)
 
     def next_id(self, kind: str) -> str:
         self.sequence += 1
@@ -177,7 +196,9 @@ class CallMedia:
         humans = data.pop("humans", {})
         gather = data.pop("gather", None)
         recordings = data.pop("recordings", {})
+        refers = data.pop("refers", {})
         media = cls(**data)
+        media.refers = {k: ReferLeg(**v) for k, v in refers.items()}
         media.gather = Gather(**gather) if gather else None
         media.recordings = {k: RecordingLeg(**v) for k, v in recordings.items()}
         media.agent = AgentLeg(**agent) if agent else None

@@ -9,7 +9,8 @@ from Redis + ARI.
 The plane itself keeps what all features share: node sync, event dispatch and the per-call
 lock. Each feature is a module of the same anatomy (media/feature.py, media/features/): the
 call's bridge and agent leg (`plane.call`), forks (`plane.forks`), humans (`plane.humans`),
-playback (`plane.playback`), DTMF (`plane.dtmf`), recording (`plane.recording`).
+playback (`plane.playback`), DTMF (`plane.dtmf`), recording (`plane.recording`), cold
+transfer by SIP REFER (`plane.refer`).
 
 Each node's events are handled by one controller at a time (its lease owner, see
 ownership.py): `adopt_node` takes the node's live calls from Redis, `serve_node` consumes
@@ -33,6 +34,7 @@ from controller.media.features.forks import Forks
 from controller.media.features.humans import Humans
 from controller.media.features.playback import Playback
 from controller.media.features.recording import Recording
+from controller.media.features.refer import Refer
 from controller.media.model import CallMedia, parse_object_id, session_uuid
 from controller.metrics import Metrics
 from controller.state.calls import CallStore, FencedOut, now_ms
@@ -74,8 +76,11 @@ class MediaPlane:
         self.playback = Playback(self)
         self.dtmf = Dtmf(self)
         self.recording = Recording(self, recording_dir)
-        self.features: tuple[Feature, ...] = (self.call, self.forks, self.humans, self.playback, self.dtmf,
-                                              self.recording)
+        self.refer = Refer(self)
+        # The order they hear about a call's channels in (refer first: while it transfers the
+        # caller, the caller's end is its outcome, not a hang-up).
+        self.features: tuple[Feature, ...] = (self.refer, self.call, self.forks, self.humans, self.playback,
+                                              self.dtmf, self.recording)
         # Carries out what a finished gather leads to (its policy branch, its webhook's answer):
         # set by whoever runs actions on calls (the API's call control).
         self.on_gathered: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
@@ -287,10 +292,14 @@ class MediaPlane:
         if not channel_id:
             return
         if kind == "StasisStart":
-            if parse_object_id(channel_id):
+            media = self._media_of_channel(channel_id)
+            if media is not None and channel_id == media.caller_channel and media.state == "referring":
+                args = event.get("args") if isinstance(event.get("args"), list) else []  # back from the dialplan
+                self.spawn(node, self._caller_returned(media, [str(a) for a in args]), kind)
+            elif parse_object_id(channel_id):
                 self._resolve(channel_id, channel)
                 self.spawn(node, self.leg_entered(node, channel_id, channel), kind)
-            elif channel_id not in self.arriving and self._media_of_channel(channel_id) is None:
+            elif channel_id not in self.arriving and media is None:
                 args = event.get("args") if isinstance(event.get("args"), list) else []
                 self.arriving.add(channel_id)
                 self.spawn(node, self.call.arrived(node, channel, args), kind)
@@ -310,8 +319,17 @@ class MediaPlane:
                 await feature.entered(media, channel_id, channel)
                 return
 
+    async def _caller_returned(self, media: CallMedia, args: list[str]) -> None:
+        async with self.lock(media.call_id):
+            for feature in self.features:
+                if await feature.returned(media, args):
+                    return
+            log.warning("call %s: the caller came back into the application unasked (%s)", media.call_id, args)
+
     async def _leg_gone(self, media: CallMedia, channel_id: str, event: dict[str, Any]) -> None:
         cause = event.get("cause_txt") or event.get("type")
+        if event.get("type") == "StasisEnd" and channel_id == media.caller_channel and media.state == "referring":
+            return  # sent to the dialplan to be transferred (features/refer.py): not a hang-up
         async with self.lock(media.call_id):
             for feature in self.features:
                 if await feature.gone(media, channel_id, cause):

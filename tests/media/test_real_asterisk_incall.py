@@ -1,7 +1,10 @@
 """In-call telephony with a real Asterisk (our asterisk/ config set), a real Kamailio edge, real
 Redis and real SIPp: DTMF a SIPp caller presses (RFC 4733) reaches the webhook with the right
 digits, in order; a recording of a caller playing known speech has the expected duration and
-sound in it, and its `recording.completed` webhook says so.
+sound in it, and its `recording.completed` webhook says so; a transfer by SIP REFER toward a
+SIPp called party that accepts it (202, NOTIFY 200) completes and the call leaves the node,
+and toward one that refuses it (603) fails with that status and falls back to bridging the
+target through the edge.
 
 Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
 reason otherwise."""
@@ -24,7 +27,7 @@ from controller.api.webhooks import verify
 from controller.app import MEDIA, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
-from controller.localstack.sipp import SIPP_PCAPS, run_uac
+from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac
 from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
 
 SECRET = "incall-secret"
@@ -102,10 +105,17 @@ async def controller(stack):  # noqa: F811
 
 
 async def until(predicate, timeout: float, what: str) -> None:
+    """Until `predicate()` holds; a predicate that reads files runs in a thread."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (await asyncio.to_thread(predicate) if getattr(predicate, "blocking", False) else predicate()):
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.05)
+
+
+def reading(predicate):
+    """Mark a predicate that reads files (run in a thread by `until`)."""
+    predicate.blocking = True
+    return predicate
 
 
 async def test_dtmf_a_sipp_caller_presses_reaches_the_webhook_in_order(controller):
@@ -162,3 +172,51 @@ async def test_a_recording_of_known_speech_has_its_duration_and_sound(controller
     assert rate == 8000 and abs(len(samples) / rate * 1000 - done["data"]["duration_ms"]) < 50
     rms = math.sqrt(sum(s * s for s in samples) / len(samples))
     assert rms > 300, f"the recording is (nearly) silent: RMS {rms:.0f}"
+
+
+async def outbound_call(plane, far_end: SippUAS, call_id: str):
+    """A call from the agent `intake` to a SIPp called party, through the edge, once answered."""
+    await plane.call.originate(call_id, f"sip:far@{far_end.addr}", plane.resolve_agent("intake"))
+    deadline = time.monotonic() + 10
+    while (plane.calls.get(call_id) is None or plane.calls[call_id].state != "active"):
+        assert time.monotonic() < deadline, "the outbound call was not answered"
+        await asyncio.sleep(0.05)
+    return plane.calls[call_id]
+
+
+async def test_a_refer_the_far_end_accepts_completes_and_the_call_leaves(controller):
+    plane, receiver = controller["plane"], controller["receiver"]
+    far_end = await asyncio.to_thread(SippUAS(controller["tmp"], "uas_refer_accept.xml", "accepts").start)
+    try:
+        await outbound_call(plane, far_end, "refer-ok@test")
+        await plane.refer.start("refer-ok@test", "sip:+15550009999@carrier.example.com", headers={"X-Case": "42"})
+        await until(lambda: receiver.of("refer-ok@test", "transfer.completed"), 15, "no transfer.completed")
+        (done,) = receiver.of("refer-ok@test", "transfer.completed")
+        assert (done["data"]["method"], done["data"]["status"], done["data"]["confirmed"]) == ("refer", 200, True)
+        await until(lambda: "refer-ok@test" not in plane.calls, 10, "the call did not leave the node")
+        (refer,) = await asyncio.to_thread(far_end.requests, "REFER")
+        assert refer.header("Refer-To") == ["<sip:+15550009999@carrier.example.com?X-Case=42>"]
+        await until(reading(lambda: far_end.requests("BYE")), 10, "the transferor did not hang up")
+    finally:
+        await asyncio.to_thread(far_end.stop)
+
+
+async def test_a_refused_refer_reports_603_and_bridges_the_target_instead(controller):
+    plane, receiver = controller["plane"], controller["receiver"]
+    far_end = await asyncio.to_thread(SippUAS(controller["tmp"], "uas_refer_refuse.xml", "refuses").start)
+    desk = await asyncio.to_thread(SippUAS(controller["tmp"], "uas_answer.xml", "desk").start)
+    try:
+        media = await outbound_call(plane, far_end, "refer-no@test")
+        await plane.refer.start("refer-no@test", f"sip:desk@{desk.addr}", headers={"X-Case": "43"})
+        await until(lambda: receiver.of("refer-no@test", "transfer.failed"), 15, "no transfer.failed")
+        (failed,) = receiver.of("refer-no@test", "transfer.failed")
+        assert (failed["data"]["status"], failed["data"]["fallback"]) == (603, True), failed
+        await until(reading(lambda: desk.invites()), 10, "the fallback never called the target")
+        assert (await asyncio.to_thread(desk.invites))[0].header("X-Case") == ["43"]
+        await until(lambda: receiver.of("refer-no@test", "transfer.completed"), 10, "no handoff to the target")
+        assert media.agent is None and media.state == "active"
+        await plane.call.hangup("refer-no@test")
+        await until(reading(lambda: far_end.requests("BYE")), 10, "the called party was not hung up")
+    finally:
+        await asyncio.to_thread(far_end.stop)
+        await asyncio.to_thread(desk.stop)

@@ -512,6 +512,20 @@ class FakeAri:
         """180 Ringing now (normally automatic after ring_delay)."""
         self._ringing(self._live(channel_id))
 
+    async def dialplan_set(self, channel_id: str, name: str, value: str) -> None:
+        """The dialplan (an application such as Transfer) sets a channel variable: ChannelVarset
+        to the apps subscribed to the channel."""
+        ch = self._live(channel_id)
+        ch.variables[name] = value
+        self._emit("ChannelVarset", self._chan_recipients(ch), variable=name, value=value, channel=self._snapshot(ch))
+
+    async def dialplan_stasis(self, channel_id: str, app: str, args: Iterable[str] = ()) -> None:
+        """The dialplan runs Stasis(app,args...) on a channel that left the application."""
+        ch = self._live(channel_id)
+        if ch.in_stasis:
+            raise RuntimeError(f"FakeAri.dialplan_stasis: {channel_id} is still in Stasis")
+        self._stasis_start(ch, app, [str(a) for a in args])
+
     async def send_dtmf(self, channel_id: str, digit: str, duration_ms: int = 100) -> None:
         ch = self._live(channel_id)
         self._emit("ChannelDtmfReceived", self._chan_recipients(ch), digit=digit, duration_ms=duration_ms,
@@ -1468,9 +1482,19 @@ class FakeAri:
         return 204, None
 
     def _h_channels__continueInDialplan(self, a):
+        """stasis_app_control_continue(): the channel leaves its bridge and the application, and
+        goes on in the dialplan at the given place (see dialplan_set / dialplan_stasis)."""
         ch = self._control_state_ok(a["channelId"])
+        if ch.bridge_id:
+            self._leave_bridge(ch)
         self._stasis_end(ch)
-        ch.model["dialplan"].update(app_name="", app_data="")
+        where = ch.model["dialplan"]
+        where.update(app_name="", app_data="")
+        if a.get("context"):
+            where.update(context=a["context"], exten=a.get("extension") or where["exten"],
+                         priority=int(a.get("priority") or 1))
+        elif a.get("extension"):
+            where.update(exten=a["extension"], priority=int(a.get("priority") or 1))
         return 204, None
 
     def _h_channels__move(self, a):

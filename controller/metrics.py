@@ -30,7 +30,7 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "risk_outcomes": ("allow", "challenge", "reject", "ban"),
     "commands_forwarded": ("answered", "timeout", "no-owner"),
     "redis_queue": ("queued", "flushed", "failed", "dropped"),
-    "decisions_without_state": ("open", "closed", "edge", "refused"),
+    "decisions_without_state": ("open", "closed", "edge", "replaying", "refused"),
     "policy_reloads": tuple((trigger, result) for trigger in ("start", "file", "signal", "api", "last-good")
                             for result in ("accepted", "refused")),
     "fallback_rejects": ("state-unavailable", "overload", "internal"),
@@ -75,7 +75,8 @@ class Metrics:
                                       ["reason"], registry=r)
         self.edge_events = Counter("callfabric_edge_events_total", "Edge events read (from each edge's stream, or "
                                    "over evapi) by result: applied (idempotently: a replay changes nothing), "
-                                   "dropped (the evapi backlog was full while Redis was unreachable).",
+                                   "dropped (the evapi backlog was full while Redis was unreachable), failed "
+                                   "(batches that hit a bug, read again).",
                                    ["source", "result"], registry=r)
         self.edge_events_lag = Gauge("callfabric_edge_events_lag", "Events in an edge's stream not yet applied "
                                      "(read by the controller consuming it).", ["edge"], registry=r)

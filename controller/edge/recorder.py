@@ -13,6 +13,7 @@ here, in order, and applied by the same code in batches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -124,6 +125,15 @@ class EdgeRecorder:
             except (RedisError, OSError) as exc:
                 log.warning("edge %s events: %s; taking the lease again", edge, exc)
                 await asyncio.sleep(lease_poll_s)
+            except asyncio.CancelledError:  # stopping: the next controller need not wait for the TTL
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self.leases.release(lease)
+                raise
+            except Exception:  # a bug must not stop the recording of this edge for good
+                self.metrics.edge_events.labels(edge, "failed").inc()
+                log.exception("edge %s events: a batch could not be applied; it is read again", edge)
+                await asyncio.sleep(1.0)
             finally:
                 self.owned[edge] = False
 

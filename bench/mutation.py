@@ -60,7 +60,8 @@ TESTS = [
     "tests/edge/test_local.py",
     "tests/policy/test_conditions.py", "tests/policy/test_decisions.py", "tests/policy/test_numbers.py",
     "tests/policy/test_security.py", "tests/policy/test_validation.py", "tests/policy/test_engine_property.py",
-    "tests/security/test_guard.py", "tests/state/test_calls.py", "tests/state/test_pack.py",
+    "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/state/test_calls.py",
+    "tests/state/test_pack.py",
     "tests/api/test_webhooks.py", "tests/api/test_api.py", "tests/media/test_media_plane.py",
 ]
 # Lines whose text is for people, not behaviour: log calls and schema descriptions.

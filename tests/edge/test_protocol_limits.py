@@ -300,3 +300,23 @@ def test_a_failed_trunk_authentication_is_parsed_field_by_field():
 def test_unusable_trunk_authentication_events_are_refused_with_a_reason(message, problem):
     with pytest.raises(protocol.BadRequest, match=problem):
         protocol.parse_auth(message)
+
+
+@pytest.mark.parametrize("ts, expected", [(1, 1), (1_700_000_000_000, 1_700_000_000_000), (0, 0), (-1, 0),
+                                          (True, 0), ("5", 0), (None, 0)])
+def test_a_ban_keeps_when_the_edge_made_it_or_0_for_unknown(ts, expected):
+    assert protocol.parse_ban(ban(ts=ts)).ts_ms == expected
+
+
+def test_trunk_names_of_failed_authentications_are_cut_at_64_and_must_be_tokens():
+    parsed = protocol.parse_auth({"ip": "192.0.2.7", "reason": "bad-password", "trunk": "t" * 65})
+    assert parsed.trunk == "t" * 64
+    assert protocol.parse_auth({"ip": "192.0.2.7", "reason": "bad-password", "trunk": "a b"}).trunk == ""
+
+
+def test_decided_call_ids_are_cut_at_512_and_counters_keep_their_member():
+    assert protocol.parse_decided(decided(call_id="c" * 513)).call_id == "c" * 512
+    (kept,) = protocol.parse_decided(decided(counters=[counter(kind="distinct", member="+15550001")])).counters
+    assert kept.member == "+15550001"
+    (one_second,) = protocol.parse_decided(decided(counters=[counter(window_s=1)])).counters
+    assert one_second.window_s == 1

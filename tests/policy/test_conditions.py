@@ -156,3 +156,11 @@ def test_garbage_calls_never_raise(garbage):
                               "{time: {hours: '09:00-10:00'}}, {source_ip: '0.0.0.0/0'}]}"))
     c = call(**garbage)
     assert policy.decide(c) == policy.explain(c).decision
+
+
+def test_a_leap_day_without_a_year_is_a_date_every_year_may_have():
+    policy = policy_with("""
+        rules:
+          - {name: leap, match: {time: {dates: ['02-29']}}, actions: [reject: 486]}
+        """)
+    assert policy.decide(call(at=datetime(2028, 2, 29, 12, 0, tzinfo=timezone.utc))).rule == "leap"

@@ -62,14 +62,19 @@ TESTS = [
     "tests/policy/test_security.py", "tests/policy/test_risk_exact.py", "tests/policy/test_validation.py",
     "tests/policy/test_engine_property.py",
     "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/state/test_calls.py",
-    "tests/state/test_pack.py",
+    "tests/state/test_pack.py", "tests/state/test_counters_exact.py",
     "tests/api/test_webhooks.py", "tests/api/test_api.py", "tests/media/test_media_plane.py",
 ]
 # Lines whose text is for people, not behaviour: log calls and schema descriptions.
-NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r'"description":']
+NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r"\blogging\.getLogger\(", r'"description":']
 
 # Survivors judged harmless, by mutant name prefix: why no test should fail on them.
-SURVIVOR_REASONS: dict[str, str] = {}
+SURVIVOR_REASONS: dict[str, str] = {
+    "controller.security.bans.xǁBanListǁ_push": "pushes to the edges' Kamailio: tested against a real Kamailio "
+    "(tests/integration/test_security_edge.py, test_edge_defence.py), not among this bench's fast tests",
+    "controller.security.bans.xǁBanListǁresync": "pushes to the edges' Kamailio: tested against a real Kamailio "
+    "(tests/integration/test_security_edge.py, test_edge_defence.py), not among this bench's fast tests",
+}
 
 
 def copy_tree(dest: Path) -> None:
@@ -143,6 +148,12 @@ def text_only(change: str) -> bool:
     return message and old != new and code == _code_only(new)
 
 
+def redis_case_only(change: str) -> bool:
+    """A mutant that only changed the letter case of a Redis command name (`("ZCARD", …` → `("zcard", …`)."""
+    old, _, new = change.partition("  ->  ")
+    return old != new and old.lower() == new.lower() and bool(re.search(r"""\(\s*["'][A-Z]+["']\s*,""", old))
+
+
 def changed_line(workdir: Path, name: str) -> str:
     """The mutant's change as `old -> new` (the lines that differ from the original function)."""
     module, _, function = name.rpartition(".")
@@ -198,12 +209,16 @@ def main() -> int:
             print(f"{stats['not_checked']} selected mutants were not checked", file=sys.stderr)
             return 2
         survivors = sorted(n for n, o in outcomes.items() if o in ("survived", "no tests"))
-        unexplained, wording = 0, 0
+        unexplained, wording, explained = 0, 0, 0
         print(f"\n{len(survivors)} mutants not killed (survived, or no test reaches them):")
         for name in survivors:
             change = changed_line(workdir, name)
             reason = next((r for prefix, r in SURVIVOR_REASONS.items() if name.startswith(prefix)), "")
-            if not reason and text_only(change):
+            if not reason and redis_case_only(change):
+                reason = "a Redis command name in other letters: Redis reads command names case-insensitively"
+            if reason:
+                explained += 1
+            elif text_only(change):
                 wording += 1
                 reason = "only the wording of a message changed (tests check behaviour and key phrases)"
             unexplained += not reason
@@ -211,9 +226,11 @@ def main() -> int:
         killed = stats.get("killed", 0) + stats.get("timeout", 0)
         total = killed + stats.get("survived", 0) + stats.get("no_tests", 0) + stats.get("suspicious", 0)
         pct = 100.0 * killed / total if total else 0.0
-        behaviour = 100.0 * killed / (total - wording) if total > wording else 0.0
+        harmless = wording + explained
+        behaviour = 100.0 * killed / (total - harmless) if total > harmless else 0.0
         print(f"\n{unexplained} survivors without a reason: each is a test to write; {wording} changed only a "
-              f"message's wording (counted as survivors in killed_pct, left out of killed_pct_code)")
+              f"message's wording and {explained} are harmless for the reason printed (all counted as survivors in "
+              f"killed_pct, left out of killed_pct_code)")
         print(f"RESULT killed_pct={pct:.1f} killed_pct_code={behaviour:.1f} mutants={total} modules={len(args.modules)} "
               f"killed={stats.get('killed', 0)} survived={stats.get('survived', 0)} "
               f"no_tests={stats.get('no_tests', 0)} timeout={stats.get('timeout', 0)} "

@@ -62,7 +62,7 @@ TESTS = [
     "tests/policy/test_security.py", "tests/policy/test_risk_exact.py", "tests/policy/test_validation.py",
     "tests/policy/test_engine_property.py",
     "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/state/test_calls.py",
-    "tests/state/test_pack.py", "tests/state/test_counters_exact.py",
+    "tests/state/test_pack.py", "tests/state/test_counters_exact.py", "tests/state/test_transitions_exact.py",
     "tests/api/test_webhooks.py", "tests/api/test_api.py", "tests/media/test_media_plane.py",
 ]
 # Lines whose text is for people, not behaviour: log calls and schema descriptions.

@@ -1,9 +1,16 @@
 # The callfabric controller.
+# The /phone page's script: JsSIP bundled with esbuild from the committed lock file.
+FROM node:20-bookworm-slim AS phone
+WORKDIR /phone
+COPY controller/api/phone/package.json controller/api/phone/package-lock.json controller/api/phone/phone.js ./
+RUN npm ci --no-audit --no-fund && npm run build
+
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /srv/callfabric --create-home callfabric
 WORKDIR /srv/callfabric
 COPY pyproject.toml README.md ./
 COPY controller ./controller
+COPY --from=phone /phone/dist/phone.js ./controller/api/phone/dist/phone.js
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 COPY policies ./policies
 # the edge policy, edge key and state volumes (compose) take these directories' owner on first use

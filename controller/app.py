@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from controller.api import routes as api
 from controller.api.commands import CallControl, Forwarding
 from controller.api.events import EventHub, matches, public_event
+from controller.api.phone import PhonePage, phone_routes
 from controller.api.webhooks import WebhookSender
 from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port, trusted_networks
 from controller.edge.channel import EdgeChannel
@@ -362,6 +363,9 @@ async def _api_ctx(app: web.Application) -> AsyncIterator[None]:
     app[api.POLICIES] = app[POLICIES]
     app[api.BANS] = app[BANS]
     app[api.ADMIN] = app[LIFECYCLE]
+    settings = app[SETTINGS]
+    app[api.PHONE] = (settings.phone_token_secret, settings.phone_token_ttl_s,
+                      f"{settings.api_base_url.rstrip('/')}/phone" if settings.api_base_url else "")
     yield
     await hub.close()
 
@@ -465,6 +469,7 @@ def build_app(settings: Settings) -> web.Application:
                             _media_ctx, _lifecycle_ctx, _api_ctx, _housekeeping_ctx])
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
+    app.add_routes(phone_routes(PhonePage(settings.phone_ws_url) if settings.phone_ws_url else None))
     try:
         app.add_subapp("/v1", api.api_app(settings.api_tokens))
     except ValueError as exc:

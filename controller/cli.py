@@ -547,6 +547,19 @@ def cmd_bans(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------- phone
+@_api_command
+def cmd_phone_token(args: argparse.Namespace) -> int:
+    """A short-lived phone token and the /phone address that calls `to` with it (REST API, phone scope)."""
+    body = {"to": args.to, **({"ttl_s": args.ttl} if args.ttl else {})}
+    answer = _api_call(args, "phone", "POST", "/phone/tokens", body)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{answer.get('url')}\n(calls {answer.get('to')} until {_when(answer.get('expires_at', 0) * 1000)})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------- drain
 @_api_command
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -792,6 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
         _client_options(sub, "admin", suppress=True)
         _json_option(sub)
     bans.set_defaults(func=cmd_bans)
+
+    phone = commands.add_parser("phone", help="talk to an agent from a browser (/phone)")
+    phone_commands = phone.add_subparsers(dest="phone_command", required=True)
+    phone_token = phone_commands.add_parser("token", help="a short-lived phone token and the /phone address using it "
+                                                          "(REST API, phone scope)")
+    phone_token.add_argument("to", help="who the browser may call: the dialled user the policy routes (e.g. intake)")
+    phone_token.add_argument("--ttl", type=int, help="life in seconds (default and cap: phone_token_ttl_s)")
+    _client_options(phone_token, "phone")
+    _json_option(phone_token)
+    phone_token.set_defaults(func=cmd_phone_token)
 
     drain = commands.add_parser("drain", help="drain a controller (rolling upgrade): no new calls, media nodes "
                                               "handed over, then it exits (REST API, admin scope)")

@@ -103,6 +103,12 @@ class Settings:
     outbound_trunk: str = _setting("", "The policy's outbound trunk that calls to phone numbers placed with POST "
                                        "/v1/calls leave through when the request names none (empty: the policy's "
                                        "only outbound trunk, if it declares exactly one).")
+    phone_ws_url: str = _setting("", "The edge's secure WebSocket URL browsers reach (wss://sip.example.com:8443/, "
+                                     "Kamailio WSS_PORT): /phone calls through it; empty: no /phone.")
+    phone_token_secret: str = _setting("", "HMAC key of the browsers' phone tokens (the edge checks them with the same "
+                                           "value, Kamailio PHONE_SECRET; set it through the environment, at least 16 "
+                                           "characters).")
+    phone_token_ttl_s: int = _setting(600, "Longest life of a phone token POST /v1/phone/tokens makes (seconds).")
     webhook_url: str = _setting("", "Where call events are POSTed (an agent's own `webhook` in the policy wins).")
     webhook_events: list = _setting([], "Event types sent to webhooks (e.g. call.*, fork.started); empty: all.")
     webhook_secret: str = _setting("", "HMAC-SHA256 key of the Callfabric-Signature header (set it through the "
@@ -291,6 +297,14 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError(f"setting recording_retention_days: {settings.recording_retention_days}: 0 (keep) or more")
     if settings.recording_dir and os.path.exists(settings.recording_dir) and not os.path.isdir(settings.recording_dir):
         raise ConfigError(f"setting recording_dir: {settings.recording_dir!r} is not a directory")
+    if settings.phone_ws_url and not re.fullmatch(r"wss://[^/\s]+(/\S*)?", settings.phone_ws_url):
+        raise ConfigError(f"setting phone_ws_url: {settings.phone_ws_url!r} is not a wss:// URL (browsers only call "
+                          "over a secure WebSocket)")
+    if settings.phone_token_secret and len(settings.phone_token_secret) < 16:
+        raise ConfigError("setting phone_token_secret: at least 16 characters (anyone who guesses it can make phone "
+                          "tokens)")
+    if not 10 <= settings.phone_token_ttl_s <= 86400:
+        raise ConfigError(f"setting phone_token_ttl_s: {settings.phone_token_ttl_s}: 10 to 86400 seconds")
     if settings.outbound_trunk and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", settings.outbound_trunk):
         raise ConfigError(f"setting outbound_trunk: {settings.outbound_trunk!r} is not a trunk name: it now names an "
                           "outbound trunk of the policy (declare the carrier there, e.g. trunks: {carrier: {outbound: "

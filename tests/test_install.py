@@ -32,6 +32,9 @@ def run_install(tmp_path: Path, missing: str, systemd: bool, policy_before: str 
     shutil.copy(ROOT / ".ci" / "install-system-packages", repo / ".ci")
     (repo / "deploy" / "grafana" / "schema-check").mkdir(parents=True)
     (repo / "deploy" / "grafana" / "schema-check" / "package-lock.json").write_text("{}")
+    (repo / "controller" / "api" / "phone").mkdir(parents=True)
+    for name in ("package-lock.json", "phone.js"):
+        (repo / "controller" / "api" / "phone" / name).write_text("{}")
     bin_dir.mkdir()
     for name, text in {"apt-get": APT_GET, "dpkg-query": DPKG_QUERY, "systemctl": STUB, "update-rc.d": STUB,
                        "service": STUB, "npm": STUB, "sudo": STUB + 'exec "$@"\n', "id": "#!/bin/sh\necho 0\n"}.items():
@@ -64,6 +67,9 @@ def test_with_systemd_no_service_starts_and_the_enabled_ones_are_disabled(tmp_pa
     assert disabled == ["systemctl disable --now redis-server", "systemctl disable --now prometheus",
                         "systemctl disable --now kamailio"]
     assert "npm ci --prefix deploy/grafana/schema-check --no-audit --no-fund --silent" in log
+    # the /phone page's bundle is built (npm ci, then esbuild through the package's build script)
+    assert log[-2:] == ["npm ci --prefix controller/api/phone --no-audit --no-fund --silent",
+                        "npm run --prefix controller/api/phone --silent build"]
 
 
 def test_without_systemd_the_init_scripts_are_disabled_and_an_existing_policy_is_kept(tmp_path):

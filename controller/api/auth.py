@@ -1,5 +1,6 @@
 """API tokens with scopes: `read` (calls, timelines, events), `control` (commands on calls,
-originate), `admin` (policy reload and validation; implies the others). Tokens come from the
+originate), `phone` (only making browsers' phone tokens: what an application's backend needs to
+put its users on /phone), `admin` (policy reload and validation; implies the others). Tokens come from the
 settings (`api_tokens`: `name:scope[,scope]:secret`; in the environment several tokens are
 separated by spaces, which no Bearer token holds), are compared in constant time, and are
 never logged — a request is known by the token's name."""
@@ -14,7 +15,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 log = logging.getLogger("callfabric.api")
-SCOPES = ("read", "control", "admin")
+SCOPES = ("read", "control", "admin", "phone")
 _SECRET = re.compile(r"[A-Za-z0-9._~+/-]+=*")   # RFC 6750 b64token: what a Bearer token may hold
 
 

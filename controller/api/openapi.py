@@ -29,6 +29,7 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
     ("POST", "/bans", "add_ban", "admin"),
     ("GET", "/bans/{ip}", "get_ban", "admin"),
     ("DELETE", "/bans/{ip}", "remove_ban", "admin"),
+    ("POST", "/phone/tokens", "create_phone_token", "phone"),
     ("GET", "/admin/status", "admin_status", "admin"),
     ("POST", "/admin/drain", "admin_drain", "admin"),
 ]
@@ -59,6 +60,16 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "agent": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64},
             "caller_id": CALLER_ID_SCHEMA,
             "context": _CONTEXT,
+        },
+    },
+    "phone_token_request": {
+        "type": "object", "required": ["to"], "additionalProperties": False,
+        "properties": {
+            "to": {"type": "string", "pattern": r"^(\*|[A-Za-z0-9+_-]{1,64})$",
+                   "description": "Who the browser may call (the dialled user its INVITE carries; the policy routes "
+                                  "it, e.g. `match: {ruri: intake, transport: wss}`); * for anyone."},
+            "ttl_s": {"type": "integer", "minimum": 10, "maximum": 86400,
+                      "description": "Life of the token (capped by phone_token_ttl_s; default: that)."},
         },
     },
     "ban_request": {
@@ -152,6 +163,12 @@ _RESPONSES: dict[str, dict[str, Any]] = {
     "get_ban": {"200": {"type": "object", "required": ["ban"], "properties": {"ban": _OBJECT}}},
     "remove_ban": {"200": {"type": "object", "required": ["ip", "removed"],
                            "properties": {"ip": {"type": "string"}, "removed": {"type": "boolean"}}}},
+    "create_phone_token": {"201": {"type": "object", "required": ["token", "to", "expires_at", "url"],
+                                   "properties": {"token": {"type": "string"}, "to": {"type": "string"},
+                                                  "expires_at": {"type": "integer",
+                                                                 "description": "unix seconds"},
+                                                  "url": {"type": "string",
+                                                          "description": "the /phone page with the token"}}}},
     "admin_status": {"200": {"type": "object", "required": ["instance", "state"],
                              "properties": {"instance": {"type": "string"},
                                             "state": {"enum": ["serving", "draining", "drained"]},
@@ -167,10 +184,10 @@ _ERRORS = {  # which error statuses each route can answer, besides 401/403 for p
     "post_action": ["400", "404", "409", "413", "422", "502", "503"], "get_policy": ["503"],
     "reload_policy": ["422"], "validate_policy": ["400", "413", "422"], "events": ["400"], "openapi": [],
     "list_bans": ["503"], "add_ban": ["400", "413", "422", "503"], "get_ban": ["404", "422", "503"],
-    "remove_ban": ["422", "503"], "admin_status": [], "admin_drain": ["400", "409", "413", "422"],
+    "remove_ban": ["422", "503"], "create_phone_token": ["400", "413", "422", "503"], "admin_status": [], "admin_drain": ["400", "409", "413", "422"],
 }
 _BODIES = {"post_action": "action_request", "post_call": "originate_request", "validate_policy": "policy_candidate",
-           "add_ban": "ban_request", "admin_drain": "drain_request"}
+           "add_ban": "ban_request", "admin_drain": "drain_request", "create_phone_token": "phone_token_request"}
 _SUMMARIES = {
     "openapi": "This document.",
     "list_calls": "Live calls (state=live) or the latest calls (state=recent).",
@@ -193,6 +210,8 @@ _SUMMARIES = {
     "add_ban": "Ban a source address at every edge for a while (a trusted peer, never: 422).",
     "get_ban": "One ban.",
     "remove_ban": "Lift a ban (at every edge).",
+    "create_phone_token": "A short-lived phone token: a browser on /phone may call `to` with it until it expires "
+                          "(the edge checks it at the WebSocket handshake). 503 when phone_token_secret is not set.",
     "admin_status": "This controller: instance, state (serving, draining, drained), media nodes it owns, edges, "
                     "Redis (mode, reachable, state changes queued).",
     "admin_drain": "Drain this controller (rolling upgrades): it takes no new calls, hands its media nodes over to "

@@ -18,6 +18,7 @@ from controller.api import openapi
 from controller.api.auth import auth_middleware, error, parse_tokens
 from controller.api.commands import CallControl, CommandError
 from controller.api.events import EventHub, matches
+from controller.api.phone import make_token
 from controller.media.plane import MediaError
 from controller.policy import PolicyInvalid, policy_from_texts
 from controller.actions import parse_duration_ms
@@ -34,6 +35,7 @@ STORE = web.AppKey("api_store", object)
 POLICIES = web.AppKey("api_policies", object)
 BANS = web.AppKey("api_bans", object)
 ADMIN = web.AppKey("api_admin", object)  # the controller's lifecycle: status(), drain(), state
+PHONE = web.AppKey("api_phone", object)  # (phone_token_secret, phone_token_ttl_s, the /phone page's URL)
 
 _VALIDATORS = {name: Draft202012Validator(schema) for name, schema in openapi.REQUEST_SCHEMAS.items()}
 
@@ -356,6 +358,17 @@ async def admin_drain(request: web.Request) -> web.Response:
     return web.json_response({"instance": instance, "state": lifecycle.state}, status=202)
 
 
+async def create_phone_token(request: web.Request) -> web.Response:
+    body = await _json_body(request, "phone_token_request")
+    secret, max_ttl_s, page_url = request.config_dict[PHONE]
+    if not secret:
+        return error(503, "phone tokens are not set up: set phone_token_secret (and the edge's PHONE_SECRET)")
+    token, expires = make_token(secret, body["to"], min(body.get("ttl_s", max_ttl_s), max_ttl_s))
+    url = page_url or f"{request.scheme}://{request.host}/phone"
+    return web.json_response({"token": token, "to": body["to"], "expires_at": expires, "url": f"{url}#token={token}"},
+                             status=201)
+
+
 async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
@@ -371,6 +384,7 @@ def api_app(tokens: list[str]) -> web.Application:
         "reload_policy": reload_policy, "validate_policy": validate_policy, "events": events_socket,
         "openapi": get_openapi, "list_bans": list_bans, "add_ban": add_ban, "get_ban": get_ban,
         "remove_ban": remove_ban, "admin_status": admin_status, "admin_drain": admin_drain,
+        "create_phone_token": create_phone_token,
     }
     for method, path, name, _scope_name in openapi.ROUTES:
         app.router.add_route(method, path, handlers[name], name=name)

@@ -27,6 +27,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from controller.api.phone import check_token
 from controller.app import STORE, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
@@ -41,8 +42,11 @@ DOC_URI = "urn:callfabric:openapi"
 REGISTRY = Registry().with_resource(DOC_URI, Resource.from_contents(DOCUMENT, default_specification=DRAFT202012))
 
 CONTROL_ONLY = "k" * 24  # a token without `read`: the 403 of read routes
-TOKENS = [f"viewer:read:{READ}", f"bot:read,control:{CONTROL}", f"ops:admin:{ADMIN}", f"pusher:control:{CONTROL_ONLY}"]
-LACKING = {"read": CONTROL_ONLY, "control": READ, "admin": CONTROL}  # a token without the scope
+PHONE = "p" * 24  # an application backend's token: it only makes phone tokens
+PHONE_SECRET = "contract-phone-secret"
+TOKENS = [f"viewer:read:{READ}", f"bot:read,control:{CONTROL}", f"ops:admin:{ADMIN}", f"pusher:control:{CONTROL_ONLY}",
+          f"app:phone:{PHONE}"]
+LACKING = {"read": CONTROL_ONLY, "control": READ, "admin": CONTROL, "phone": CONTROL}  # a token without the scope
 SAMPLE_PARAMS = {"call_id": "ghost@edge", "name": "summary", "ip": "192.0.2.200", "recording_id": "r1"}  # for 401/403 cases
 
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -149,12 +153,13 @@ def closed_port() -> int:
 
 @contextlib.asynccontextmanager
 async def controller(contract: Contract, http: aiohttp.ClientSession, *, redis_url: str, policy_dir: Path,
-                     instance_id: str, fake: FakeAri | None = None) -> AsyncIterator[ContractApi]:
+                     instance_id: str, fake: FakeAri | None = None, phone_secret: str = PHONE_SECRET
+                     ) -> AsyncIterator[ContractApi]:
     """A controller on a free port, as in tests/api/test_api.py's `api` fixture."""
     settings = Settings(policy_dir=str(policy_dir), redis_url=redis_url, edge_evapi=[], instance_id=instance_id,
                         http_listen=f"127.0.0.1:{free_port()}", api_base_url="http://controller.test",
                         ari_nodes=[f"media1=http://callfabric:secret@127.0.0.1:{fake.port}/ari"] if fake else [],
-                        api_tokens=TOKENS, drain_timeout_s=2.0)
+                        api_tokens=TOKENS, drain_timeout_s=2.0, phone_token_secret=phone_secret)
     app = build_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -359,6 +364,15 @@ async def _main_cases(api: ContractApi) -> None:
     await api.expect(422, "DELETE", "/bans/not-an-ip", ADMIN)
     await api.expect(404, "GET", "/bans/192.0.2.7", ADMIN, case="lifted ban")
 
+    # -- phone tokens
+    body = await api.expect(201, "POST", "/phone/tokens", PHONE, json={"to": "intake", "ttl_s": 120})
+    assert check_token(PHONE_SECRET, body["token"]) == "intake"
+    assert body["url"] == f"http://controller.test/phone#token={body['token']}" and body["to"] == "intake"
+    await api.expect(400, "POST", "/phone/tokens", PHONE, case="phone token not JSON", **not_json)
+    await api.expect(413, "POST", "/phone/tokens", PHONE, case="phone token too big", **big)
+    body = await api.expect(422, "POST", "/phone/tokens", PHONE, json={"to": "intake@evil.example"})
+    assert body["error"]["errors"][0]["path"] == "to"
+
     # -- admin (the drain that succeeds is in its own controller)
     body = await api.expect(200, "GET", "/admin/status", ADMIN)
     assert body["instance"] == "contract-main" and body["state"] == "serving"
@@ -397,6 +411,8 @@ async def _no_policy_then_drain_cases(api: ContractApi) -> None:
     assert body["error"]["message"] == "no valid policy is loaded"
     body = await api.expect(422, "POST", "/policy/reload", ADMIN)
     assert body["error"]["errors"] and body["error"]["serving"] is None
+    body = await api.expect(503, "POST", "/phone/tokens", PHONE, json={"to": "intake"})
+    assert "phone_token_secret" in body["error"]["message"]
     body = await api.expect(202, "POST", "/admin/drain", ADMIN, json={"instance": "contract-drain"})
     assert body["instance"] == "contract-drain" and body["state"] in ("draining", "drained")
     body = await api.expect(200, "GET", "/admin/status", ADMIN)
@@ -417,7 +433,7 @@ async def test_every_operation_answers_every_documented_status_as_documented(red
                 await _degraded_cases(api)
             # (another Redis database: no policy was ever served there, so none is restored)
             async with controller(contract, http, redis_url=redis_url.rsplit("/", 1)[0] + "/1", policy_dir=bad,
-                                  instance_id="contract-drain") as api:
+                                  instance_id="contract-drain", phone_secret="") as api:
                 await _no_policy_then_drain_cases(api)
     finally:
         await fake.stop()

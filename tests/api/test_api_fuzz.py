@@ -46,7 +46,7 @@ class Running:
         self.settings = Settings(policy_dir=str(self.policy_dir), redis_url=self.redis_url, edge_evapi=[],
                                  http_listen=f"127.0.0.1:{free_port()}", instance_id="fuzz",
                                  ari_nodes=[f"media1=http://callfabric:secret@127.0.0.1:{self.fake.port}/ari"],
-                                 api_tokens=[f"ops:admin:{ADMIN}"])
+                                 api_tokens=[f"ops:admin:{ADMIN}"], phone_token_secret="fuzz-phone-secret-key")
         self.app = build_app(self.settings)
         self.runner = web.AppRunner(self.app)
         await self.runner.setup()

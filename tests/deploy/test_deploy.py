@@ -102,10 +102,10 @@ def test_published_host_ports_do_not_collide():
 
 
 def copied(dockerfile: Path) -> list[tuple[str, str]]:
-    """(source, destination) of every COPY line."""
+    """(source, destination) of every COPY line from the build context (not from another stage)."""
     out = []
     for line in dockerfile.read_text().splitlines():
-        if line.startswith("COPY "):
+        if line.startswith("COPY ") and not line.startswith("COPY --from="):
             *sources, destination = line.split()[1:]
             out += [(source, destination) for source in sources]
     return out
@@ -127,6 +127,15 @@ def test_dockerfiles_copy_files_that_exist(service):
                                          for n in range(1, len(parts) + 1))]
         assert not hit, f"{dockerfile}: COPY {source} is excluded from the build context by {hit}"
     assert "\nUSER " in dockerfile.read_text(), f"{dockerfile}: the image must not run as root"
+
+
+def test_the_controller_image_builds_the_phone_page_from_the_committed_lock():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "COPY controller/api/phone/package.json controller/api/phone/package-lock.json" in text
+    assert "npm ci" in text and "COPY --from=phone /phone/dist/phone.js ./controller/api/phone/dist/phone.js" in text
+    lock = json.loads((ROOT / "controller" / "api" / "phone" / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/jssip"]["version"] == json.loads(
+        (ROOT / "controller" / "api" / "phone" / "package.json").read_text())["dependencies"]["jssip"]
 
 
 def test_the_edge_image_has_every_file_its_config_includes():

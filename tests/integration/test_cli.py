@@ -26,6 +26,7 @@ from tests.support.ha import ControllerProcess
 ROOT = Path(__file__).resolve().parents[2]
 OPS, VIEWER = "Ops-Secret-0123456789abcdef", "Viewer-Secret-0123456789ab"
 ENV_TOKENS = f"ops:read,control,admin:{OPS} viewer:read:{VIEWER}"   # several scopes, several tokens
+PHONE_SECRET = "cli-phone-secret-0123456789"
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}                      # children run this checkout
 
 
@@ -40,7 +41,8 @@ def controller(redis_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cli")
     redis_url = redis_server.url.rsplit("/", 1)[0] + "/7"
     proc = ControllerProcess(workdir, "cli", {"redis_url": redis_url, "policy_dir": str(ROOT / "policies"),
-                                              "edge_evapi": [f"127.0.0.1:{free_port()}"], "api_tokens": []})
+                                              "edge_evapi": [f"127.0.0.1:{free_port()}"], "api_tokens": [],
+                                              "phone_token_secret": PHONE_SECRET})
     with mock.patch.dict(os.environ, {"CALLFABRIC_API_TOKENS": ENV_TOKENS}):
         proc.start()
     try:
@@ -120,6 +122,17 @@ def test_bans_read_the_config_file_and_take_options_after_the_subcommand(control
     for api in (f"http://{controller.http}", f"http://{controller.http}/v1/"):
         code, out, err = run(capsys, "bans", "remove", "203.0.113.7", "--api", api, "--token", OPS)
         assert code == 0 and out.startswith("203.0.113.7: "), err
+
+
+def test_phone_token_prints_the_page_address_with_a_token_for_the_callee(controller, capsys):
+    from controller.api.phone import check_token
+    code, out, err = run(capsys, "phone", "token", "intake", "--ttl", "120", "--config", str(controller.client_config))
+    assert code == 0, err
+    url, until = out.splitlines()
+    assert url.startswith(f"http://{controller.http}/phone#token=") and "calls intake until" in until
+    assert check_token(PHONE_SECRET, url.split("#token=", 1)[1]) == "intake"
+    code, out, err = run(capsys, "phone", "token", "intake@example.com", "--config", str(controller.client_config))
+    assert code == 1 and "to" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_config_in_the_working_directory_is_used(controller, capsys, tmp_path):

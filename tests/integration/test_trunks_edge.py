@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from controller.app import BANS, POLICIES
+from controller.app import BANS, METRICS, POLICIES
 from controller.localstack.sip_ua import SipCaller
 from tests.integration.test_security_edge import SecureStack, decided
 
@@ -62,6 +62,11 @@ async def trunk_stack(tmp_path, procs, redis_url, monkeypatch):
     await stack.stop()
 
 
+def sum_samples(registry, name: str) -> float:
+    """Every series of a counter added up (0 before the first)."""
+    return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)
+
+
 async def edge_table_is_current(stack) -> None:
     """Wait until the edge holds the table the controller wrote for the policy it serves."""
     for _ in range(100):
@@ -80,12 +85,15 @@ async def call(stack, source: str, to: str = "+18005550100", auth=None, **kw):
 
 
 async def test_unknown_source_gets_403_before_any_controller_work(trunk_stack, store):
-    decisions_before = trunk_stack.metric("callfabric_decisions_total", outcome="agent", rule="default")
+    registry = trunk_stack.app[METRICS].registry
+    decisions_before = sum_samples(registry, "callfabric_decisions_total")
     _, result = await call(trunk_stack, "127.0.0.30")
     assert (result.status, result.reason) == (403, "Forbidden")
     await asyncio.sleep(0.3)
     assert await store.timeline(result.call_id) == []  # no record, no decision
-    assert trunk_stack.metric("callfabric_decisions_total", outcome="agent", rule="default") == decisions_before
+    assert sum_samples(registry, "callfabric_decisions_total") == decisions_before
+    _, allowed = await call(trunk_stack, "127.0.0.21")  # (and decisions are counted here)
+    assert allowed.status == 200 and sum_samples(registry, "callfabric_decisions_total") == decisions_before + 1
     assert await asyncio.to_thread(trunk_stack.kamailio.metric, "kamailio_callfabric_trunk_checks_total",
                                    'result="unknown-trunk"') == 1
 

@@ -153,11 +153,14 @@ class SipCaller:
     """`source_ip`: the 127.0.0.x address it sends from; `announce_ip`: the address its Via,
     Contact and SDP claim (a caller behind NAT announces its private one); `auth`: digest
     (username, password) answering a 407; `transport`: udp, tcp or tls (`ssl_context`: how the
-    edge's certificate is checked)."""
+    edge's certificate is checked); `codec`: the payload type and rtpmap it offers and sends
+    (default PCMU; (9, "G722/8000") for wideband, with `payload` giving G.722 bytes)."""
 
     def __init__(self, edge_port: int, from_user: str = "+12025550123", *, source_ip: str = "127.0.0.1",
                  announce_ip: str | None = None, auth: tuple[str, str] | None = None, srtp: bool = False,
-                 source_port: int = 0, transport: str = "udp", ssl_context=None):
+                 source_port: int = 0, transport: str = "udp", ssl_context=None,
+                 codec: tuple[int, str] = (0, "PCMU/8000")):
+        self.codec = codec
         self.transport = transport
         self.ssl_context = ssl_context
         self.edge = ("127.0.0.1", edge_port)
@@ -206,7 +209,8 @@ class SipCaller:
             profile = "RTP/SAVP" if self.srtp else "RTP/AVP"
             crypto = f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{key}\r\n" if self.srtp else ""
             sdp = (f"v=0\r\no=- 1 1 IN IP4 {me}\r\ns=-\r\nc=IN IP4 {me}\r\nt=0 0\r\n"
-                   f"m=audio {rtp_port} {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}a=sendrecv\r\n")
+                   f"m=audio {rtp_port} {profile} {self.codec[0]}\r\na=rtpmap:{self.codec[0]} {self.codec[1]}\r\n"
+                   f"{crypto}a=sendrecv\r\n")
             extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
             ruri = f"sip:{to_user}@127.0.0.1:{self.edge[1]}{tparam}{uri_params}"
             cseq, authorization = 1, ""
@@ -278,7 +282,7 @@ class SipCaller:
                 started = loop.time()
                 while loop.time() - started < hold_s:
                     audio = payload(result.rtp_sent) if payload is not None else TONE
-                    packet = struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + audio
+                    packet = struct.pack("!BBHII", 0x80, self.codec[0], seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + audio
                     rtp_transport.sendto(protect(packet) if protect else packet, (media_ip, media_port))
                     result.rtp_sent += 1
                     seq, ts = seq + 1, ts + 160

@@ -10,10 +10,12 @@ Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipp
 reason otherwise."""
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
 import math
+import re
 import socket
 import struct
 import time
@@ -27,6 +29,7 @@ from controller.api.webhooks import verify
 from controller.app import MEDIA, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
+from controller.localstack.sip_ua import SipCaller
 from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac
 from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
 
@@ -38,9 +41,29 @@ node_sets:
   media: {{dispatcher_set: 1}}
 agents:
   intake: {{node_set: media, endpoint: "127.0.0.1:{intake}", transport: rtp, codec: ulaw}}
+  hd: {{node_set: media, endpoint: "127.0.0.1:{hd}", transport: rtp, codec: slin16}}
+rules:
+  - name: wideband
+    match: {{ruri: "+18005550116"}}
+    actions: [route_agent: hd]
 default:
   actions: [route_agent: intake]
 """
+
+
+class Capture(media_agent.RtpAgent):
+    """An agent that keeps the audio it receives (RTP payloads), sending nothing back."""
+
+    def __init__(self):
+        super().__init__(echo=False)
+        self.payloads: list[bytes] = []
+        self.payload_types: set[int] = set()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        super().datagram_received(data, addr)
+        if len(data) > 12 and data[0] >> 6 == 2:
+            self.payload_types.add(data[1] & 0x7F)
+            self.payloads.append(data[12 + 4 * (data[0] & 0x0F):])
 
 
 class Receiver:
@@ -77,13 +100,14 @@ class Receiver:
 @pytest.fixture
 async def controller(stack):  # noqa: F811
     loop = asyncio.get_running_loop()
-    agent = media_agent.RtpAgent(echo=True)
-    port = free_port(socket.SOCK_DGRAM)
+    agent, hd = media_agent.RtpAgent(echo=True), Capture()
+    port, hd_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     transport, _ = await loop.create_datagram_endpoint(lambda: agent, local_addr=("127.0.0.1", port))
+    hd_transport, _ = await loop.create_datagram_endpoint(lambda: hd, local_addr=("127.0.0.1", hd_port))
     receiver = await Receiver().start()
     policy_dir = stack["tmp"] / "policy"
     await asyncio.to_thread(policy_dir.mkdir)
-    await asyncio.to_thread((policy_dir / "p.yaml").write_text, POLICY.format(intake=port))
+    await asyncio.to_thread((policy_dir / "p.yaml").write_text, POLICY.format(intake=port, hd=hd_port))
     settings = Settings(policy_dir=str(policy_dir), redis_url=stack["redis_url"],
                         edge_evapi=[f"127.0.0.1:{stack['kamailio'].evapi_port}"], http_listen=f"127.0.0.1:{free_port()}",
                         ari_nodes=[stack["asterisk"].ari_node()], instance_id="incall-suite",
@@ -97,11 +121,12 @@ async def controller(stack):  # noqa: F811
         assert time.monotonic() < deadline, "the controller did not connect to Asterisk's ARI"
         await asyncio.sleep(0.1)
     try:
-        yield {"app": app, "plane": app[MEDIA], "agent": agent, "receiver": receiver, **stack}
+        yield {"app": app, "plane": app[MEDIA], "agent": agent, "hd": hd, "receiver": receiver, **stack}
     finally:
         await runner.cleanup()
         await receiver.runner.cleanup()
         transport.close()
+        hd_transport.close()
 
 
 async def until(predicate, timeout: float, what: str) -> None:
@@ -220,3 +245,34 @@ async def test_a_refused_refer_reports_603_and_bridges_the_target_instead(contro
     finally:
         await asyncio.to_thread(far_end.stop)
         await asyncio.to_thread(desk.stop)
+
+
+def tone_power_share(samples: list[int], frequency: float, rate: int) -> float:
+    """The share of the signal's power at `frequency` (Goertzel over the whole block)."""
+    k = 2 * math.cos(2 * math.pi * frequency / rate)
+    s1 = s2 = 0.0
+    for x in samples:
+        s1, s2 = x + k * s1 - s2, s1
+    at_frequency = (s1 * s1 + s2 * s2 - k * s1 * s2) * 2 / len(samples)
+    total = sum(x * x for x in samples)
+    return at_frequency / total if total else 0.0
+
+
+async def test_g722_from_the_caller_reaches_a_slin16_agent_as_16_khz(controller):
+    """A 6 kHz tone only exists in wideband audio: a path through 8 kHz anywhere (G.711, a
+    resampled bridge) would remove it before the agent."""
+    G722 = pytest.importorskip("G722", reason="the g722 package (test extra) encodes the caller's wideband audio")
+    rate, frequency = 16000, 6000
+    pcm = array.array("h", (round(8000 * math.sin(2 * math.pi * frequency * i / rate)) for i in range(rate)))
+    encoded = G722.G722(rate, 64000).encode(pcm)
+    frames = [encoded[i:i + 160] for i in range(0, len(encoded), 160)]  # 20 ms each (64 kbit/s)
+    caller = SipCaller(controller["kamailio"].sip_port, codec=(9, "G722/8000"))
+    result = await caller.call("18005550116", hold_s=3.0, payload=lambda n: frames[n % len(frames)])
+    assert result.status == 200, result
+    assert re.search(r"(?m)^m=audio \d+ RTP/AVP 9\b", result.sdp), result.sdp  # G.722 answered
+    hd = controller["hd"]
+    assert len(hd.payloads) >= 100 and {len(p) for p in hd.payloads[10:-10]} == {640}, \
+        "the agent gets 20 ms frames of 16 kHz 16-bit audio"
+    samples = list(struct.unpack(f">{len(b''.join(hd.payloads[25:125])) // 2}h", b"".join(hd.payloads[25:125])))
+    share = tone_power_share(samples, frequency, rate)
+    assert share > 0.5, f"only {share:.2f} of the agent's audio is the caller's 6 kHz tone: resampled through 8 kHz"

@@ -2,7 +2,8 @@
 # Fills the config set's @@NAME@@ placeholders from the environment into /etc/asterisk and
 # runs Asterisk in the foreground with the set's asterisk.conf (the same [options] as local
 # runs). ARI_USER/ARI_PASSWORD and AMI_USER/AMI_PASSWORD are read by bin/env-user.sh at load
-# time (never written to disk).
+# time (never written to disk). Websocket agents' connections (websocket_client.conf) are
+# the operator's to add: mount a file with them over /etc/callfabric/asterisk/websocket_client.conf.
 set -eu
 src=/etc/callfabric/asterisk
 dst=/etc/asterisk
@@ -13,6 +14,6 @@ for file in "$src"/*.conf; do
       -e "s|@@HTTP_BIND@@|${HTTP_BIND:-0.0.0.0}|g" -e "s|@@HTTP_PORT@@|${HTTP_PORT:-8088}|g" \
       -e "s|@@RTP_START@@|${RTP_START:-10000}|g" -e "s|@@RTP_END@@|${RTP_END:-10200}|g" \
       -e "s|@@AMI_BIND@@|${AMI_BIND:-0.0.0.0}|g" -e "s|@@AMI_PORT@@|${AMI_PORT:-5038}|g" \
-      -e "s|@@CONFIG_DIR@@|$src|g" "$file" > "$dst/$(basename "$file")"
+      -e "s|@@CONFIG_DIR@@|$src|g" -e "/@@WEBSOCKET_CLIENTS@@/d" "$file" > "$dst/$(basename "$file")"
 done
 exec asterisk -f -C "$dst/asterisk.conf"

@@ -33,11 +33,17 @@ def _install_prefix(binary: str) -> Path:
     return Path(binary).resolve().parent.parent
 
 
+def websocket_client_section(name: str, uri: str) -> str:
+    """A websocket_client.conf connection to a websocket agent (per call, subprotocol media)."""
+    return (f"[{name}]\ntype = websocket_client\nconnection_type = per_call_config\nuri = {uri}\n"
+            "protocols = media\nconnection_timeout = 500\nreconnect_attempts = 2\n")
+
+
 class Asterisk:
     def __init__(self, workdir: Path | str, *, edge_port: int, binary: str | None = None,
                  ari_user: str = "callfabric", ari_password: str = "ari-secret",
                  ami_user: str = "callfabric", ami_password: str = "ami-secret", name: str = "asterisk",
-                 rtp_ports: int = 200):
+                 rtp_ports: int = 200, websocket_clients: dict[str, str] | None = None):
         self.binary = binary or asterisk_binary()
         if not self.binary:
             raise RuntimeError("no asterisk binary (PATH or CALLFABRIC_ASTERISK)")
@@ -53,6 +59,8 @@ class Asterisk:
         self.ami_user, self.ami_password = ami_user, ami_password
         self.log_path = self.workdir / "asterisk.out"
         self.proc: subprocess.Popen | None = None
+        # websocket agents: connection id -> ws:// URI (websocket_client.conf)
+        self.websocket_clients = dict(websocket_clients or {})
 
     @property
     def ari_url(self) -> str:
@@ -72,6 +80,8 @@ class Asterisk:
             "EDGE_URI": f"sip:127.0.0.1:{self.edge_port}", "HTTP_BIND": "127.0.0.1", "HTTP_PORT": str(self.http_port),
             "RTP_START": str(self.rtp_start), "RTP_END": str(self.rtp_end), "AMI_BIND": "127.0.0.1",
             "AMI_PORT": str(self.ami_port), "CONFIG_DIR": str(self.etc),
+            "WEBSOCKET_CLIENTS": "\n".join(websocket_client_section(name, uri)
+                                           for name, uri in self.websocket_clients.items()),
         }
         shutil.rmtree(self.etc, ignore_errors=True)
         shutil.copytree(CONFIG_SET, self.etc, ignore=shutil.ignore_patterns("README.md", "Dockerfile"))

@@ -56,9 +56,15 @@ default:
 
 
 @pytest.fixture
-def stack(tmp_path, redis_url):
+def asterisk_options():
+    """Extra arguments of the suite's Asterisk (a module that needs more overrides this)."""
+    return {}
+
+
+@pytest.fixture
+def stack(tmp_path, redis_url, asterisk_options):
     kamailio = Kamailio(tmp_path, {})
-    asterisk = Asterisk(tmp_path, edge_port=kamailio.sip_port)
+    asterisk = Asterisk(tmp_path, edge_port=kamailio.sip_port, **asterisk_options)
     kamailio.write_dispatcher_list({1: [f"127.0.0.1:{asterisk.sip_port}"]})
     human = SippUAS(tmp_path, "uas_answer.xml", "human")
     started = []

@@ -4,7 +4,9 @@ digits, in order; a recording of a caller playing known speech has the expected 
 sound in it, and its `recording.completed` webhook says so; a transfer by SIP REFER toward a
 SIPp called party that accepts it (202, NOTIFY 200) completes and the call leaves the node,
 and toward one that refuses it (603) fails with that status and falls back to bridging the
-target through the edge.
+target through the edge; a G.722 caller reaches a slin16 agent at 16 kHz; a websocket agent's
+FLUSH_MEDIA stops the caller hearing it within 40 ms (measured at the caller) and its marks
+come back once the audio before them has been played.
 
 Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
 reason otherwise."""
@@ -29,7 +31,7 @@ from controller.api.webhooks import verify
 from controller.app import MEDIA, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
-from controller.localstack.sip_ua import SipCaller
+from controller.localstack.sip_ua import TONE, SipCaller, ulaw_silent
 from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac
 from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
 
@@ -42,7 +44,11 @@ node_sets:
 agents:
   intake: {{node_set: media, endpoint: "127.0.0.1:{intake}", transport: rtp, codec: ulaw}}
   hd: {{node_set: media, endpoint: "127.0.0.1:{hd}", transport: rtp, codec: slin16}}
+  talker: {{node_set: media, endpoint: agent_ws, transport: websocket, codec: ulaw}}
 rules:
+  - name: websocket
+    match: {{ruri: "+18005550117"}}
+    actions: [route_agent: talker]
   - name: wideband
     match: {{ruri: "+18005550116"}}
     actions: [route_agent: hd]
@@ -95,6 +101,32 @@ class Receiver:
 
     def of(self, call_id: str, kind: str) -> list[dict]:
         return [e for e in self.events if e["call_id"] == call_id and e["type"] == kind]
+
+
+@pytest.fixture
+def websocket_port():
+    return free_port()
+
+
+@pytest.fixture
+def asterisk_options(websocket_port):
+    """The suite's Asterisk connects websocket agents (agent_ws) to this module's agent."""
+    return {"websocket_clients": {"agent_ws": f"ws://127.0.0.1:{websocket_port}/media"}}
+
+
+@pytest.fixture
+async def talker(websocket_port):
+    """The websocket agent Asterisk connects to (examples/media_agent.py)."""
+    agent = media_agent.WebSocketAgent()
+    app = web.Application()
+    app.router.add_get("/media", agent.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", websocket_port).start()
+    try:
+        yield agent
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture
@@ -276,3 +308,75 @@ async def test_g722_from_the_caller_reaches_a_slin16_agent_as_16_khz(controller)
     samples = list(struct.unpack(f">{len(b''.join(hd.payloads[25:125])) // 2}h", b"".join(hd.payloads[25:125])))
     share = tone_power_share(samples, frequency, rate)
     assert share > 0.5, f"only {share:.2f} of the agent's audio is the caller's 6 kHz tone: resampled through 8 kHz"
+
+SILENCE = b"\xff" * 160  # 20 ms of µ-law silence
+
+
+def voiced(packet: bytes) -> bool:
+    """A received RTP packet that carries sound (not the silence Asterisk fills gaps with)."""
+    header = 12 + 4 * (packet[0] & 0x0F)
+    return not ulaw_silent(packet[header:])
+
+
+async def media_socket(agent, timeout: float = 10.0):
+    """The agent's websocket once Asterisk said MEDIA_START on it."""
+    deadline = time.monotonic() + timeout
+    while not (agent.sockets and any(text.startswith("MEDIA_START") for _, text in agent.texts)):
+        assert time.monotonic() < deadline, "Asterisk never connected to the websocket agent"
+        await asyncio.sleep(0.02)
+    return agent.sockets[-1]
+
+
+async def test_flush_media_stops_the_caller_hearing_the_agent_within_40_ms(controller, talker):
+    heard: list[tuple[float, bool]] = []
+    moments = {}
+
+    async def talk_then_flush(result):
+        ws = await media_socket(talker)
+        await talker.say(ws, TONE * 250, mark="greeting")  # 5 s queued toward the caller
+        deadline = time.monotonic() + 10
+        while sum(v for _, v in heard) < 50:  # the caller has heard a second of it
+            assert time.monotonic() < deadline, "the caller never heard the agent"
+            await asyncio.sleep(0.005)
+        moments["flush"] = time.monotonic()
+        await talker.barge_in(ws)
+        await asyncio.sleep(1.5)
+
+    caller = SipCaller(controller["kamailio"].sip_port)
+    result = await caller.call("18005550117", hold_s=4.0, while_up=talk_then_flush, payload=lambda n: SILENCE,
+                               listen=lambda packet, when: heard.append((when, voiced(packet))))
+    assert result.status == 200, result
+    flush = moments["flush"]
+    before = [t for t, v in heard if v and flush - 0.2 <= t < flush]
+    assert len(before) >= 8, "the agent was not being heard right before the flush"
+    after = [t for t, v in heard if v and t >= flush]
+    stopped_ms = (max(after) - flush) * 1000 if after else 0.0
+    lead_ms = (flush - max(before)) * 1000
+    print(f"barge-in: {len(after)} packet(s) of the agent reached the caller after FLUSH_MEDIA (the last "
+          f"{stopped_ms:.1f} ms after it); the last one before it arrived {lead_ms:.1f} ms before")
+    assert stopped_ms <= 40, f"the caller still heard the agent {stopped_ms:.1f} ms after the flush"
+    assert not [t for t, v in heard if v and flush + 0.1 <= t <= flush + 1.5], "flushed audio played after all"
+    assert talker.marks("greeting") == [], "a mark behind flushed audio is never reported played"
+
+
+async def test_a_mark_comes_back_once_the_audio_before_it_was_played(controller, talker):
+    heard: list[tuple[float, bool]] = []
+    moments = {}
+
+    async def talk(result):
+        ws = await media_socket(talker)
+        moments["said"] = time.monotonic()
+        await talker.say(ws, TONE * 50, mark="one-second")  # 1 s, then the mark
+        deadline = time.monotonic() + 5
+        while not talker.marks("one-second"):
+            assert time.monotonic() < deadline, "no MEDIA_MARK_PROCESSED"
+            await asyncio.sleep(0.01)
+
+    caller = SipCaller(controller["kamailio"].sip_port)
+    result = await caller.call("18005550117", hold_s=3.0, while_up=talk, payload=lambda n: SILENCE,
+                               listen=lambda packet, when: heard.append((when, voiced(packet))))
+    assert result.status == 200, result
+    (marked,) = talker.marks("one-second")
+    assert 0.9 <= marked - moments["said"] <= 1.5, marked - moments["said"]
+    last_voiced = max(t for t, v in heard if v)
+    assert abs(last_voiced - marked) <= 0.1, (last_voiced - marked)

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from controller.edge import protocol
 from controller.edge.channel import HEARTBEAT, EdgeChannel
 from controller.edge.decisions import EdgeDecisions
 from controller.edge.recorder import EdgeRecorder
@@ -172,3 +173,14 @@ async def test_a_decision_that_fails_still_keeps_the_policys_reject(redis_url, p
     answer = await decisions.decide(decide("8:2", ruri_user="09091234567"), 0.0)
     assert answer["action"] == "reject" and answer["code"] == 403
     await store.aclose()
+
+
+async def test_the_controller_tells_the_edge_it_is_alive_every_second(channel):
+    ch, edge, store, metrics = channel
+    reader, writer = await edge.connections.get()
+    decoder = protocol.NetstringDecoder()
+    frames: list[bytes] = []
+    async with asyncio.timeout(5):
+        while frames.count(b'{"event":"alive"}') < 2:  # the first at once, the next a second later
+            frames += decoder.feed(await reader.read(65536))
+    assert set(frames) == {b'{"event":"alive"}'}  # nothing else unasked

@@ -51,7 +51,15 @@ class EdgeDecisions:
         self.webhook_budget_s = max(0.02, (decision_budget_ms - 40) / 1000)
         self._deciding: dict[str, asyncio.Event] = {}  # call id -> set when its record is written
         self.hot = hot
-        self._checks: set[asyncio.Task] = set()  # background follow-ups (edge/recorder.py)
+
+    def serving(self) -> Any:
+        """The policy decisions are made with now (None while none loaded)."""
+        return self._policy()
+
+    def record_pending(self, call_id: str) -> asyncio.Event | None:
+        """Set once this controller's record of a call it is deciding is written (None: none
+        is being written): what the edge saw next about the call is applied after it."""
+        return self._deciding.get(call_id)
 
     async def decide(self, message: dict[str, Any], received: float) -> dict[str, Any] | None:
         """The answer to a decide event (None when it cannot be matched to a transaction)."""

@@ -73,6 +73,7 @@ class EdgeRecorder:
         # entries of batches whose first pipeline was cut (Redis gone mid-batch): some of their
         # events may have been applied then, and were not counted
         self._uncertain: set[Any] = set()
+        self._follow_ups: set[asyncio.Task] = set()
 
     # -- evapi events ---------------------------------------------------------------------
     def submit(self, message: dict[str, Any]) -> None:
@@ -224,7 +225,7 @@ class EdgeRecorder:
                 changes.append(change)
                 change_ids.append(ids[n] if ids is not None else None)
         for change in changes:  # a decision of this controller still being written comes first
-            pending = self.decisions._deciding.get(change.call_id)
+            pending = self.decisions.record_pending(change.call_id)
             if pending is not None:
                 await pending.wait()
         try:
@@ -303,7 +304,7 @@ class EdgeRecorder:
         """Metrics, webhooks' and detectors' follow-ups of what was applied (only: a replay
         counts nothing)."""
         probes: dict[tuple, Any] = {}
-        policy = self.decisions._policy()
+        policy = self.decisions.serving()
         for result in results:
             change = result.change
             if result.error is not None:
@@ -349,9 +350,15 @@ class EdgeRecorder:
         hot.observe(policy, probes, values)
 
     def security_task(self, coroutine) -> None:
+        """A follow-up nobody waits for (detectors, hot scopes), kept until it is over."""
         task = asyncio.get_running_loop().create_task(coroutine)
-        self.decisions._checks.add(task)
-        task.add_done_callback(self.decisions._checks.discard)
+        self._follow_ups.add(task)
+        task.add_done_callback(self._follow_ups.discard)
+
+    async def settled(self) -> None:
+        """Wait for the follow-ups of what was applied (tests, shutdown)."""
+        while self._follow_ups:
+            await asyncio.gather(*list(self._follow_ups), return_exceptions=True)
 
     def _mismatch(self, call_id: str, edge_version: str, version: str) -> None:
         self.metrics.edge_policy_mismatch.inc()

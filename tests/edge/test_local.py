@@ -355,8 +355,7 @@ async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_
             outcome = await asyncio.to_thread(decide, request("02079460001", call_id=f"edge-{n}@test",
                                                               src_ip="192.0.2.50"))
             await recorder.apply([json.loads(outcome.event)], source="test")
-        while decisions._checks:
-            await asyncio.gather(*list(decisions._checks))
+        await recorder.settled()
         record = await store.get("edge-2@test")
         assert record["decided_by"] == "edge" and record["controller"] == "ctl-1" and record["rule"] == "billing"
         assert [e["event"] for e in await store.timeline("edge-2@test")] == ["decided"]
@@ -368,8 +367,7 @@ async def test_the_controller_records_an_edge_decision_counts_it_and_checks_its_
         outcome = await asyncio.to_thread(decide, request("02079460001", call_id="edge-3@test"))
         await recorder.apply([json.loads(outcome.event)], source="test")
         assert metrics.registry.get_sample_value("callfabric_edge_policy_mismatch_total") == 1
-        while decisions._checks:
-            await asyncio.gather(*list(decisions._checks))
+        await recorder.settled()
     finally:
         await store.aclose()
 

@@ -489,7 +489,8 @@ def _call_action(args: argparse.Namespace) -> dict:
 def cmd_call(args: argparse.Namespace) -> int:
     """Send an action on a live call through the REST API (control scope), or place an outbound call."""
     if args.call_command == "originate":
-        body = {"to": args.to, "agent": args.agent, **({"caller_id": args.caller_id} if args.caller_id else {})}
+        body = {"to": args.to, "agent": args.agent, **({"caller_id": args.caller_id} if args.caller_id else {}),
+                **({"amd": {"timeout": args.amd}} if args.amd else {})}
         answer = _api_call(args, "control", "POST", "/calls", body)
         if args.json:
             _print_json(answer)
@@ -783,6 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     originate.add_argument("to", help="sip:… or a number (with the policy's outbound_trunk)")
     originate.add_argument("--agent", required=True)
     originate.add_argument("--caller-id", help="who the callee sees calling (a number or '\"Name\" <number>')")
+    originate.add_argument("--amd", type=int, metavar="SECONDS",
+                           help="answering-machine detection for at most this long (1-30): call.amd says "
+                                "human, machine or unknown before the agent joins")
     raw = call_commands.add_parser("action", help="any action document (JSON)")
     raw.add_argument("call_id")
     raw.add_argument("document")

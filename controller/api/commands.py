@@ -156,7 +156,8 @@ class CallControl:
                     str(request.get("call_id")), str(request.get("uri")),
                     Endpoint(agent.name, agent.endpoint, agent.transport, agent.codec),
                     caller_id=request.get("caller_id") if isinstance(request.get("caller_id"), str) else None,
-                    context=request.get("context") if isinstance(request.get("context"), dict) else {})
+                    context=request.get("context") if isinstance(request.get("context"), dict) else {},
+                    amd_ms=request["amd_ms"] if isinstance(request.get("amd_ms"), int) else 0)
                 return {"status": 201, "body": body}
             call_id = request.get("call_id")
             if not isinstance(call_id, str):
@@ -355,21 +356,22 @@ class CallControl:
         return answer["actions"]
 
     async def originate(self, to: str, agent: str, caller_id: str | None = None,
-                        context: dict[str, str] | None = None, trunk: str | None = None) -> dict[str, Any]:
+                        context: dict[str, str] | None = None, trunk: str | None = None,
+                        amd_ms: int = 0) -> dict[str, Any]:
         """An outbound call to a number (through an outbound trunk) or a SIP URI, through the
-        edge, with an AI agent on it."""
+        edge, with an AI agent on it (after answering-machine detection, with `amd_ms`)."""
         endpoint = self._names("agents", agent)
         call_id = f"{uuid.uuid4()}@callfabric"
         target = self._target_uri(to, trunk, "to")
         try:
             return await self.plane.call.originate(call_id, target, Endpoint(endpoint.name, endpoint.endpoint,
                                                                          endpoint.transport, endpoint.codec),
-                                              caller_id=caller_id, context=context or {})
+                                              caller_id=caller_id, context=context or {}, amd_ms=amd_ms)
         except MediaError as exc:
             if exc.status != 503:  # 503: no media node here; another controller may own one
                 raise
         request = {"kind": "originate", "call_id": call_id, "uri": target, "agent": agent, "caller_id": caller_id,
-                   "context": context or {}}
+                   "context": context or {}, "amd_ms": amd_ms}
         for node in self.plane.nodes:
             try:
                 forwarded = await self._forward(node, request)

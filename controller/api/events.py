@@ -31,7 +31,7 @@ PUBLIC_TYPES = {
     "gather_completed": "gather.completed", "gather_action_failed": "gather.action_failed",
     "gather_webhook_failed": "gather.webhook_failed", "on_answer_failed": "media.action_failed", "recording_started": "recording.started",
     "recording_completed": "recording.completed", "recording_failed": "recording.failed",
-    "transfer_fallback": "transfer.fallback", "transfer_fallback_failed": "transfer.fallback_failed",
+    "amd": "call.amd", "transfer_fallback": "transfer.fallback", "transfer_fallback_failed": "transfer.fallback_failed",
 }
 EVENT_TYPES = tuple(sorted(set(PUBLIC_TYPES.values())))
 

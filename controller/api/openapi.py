@@ -60,6 +60,13 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "agent": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", "maxLength": 64},
             "caller_id": CALLER_ID_SCHEMA,
             "context": _CONTEXT,
+            "amd": {"description": "Answering-machine detection once answered: `call.amd` says human, machine or "
+                                   "unknown within `timeout` (1-30 s, default 5 s), before the agent joins.",
+                    "oneOf": [{"type": "boolean"},
+                              {"type": "object", "additionalProperties": False, "properties": {
+                                  "timeout": {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 30},
+                                                        {"type": "string",
+                                                         "pattern": r"^([1-9][0-9]{3,4}ms|[1-9][0-9]?s?)$"}]}}}]},
         },
     },
     "phone_token_request": {
@@ -200,7 +207,8 @@ _SUMMARIES = {
                      "from the media node that recorded it. 409 while it is still being recorded or fetched.",
     "get_context": "A long context value (a summary, a transcript …) sent to a human by reference.",
     "post_action": "Carry out an action on a live call: route_agent (transfer), route_sip (hand off), add_human, "
-                   "fork, stop_fork, play, hangup, set_metadata, send_dtmf, gather, record, stop_record. An "
+                   "fork, stop_fork, play, hangup, set_metadata, send_dtmf, gather, record, stop_record, transfer "
+                   "(cold, SIP REFER). An "
                    "Idempotency-Key header makes retries safe.",
     "get_policy": "The serving policy's version and declarations.",
     "reload_policy": "Reload the policy from disk (the last good version keeps serving if it is invalid).",

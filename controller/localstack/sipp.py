@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -38,6 +39,24 @@ def _render(template: str, workdir: Path, values: dict[str, str]) -> Path:
     out = workdir / f"{Path(template).stem}-{uuid.uuid4().hex[:6]}.xml"
     out.write_text(text)
     return out
+
+
+def write_rtp_pcap(path: Path | str, payloads: list[bytes], payload_type: int = 0, ptime_ms: int = 20) -> Path:
+    """A pcap of one RTP stream (Ethernet/IPv4/UDP, one packet per payload every `ptime_ms`)
+    for SIPp's play_pcap_audio, which rewrites the addresses and ports as it sends."""
+    path = Path(path)
+    out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]  # pcap header, link type Ethernet
+    ssrc, samples = 0x0CA11FAB, 8 * ptime_ms
+    for n, payload in enumerate(payloads):
+        rtp = struct.pack("!BBHII", 0x80, payload_type | (0x80 if n == 0 else 0), n & 0xFFFF, n * samples, ssrc)
+        udp = struct.pack("!HHHH", 6000, 6002, 8 + len(rtp) + len(payload), 0) + rtp + payload
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), n & 0xFFFF, 0, 64, 17, 0,
+                         bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1])) + udp
+        frame = b"\x00" * 12 + b"\x08\x00" + ip
+        seconds, micros = divmod(n * ptime_ms * 1000, 1_000_000)
+        out.append(struct.pack("<IIII", seconds, micros, len(frame), len(frame)) + frame)
+    path.write_bytes(b"".join(out))
+    return path
 
 
 def _headers_block(headers: dict[str, str] | list[tuple[str, str]] | None) -> str:

@@ -159,11 +159,15 @@ class AriClient:
         return await self.request("snoop", "POST", f"/channels/{channel_id}/snoop/{snoop_id}",
                                   params={"spy": spy, "whisper": "none", "app": self.app, "appArgs": app_args})
 
-    async def originate(self, channel_id: str, endpoint: str, *, app_args: str, caller_id: str | None = None,
-                        timeout_s: int = 30, variables: dict[str, str] | None = None) -> dict:
+    async def originate(self, channel_id: str, endpoint: str, *, app_args: str = "", caller_id: str | None = None,
+                        timeout_s: int = 30, variables: dict[str, str] | None = None,
+                        dialplan: dict[str, Any] | None = None) -> dict:
+        """On answer the channel enters our application (`app_args`), or, with `dialplan`
+        (context, extension, priority), the dialplan, which brings it into the application
+        later; then nothing about it reaches us unless we subscribe to it."""
+        where = dialplan if dialplan is not None else {"app": self.app, "appArgs": app_args}
         return await self.request("originate", "POST", f"/channels/{channel_id}",
-                                  params={"endpoint": endpoint, "app": self.app, "appArgs": app_args,
-                                          "callerId": caller_id, "timeout": timeout_s},
+                                  params={"endpoint": endpoint, **where, "callerId": caller_id, "timeout": timeout_s},
                                   body={"variables": variables or {}})
 
     async def play(self, channel_id: str, playback_id: str, media: str) -> dict:

@@ -10,7 +10,7 @@ The plane itself keeps what all features share: node sync, event dispatch and th
 lock. Each feature is a module of the same anatomy (media/feature.py, media/features/): the
 call's bridge and agent leg (`plane.call`), forks (`plane.forks`), humans (`plane.humans`),
 playback (`plane.playback`), DTMF (`plane.dtmf`), recording (`plane.recording`), cold
-transfer by SIP REFER (`plane.refer`).
+transfer by SIP REFER (`plane.refer`), answering-machine detection (`plane.amd`).
 
 Each node's events are handled by one controller at a time (its lease owner, see
 ownership.py): `adopt_node` takes the node's live calls from Redis, `serve_node` consumes
@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from controller.media.ari import AriClient, AriError
 from controller.media.feature import LEG_UP_TIMEOUT_S, Endpoint, Feature, MediaError, external_media_params
+from controller.media.features.amd import Amd
 from controller.media.features.call import Call
 from controller.media.features.dtmf import Dtmf
 from controller.media.features.forks import Forks
@@ -77,10 +78,11 @@ class MediaPlane:
         self.dtmf = Dtmf(self)
         self.recording = Recording(self, recording_dir)
         self.refer = Refer(self)
+        self.amd = Amd(self)
         # The order they hear about a call's channels in (refer first: while it transfers the
         # caller, the caller's end is its outcome, not a hang-up).
         self.features: tuple[Feature, ...] = (self.refer, self.call, self.forks, self.humans, self.playback,
-                                              self.dtmf, self.recording)
+                                              self.dtmf, self.recording, self.amd)
         # Carries out what a finished gather leads to (its policy branch, its webhook's answer):
         # set by whoever runs actions on calls (the API's call control).
         self.on_gathered: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None

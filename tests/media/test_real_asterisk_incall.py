@@ -6,7 +6,8 @@ SIPp called party that accepts it (202, NOTIFY 200) completes and the call leave
 and toward one that refuses it (603) fails with that status and falls back to bridging the
 target through the edge; a G.722 caller reaches a slin16 agent at 16 kHz; a websocket agent's
 FLUSH_MEDIA stops the caller hearing it within 40 ms (measured at the caller) and its marks
-come back once the audio before them has been played.
+come back once the audio before them has been played; answering-machine detection tells a
+called party playing a long greeting (machine) from one saying a short hello (human).
 
 Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
 reason otherwise."""
@@ -28,11 +29,12 @@ import pytest
 from aiohttp import web
 
 from controller.api.webhooks import verify
+from controller.api import routes as api
 from controller.app import MEDIA, build_app
 from controller.config import Settings
 from controller.localstack.kamailio import free_port
 from controller.localstack.sip_ua import TONE, SipCaller, ulaw_silent
-from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac
+from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac, write_rtp_pcap
 from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
 
 SECRET = "incall-secret"
@@ -380,3 +382,26 @@ async def test_a_mark_comes_back_once_the_audio_before_it_was_played(controller,
     assert 0.9 <= marked - moments["said"] <= 1.5, marked - moments["said"]
     last_voiced = max(t for t, v in heard if v)
     assert abs(last_voiced - marked) <= 0.1, (last_voiced - marked)
+
+
+async def test_amd_tells_a_machines_greeting_from_a_humans_hello(controller):
+    receiver, control = controller["receiver"], controller["app"][api.CONTROL]
+    called = {"machine": [TONE] * 200,                # 4 s of voice: a voicemail greeting
+              "human": [TONE] * 30 + [SILENCE] * 150}  # "hello?" (0.6 s), then listening
+    parties = []
+    try:
+        for name, payloads in called.items():
+            pcap = await asyncio.to_thread(write_rtp_pcap, controller["tmp"] / f"{name}.pcap", payloads)
+            parties.append(await asyncio.to_thread(
+                lambda: SippUAS(controller["tmp"], "uas_answer_play.xml", name, values={"PCAP": str(pcap)}).start()))
+        for party, expected in zip(parties, called):
+            answer = await control.originate(f"sip:{expected}@{party.addr}", "intake", amd_ms=5000)
+            call_id = answer["call_id"]
+            await until(lambda: receiver.of(call_id, "call.amd"), 15, f"no call.amd for the {expected}")
+            (amd,) = receiver.of(call_id, "call.amd")
+            assert amd["data"]["result"] == expected, amd
+            await until(lambda: receiver.of(call_id, "media.connected"), 10, "the agent never joined")
+            await controller["plane"].call.hangup(call_id)
+    finally:
+        for party in parties:
+            await asyncio.to_thread(party.stop)

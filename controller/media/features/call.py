@@ -23,8 +23,9 @@ log = logging.getLogger("callfabric.media")
 class Call(Feature):
     # -- actions ---------------------------------------------------------------------------------
     async def originate(self, call_id: str, uri: str, agent: Endpoint, *, caller_id: str | None = None,
-                        context: dict[str, str] | None = None) -> dict[str, Any]:
-        """An outbound call through the edge; when it is answered, the agent joins it."""
+                        context: dict[str, str] | None = None, amd_ms: int = 0) -> dict[str, Any]:
+        """An outbound call through the edge; when it is answered, the agent joins it. With
+        `amd_ms`, answering-machine detection runs first, for at most that long (plane.amd)."""
         plane = self.plane
         node = next((name for name in plane.nodes
                      if plane.metrics.registry.get_sample_value("callfabric_ari_connected", {"node": name})), None)
@@ -46,10 +47,23 @@ class Call(Feature):
         async with plane.lock(call_id):
             await plane.store.add_media_call(node, call_id)
             await plane.save(media, "media_start", node=node, channel=media.caller_channel, agent=agent.name)
+            client = plane.nodes[node]
+            variables = {f"PJSIP_HEADER(add,{n})": v for n, v in headers.items()}
             try:
-                await plane.nodes[node].originate(
-                    media.caller_channel, f"PJSIP/{plane.edge_endpoint}/{uri}", app_args=f"outbound,{call_id}",
-                    caller_id=caller_id, variables={f"PJSIP_HEADER(add,{n})": v for n, v in headers.items()})
+                if amd_ms:
+                    where, amd_variables = plane.amd.dialplan(call_id, amd_ms)
+                    await client.originate(media.caller_channel, f"PJSIP/{plane.edge_endpoint}/{uri}",
+                                           caller_id=caller_id, variables={**variables, **amd_variables},
+                                           dialplan=where)
+                    # in the dialplan until AMD() is done: its events reach us only when subscribed
+                    await client.request("subscribe", "POST", f"/applications/{client.app}/subscription",
+                                         params={"eventSource": f"channel:{media.caller_channel}"})
+                    if await client.request("getChannel", "GET", f"/channels/{media.caller_channel}",
+                                            ok_missing=True) is None:
+                        raise AriError("originate", 404, "the call failed before it could be followed")
+                else:
+                    await client.originate(media.caller_channel, f"PJSIP/{plane.edge_endpoint}/{uri}",
+                                           app_args=f"outbound,{call_id}", caller_id=caller_id, variables=variables)
             except AriError as exc:
                 await plane.timeline(media, "originate_failed", reason=str(exc))
                 await plane.teardown(media, "originate-failed")
@@ -252,6 +266,7 @@ class Call(Feature):
         await plane.timeline(media, "answered", channel=channel_id)
         await plane.store.transition(media.call_id, "answered", {"answered_at_ms": now_ms()},
                                      {"event": "answered", "ts": now_ms(), "by": "media"})
+        await plane.amd.detected(media, plane.stasis_args(plane.nodes[media.node], channel) or [])
         await self._connect_agent(media, agent, [], time.perf_counter(), answer=False)
 
     async def gone(self, media: CallMedia, channel_id: str, cause: str) -> bool:

@@ -72,8 +72,6 @@ NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r"\blogging\.ge
 SURVIVOR_REASONS: dict[str, str] = {
     "controller.security.bans.xǁBanListǁ_push": "pushes to the edges' Kamailio: tested against a real Kamailio "
     "(tests/integration/test_security_edge.py, test_edge_defence.py), not among this bench's fast tests",
-    "controller.security.bans.xǁBanListǁresync": "pushes to the edges' Kamailio: tested against a real Kamailio "
-    "(tests/integration/test_security_edge.py, test_edge_defence.py), not among this bench's fast tests",
 }
 
 

@@ -320,3 +320,36 @@ def test_decided_call_ids_are_cut_at_512_and_counters_keep_their_member():
     assert kept.member == "+15550001"
     (one_second,) = protocol.parse_decided(decided(counters=[counter(window_s=1)])).counters
     assert one_second.window_s == 1
+
+
+# ---------------------------------------------------------------------------------------------- fallbacks
+def fallback(**fields) -> dict:
+    message = {"event": "fallback", "call_id": "c@x", "reason": "timeout", "mode": "open", "ts": 7, "tx": "1:2",
+               "from_tag": "ft"}
+    message.update(fields)
+    return message
+
+
+def test_a_fallback_event_is_parsed_field_by_field():
+    parsed = protocol.parse_fallback(fallback(), 5)
+    assert (parsed.call_id, parsed.reason, parsed.mode, parsed.ts_ms, parsed.tx, parsed.from_tag) == (
+        "c@x", "timeout", "open", 7, "1:2", "ft")
+    long = protocol.parse_fallback(fallback(call_id="c" * 513, tx="9" * 33, from_tag="f" * 129, reason="r" * 48), 5)
+    assert (long.call_id, long.tx, long.from_tag, long.reason) == ("c" * 512, "9" * 32, "f" * 128, "r" * 48)
+    for mode in ("open", "closed", "rejected"):
+        assert protocol.parse_fallback(fallback(mode=mode), 5).mode == mode
+
+
+@pytest.mark.parametrize("ts, expected", [(1, 1), (0, 5), (-1, 5), (True, 5), ("7", 5), (None, 5)])
+def test_a_fallback_without_a_usable_time_takes_now(ts, expected):
+    assert protocol.parse_fallback(fallback(ts=ts), 5).ts_ms == expected
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"call_id": ""}, "Call-ID"), ({"call_id": 3}, "Call-ID"),
+    ({"reason": "Timeout"}, "unusable reason"), ({"reason": ""}, "unusable reason"), ({"reason": "r" * 49}, "unusable"),
+    ({"mode": "half-open"}, "unknown mode"), ({"mode": None}, "unknown mode"),
+])
+def test_unusable_fallback_events_are_refused_with_a_reason(fields, problem):
+    with pytest.raises(protocol.BadRequest, match=problem):
+        protocol.parse_fallback(fallback(**fields), 5)

@@ -151,3 +151,21 @@ async def test_a_trusted_peer_is_never_banned_and_the_refusal_is_counted(redis_u
         assert (await banlist.add("192.0.2.1", 60, "x", origin="policy", detector="d", now_ms=NOW)).ip == "192.0.2.1"
     finally:
         await store.aclose()
+
+
+async def test_a_resync_lifts_bans_of_addresses_trusted_since_and_counts_the_bans_in_force(redis_url):
+    import ipaddress
+    import time
+    store = CallStore(redis_url)
+    trust = TrustedPeers([], [])
+    banlist = BanList(store.batch, Metrics(), edges=[], trust=trust)
+    try:
+        now = int(time.time() * 1000)
+        await banlist.add("10.9.9.9", 600, "x", origin="policy", detector="d", now_ms=now)
+        await banlist.add("192.0.2.40", 600, "x", origin="policy", detector="d", now_ms=now)
+        trust.networks = (ipaddress.ip_network("10.0.0.0/8"),)  # the address became a trusted peer
+        assert await banlist.resync(now) == 2  # the bans that were in force
+        assert await banlist.get("10.9.9.9") is None and await banlist.get("192.0.2.40") is not None
+        assert [b.ip for b in await banlist.active(now)] == ["192.0.2.40"]
+    finally:
+        await store.aclose()

@@ -80,3 +80,24 @@ async def test_with_redis_gone_a_transition_is_queued_and_says_so():
         assert result == Transition("", False, queued=True)
     finally:
         await store.aclose()
+
+
+async def test_reconciling_drops_live_entries_of_calls_over_or_gone_and_keeps_the_live_ones(store):
+    from controller.state.calls import LIVE_INDEX
+    for call_id in ("live", "over", "gone"):
+        await create(store, call_id, tenant="acme")
+    await store.transition("over", "ended", {}, {"event": "ended", "ts": 2})
+    await store.batch.run([("ZADD", LIVE_INDEX, 1, "over"), ("DEL", call_key("gone"))])  # an end missed, an expiry
+    assert await store.reconcile_live(now_ms() + 1000) == 2
+    (left,) = await store.batch.run([("ZRANGE", LIVE_INDEX, 0, -1)])
+    assert [c.decode() for c in left] == ["live"]
+    assert await store.reconcile_live(now_ms() + 1000) == 0
+    assert await store.reconcile_live(0) == 0  # nothing live for that long
+
+
+def test_command_keys_share_the_calls_hash_tag_and_take_any_key_text():
+    from controller.state.calls import call_key_id, command_key
+    key = command_key("c@x", "idem-1")
+    assert key.startswith(f"cf:{{{call_key_id('c@x')}}}:command:") and len(key.rsplit(":", 1)[1]) == 32
+    assert command_key("c@x", "idem-1") == key != command_key("c@x", "idem-2")
+    assert command_key("c@x", "\ud800 lone surrogate").rsplit(":", 1)[1]  # never an encoding error

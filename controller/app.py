@@ -389,9 +389,12 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
                 outage_over = was_degraded and not store.degraded
                 was_degraded = store.degraded
                 mine = any(recorder.owned.values()) or not settings.edge_streams
-                if mine and not store.degraded and (outage_over or now - last_dialogs >= DIALOG_RECONCILE_S):
+                lost = recorder.data_lost_at_ms
+                if mine and not store.degraded and (outage_over or lost or now - last_dialogs >= DIALOG_RECONCILE_S):
                     last_dialogs = now
-                    await reconciler.run_once()
+                    await reconciler.run_once(lost_before_ms=lost)
+                    if lost is not None and recorder.data_lost_at_ms == lost:
+                        recorder.data_lost_at_ms = None
                 metrics.live_calls.set(await store.live_count())
                 metrics.redis_up.set(1)
             except (RedisError, OSError) as exc:

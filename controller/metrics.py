@@ -88,6 +88,9 @@ class Metrics:
         self.calls_reconciled = Counter("callfabric_calls_reconciled_total", "Live records of calls no edge holds "
                                         "(dlg.list) closed by reconciliation (their end was never recorded).",
                                         registry=r)
+        self.calls_recovered = Counter("callfabric_calls_recovered_total", "Live calls whose records Redis lost "
+                                       "(restarted without its data) recorded again from the edges' dialogs.",
+                                       registry=r)
         self.live_calls = Gauge("callfabric_live_calls", "Calls live in the call store (all controllers).", registry=r)
         self.redis_up = Gauge("callfabric_redis_up", "1 when the call store answered the last health check.",
                               registry=r)

@@ -74,6 +74,9 @@ class EdgeRecorder:
         # events may have been applied then, and were not counted
         self._uncertain: set[Any] = set()
         self._follow_ups: set[asyncio.Task] = set()
+        # when Redis was found to have lost its data (the consumer group vanished): live calls
+        # older than that get their records back from the edges' dialogs (edge/reconcile.py)
+        self.data_lost_at_ms: int | None = None
 
     # -- evapi events ---------------------------------------------------------------------
     def submit(self, message: dict[str, Any]) -> None:
@@ -173,6 +176,7 @@ class EdgeRecorder:
                 if "NOGROUP" in str(exc):  # Redis restarted empty (or the stream was deleted)
                     log.warning("edge %s events: consumer group gone (Redis restarted without its data?); "
                                 "creating it again", edge)
+                    self.data_lost_at_ms = self.data_lost_at_ms or now_ms()
                     await self._ensure_group(key)
                     claiming, start = True, "0-0"
                     continue

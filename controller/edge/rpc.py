@@ -89,9 +89,10 @@ class KamailioRpc:
         return {item["name"]: int(item["expires"]) if str(item.get("expires", "")).isdigit() else 0
                 for item in await self._dump(BLOCKLIST)}
 
-    async def dialog_call_ids(self) -> set[str]:
-        """Call-IDs of every dialog the edge holds now (`dlg.list`: early and confirmed)."""
+    async def dialogs(self) -> list[dict[str, Any]]:
+        """Every dialog the edge holds now (`dlg.list`: early and confirmed), as Kamailio lists
+        them (call-id, state 4 = confirmed, init_ts, start_ts, from_uri, to_uri, variables)."""
         result = await self.call("dlg.list")
         if not isinstance(result, list):
             raise RpcError(f"{self.url}: dlg.list answered {str(result)[:120]!r}")
-        return {d["call-id"] for d in result if isinstance(d, dict) and isinstance(d.get("call-id"), str)}
+        return [d for d in result if isinstance(d, dict) and isinstance(d.get("call-id"), str)]

@@ -63,14 +63,19 @@ return result
 # A call decided elsewhere (the edge), as calls.py's create, plus a mark of its second phase:
 # its indexes and counters are written after this script, in another pipeline, and the
 # record's `indexed` field says they were. KEYS: call hash, timeline. ARGV: as calls.py's
-# create. Returns 1 (created now), 2 (created earlier, its second phase never confirmed: a
-# batch cut between its two pipelines, delivered again) or 0 (nothing to do: a replay).
+# create. Returns 1 (created now, or a record recovered from the edge's dialogs replaced by
+# the decision), 2 (created earlier, its second phase never confirmed: a batch cut between
+# its two pipelines, delivered again) or 0 (nothing to do: a replay).
 _RECORD = Script("""
 if redis.call('HSETNX', KEYS[1], 'created_at_ms', ARGV[8]) == 0 then
-  if redis.call('HGET', KEYS[1], 'indexed') then
-    return 0
+  if redis.call('HGET', KEYS[1], 'decided_by') ~= 'recovered' then
+    if redis.call('HGET', KEYS[1], 'indexed') then
+      return 0
+    end
+    return 2
   end
-  return 2
+  -- recovered from the edge's dialogs after Redis lost its data: the decision replaces it
+  redis.call('HSET', KEYS[1], 'created_at_ms', ARGV[8])
 end
 local flat = {}
 for k, v in pairs(cjson.decode(ARGV[7])) do

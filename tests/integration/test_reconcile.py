@@ -54,3 +54,43 @@ async def test_live_records_no_edge_holds_are_closed(procs, store, tmp_path):
     assert metrics.registry.get_sample_value("callfabric_calls_reconciled_total") == 1
     await asyncio.to_thread(caller.join, 20)
     assert placed["r"].successful == 1
+
+
+async def test_live_calls_whose_records_redis_lost_are_recovered_and_a_late_decision_replaces_them(
+        procs, store, tmp_path):
+    from controller.state.journal import Journal, NewCall
+
+    uas = await asyncio.to_thread(procs.uas)
+    k = await asyncio.to_thread(procs.kamailio, {1: [uas.addr]})
+    placed: dict = {}
+    caller = threading.Thread(target=lambda: placed.update(r=run_uac(tmp_path, k.sip_port, calls=1, hold_ms=4000)))
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not [d for d in await asyncio.to_thread(k.jsonrpc, "dlg.list") if d.get("state") == 4]:
+        assert time.monotonic() < deadline, "the call never came up"
+        await asyncio.sleep(0.1)
+    (up,) = [d["call-id"] for d in await asyncio.to_thread(k.jsonrpc, "dlg.list")]
+    await store.redis.flushdb()  # Redis lost its data (restarted without persistence)
+    metrics = Metrics()
+    async with aiohttp.ClientSession() as session:
+        edge = KamailioRpc(f"http://127.0.0.1:{k.http_port}/RPC", session)
+        reconciler = DialogReconciler([edge], store, metrics)
+        await reconciler.run_once()  # no data loss known: nothing recovered
+        assert await store.get(up) is None
+        await reconciler.run_once(lost_before_ms=now_ms())
+        await reconciler.run_once(lost_before_ms=now_ms())  # twice: recovered once
+    record = await store.get(up)
+    assert record["decided_by"] == "recovered" and record["state"] == "answered" and record["tx"]
+    assert await store.live_calls(10) == [up]
+    assert metrics.registry.get_sample_value("callfabric_calls_recovered_total") == 1
+    # the call's `decided` event, late (it waited in the edge's queue): the decision replaces it
+    decided = NewCall(up, {"state": "routing", "outcome": "agent", "rule": "r", "policy_version": "v",
+                           "decided_by": "edge", "created_at_ms": record["created_at_ms"]},
+                      {"event": "decided", "ts": record["created_at_ms"]}, {}, [], record["created_at_ms"])
+    (result,) = await Journal(store).apply([decided])
+    assert result.applied
+    record = await store.get(up)
+    assert (record["decided_by"], record["rule"], record["state"]) == ("edge", "r", "answered")
+    assert [e["event"] for e in await store.timeline(up)] == ["recovered", "decided"]
+    await asyncio.to_thread(caller.join, 20)
+    assert placed["r"].successful == 1

@@ -52,6 +52,7 @@ class FaultRun:
     fallbacks: int = 0  # calls the edge routed by its fallback (records saying so)
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     lost_with_redis: int = 0  # redis-empty: calls over before Redis lost its data (nothing could keep them)
+    recovered: int = 0  # of those, calls live across the loss recorded again from the edge's dialogs
     events_dropped: float = 0.0
     recovery_s: float | None = None  # Redis back → nothing queued or replaying, events consumed
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (edge, controller)
@@ -66,7 +67,7 @@ class FaultRun:
                 f"records missing {len(self.missing)}, unclosed {len(self.unclosed)}, duplicated "
                 f"{len(self.duplicated)}, fallbacks {self.fallbacks} {self.fallback_reasons or ''} (mislabelled "
                 f"{len(self.mislabelled)}), events dropped {self.events_dropped:.0f}, lost with Redis's data "
-                f"{self.lost_with_redis}, Redis back→normal {recovery}, metrics mismatched {self.mismatched or 'none'}")
+                f"{self.lost_with_redis} ({self.recovered} recovered live), Redis back→normal {recovery}, metrics mismatched {self.mismatched or 'none'}")
 
 
 class FaultStack:
@@ -94,6 +95,7 @@ class FaultStack:
         self._generation += 1
         ctl = ControllerProcess(self.workdir, f"ctl{self._generation}", {
             "redis_url": self.redis.url, "edge_evapi": [f"127.0.0.1:{self.kamailio.evapi_port}"],
+            "edge_rpc": [f"http://127.0.0.1:{self.kamailio.http_port}/RPC"],
             "policy_dir": str(self.policy_dir), "edge_streams": ["edge"], "redis_outage_decisions": "open"})
         self.controller = ctl.start()
         ctl.wait_ready()
@@ -265,6 +267,13 @@ def _check_records(stack: FaultStack, run: FaultRun, lost_before_ms: float | Non
                 run.lost_with_redis += 1
             else:
                 run.missing.append(call_id)
+            continue
+        if record.get("decided_by") == "recovered":  # live across the loss: its decision was lost with Redis
+            run.recovered += 1
+            if lost_before_ms is None:
+                run.unclosed.append(call_id)  # (only Redis losing its data recovers records)
+            else:
+                run.lost_with_redis += 1
             continue
         complete = record.get("state") in ("ended", "failed") and record.get("decided_by") and \
             record.get("outcome") and record.get("created_at_ms") and record.get("ended_at_ms")

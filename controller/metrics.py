@@ -37,6 +37,10 @@ KNOWN_LABEL_VALUES: dict[str, tuple[str | tuple[str, ...], ...]] = {
     "bans_refused": ("policy", "api", "asterisk", "edge"),
     "policy_last_good_writes": tuple((where, result) for where in ("redis", "file", "encode")
                                      for result in ("ok", "error")),
+    "dtmf": ("received", "sent"),
+    "gathers": ("max_digits", "finish_key", "timeout", "replaced"),
+    "amd": ("human", "machine", "unknown"),
+    "recordings": ("completed", "failed"),
 }
 
 
@@ -120,6 +124,12 @@ class Metrics:
                                             "From the call entering the media plane (or the fork request) to the fork "
                                             "bridged.", buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5),
                                             registry=r)
+        self.dtmf = Counter("callfabric_dtmf_total", "DTMF digits received from callers and humans, and sent to them.",
+                            ["direction"], registry=r)
+        self.gathers = Counter("callfabric_gathers_total", "Digit gathers by how they ended (max_digits, finish_key, "
+                               "timeout, replaced).", ["reason"], registry=r)
+        self.amd = Counter("callfabric_amd_total", "Answering-machine detections of outbound calls by result (human, "
+                           "machine, unknown).", ["result"], registry=r)
         self.recordings = Counter("callfabric_recordings_total", "Call recordings by result (completed, failed).",
                                   ["result"], registry=r)
         self.recording_bytes = Counter("callfabric_recording_bytes_total", "Bytes of call recordings written "

@@ -29,6 +29,7 @@ class Amd(Feature):
             return
         status = args[3] if len(args) > 3 else ""
         cause = args[4] if len(args) > 4 else ""
+        result = RESULTS.get(status, "unknown")
+        self.plane.metrics.amd.labels(result).inc()
         async with self.plane.lock(media.call_id):
-            await self.plane.timeline(media, "amd", result=RESULTS.get(status, "unknown"), status=status or None,
-                                      cause=cause or None)
+            await self.plane.timeline(media, "amd", result=result, status=status or None, cause=cause or None)

@@ -41,6 +41,7 @@ class Dtmf(Feature):
                     "dtmf": digits, "duration": duration_ms, "between": between_ms})
             except AriError as exc:
                 raise MediaError(f"could not send DTMF: {exc}", 502) from None
+            plane.metrics.dtmf.labels("sent").inc(sum(1 for d in digits if d not in "wW"))
             await plane.save(media, "dtmf_sent", digits=digits, to=to)
             return {"digits": digits, "to": to}
 
@@ -101,6 +102,7 @@ class Dtmf(Feature):
         if leg is None or not isinstance(digit, str) or len(digit) != 1 or media.state in ("ending", "ended"):
             return
         duration = event.get("duration_ms") if isinstance(event.get("duration_ms"), int) else None
+        self.plane.metrics.dtmf.labels("received").inc()
         gather = media.gather if media.gather is not None and media.gather.leg == leg else None
         if gather is None:
             await self.plane.save(media, "dtmf", digit=digit, leg=leg, duration_ms=duration)
@@ -149,6 +151,7 @@ class Dtmf(Feature):
         """The gather is over (lock held): recorded, and its result handed on."""
         gather, media.gather = media.gather, None
         self._disarm(media.call_id)
+        self.plane.metrics.gathers.labels(reason).inc()
         if gather.prompt_playback:
             await self.plane.quietly(self.plane.playback.stop(media, gather.prompt_playback))
         await self.plane.save(media, "gather_completed", gather=gather.gather_id, leg=gather.leg, digits=gather.digits,

@@ -20,6 +20,7 @@ from controller.api import routes as api
 from controller.api.commands import CallControl, Forwarding
 from controller.api.events import EventHub, matches, public_event
 from controller.api.phone import PhonePage, phone_routes
+from controller.media.rtpengine import RtpengineClient
 from controller.api.webhooks import WebhookSender
 from controller.config import ConfigError, Settings, parse_ari_node, redis_target, split_host_port, trusted_networks
 from controller.edge.channel import EdgeChannel
@@ -312,7 +313,9 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                        resolve_agent=_endpoint_resolver(app[POLICIES], "agents"),
                        resolve_fork_target=_endpoint_resolver(app[POLICIES], "fork_targets"),
                        edge_endpoint=settings.ari_edge_endpoint, instance_id=settings.instance_id,
-                       api_base_url=settings.api_base_url, recording_dir=settings.recording_dir)
+                       api_base_url=settings.api_base_url, recording_dir=settings.recording_dir,
+                       rtpengines=[RtpengineClient(address) for address in settings.rtpengine_ng],
+                       fork_mode=settings.fork_mode)
     app[MEDIA] = plane
     # One controller at a time owns each node's events (a lease); any takes commands for any
     # call and has the owner carry them out (api.CONTROL is set up after this context).
@@ -337,6 +340,8 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
         watcher.close()
     await cancel_tasks(*tasks)
     await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+    for rtpengine in plane.rtpengines:
+        rtpengine.close()
 
 
 async def _lifecycle_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -99,6 +99,11 @@ class Settings:
                                       "them); shared by the controllers for high availability. Empty: recordings "
                                       "stay on the node and are downloaded through ARI.")
     recording_retention_days: int = _setting(30, "Recordings in recording_dir older than this are deleted (0: kept).")
+    rtpengine_ng: list = _setting([], "The edges' rtpengines (NG control: 'host:port', Kamailio's RTPENGINE_SOCK): "
+                                      "forks of calls they anchor are copied there (fork_mode edge).")
+    fork_mode: str = _setting("edge", "How forks are made: edge (the edge's rtpengine copies the party's RTP to the "
+                                      "target; when the call is anchored there, the target is rtp in ulaw/alaw and "
+                                      "one direction) or snoop (Asterisk snoop + ExternalMedia; also the fallback).")
     api_base_url: str = _setting("", "Public base URL of this controller's API (references in context headers).")
     outbound_trunk: str = _setting("", "The policy's outbound trunk that calls to phone numbers placed with POST "
                                        "/v1/calls leave through when the request names none (empty: the policy's "
@@ -305,6 +310,13 @@ def check_settings(settings: Settings) -> None:
                           "tokens)")
     if not 10 <= settings.phone_token_ttl_s <= 86400:
         raise ConfigError(f"setting phone_token_ttl_s: {settings.phone_token_ttl_s}: 10 to 86400 seconds")
+    if settings.fork_mode not in ("edge", "snoop"):
+        raise ConfigError(f"setting fork_mode: {settings.fork_mode!r}: expected edge or snoop")
+    for address in settings.rtpengine_ng:
+        try:
+            split_host_port(address, "rtpengine_ng")
+        except ConfigError:
+            raise ConfigError(f"setting rtpengine_ng: {address!r} is not host:port (rtpengine's --listen-ng)") from None
     if settings.outbound_trunk and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", settings.outbound_trunk):
         raise ConfigError(f"setting outbound_trunk: {settings.outbound_trunk!r} is not a trunk name: it now names an "
                           "outbound trunk of the policy (declare the carrier there, e.g. trunks: {carrier: {outbound: "

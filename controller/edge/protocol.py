@@ -245,7 +245,8 @@ class EdgeDecided:
 
 
 _RECORD_FIELDS = frozenset((
-    "state", "outcome", "rule", "applied_rules", "target", "policy_version", "decision", "from_uri", "to_uri", "ruri",
+    "state", "outcome", "rule", "applied_rules", "target", "policy_version", "decision", "from_uri", "from_tag",
+    "to_uri", "ruri",
     "caller", "callee", "dialled", "src", "transport", "tenant", "trunk", "user_agent", "tx", "created_at_ms",
     "decided_by", "end_reason", "end_code", "ended_at_ms"))
 _COUNTER_KINDS = ("window", "live", "distinct")

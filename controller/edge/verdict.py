@@ -92,7 +92,7 @@ def verdict(policy: Any, request: protocol.DecideRequest, facts: Facts, decision
         "state": "failed" if rejected else "routing",
         "outcome": decision.outcome, "rule": decision.rule, "applied_rules": list(decision.applied_rules),
         "target": target(decision), "policy_version": policy.version, "decision": decision.to_dict(),
-        "from_uri": request.from_uri, "to_uri": request.to_uri, "ruri": request.ruri,
+        "from_uri": request.from_uri, "from_tag": request.from_tag, "to_uri": request.to_uri, "ruri": request.ruri,
         "caller": facts.caller, "callee": facts.callee, "dialled": facts.ruri,
         "src": f"{call.src_ip}:{call.src_port}", "transport": call.transport, "tenant": facts.tenant,
         "trunk": facts.trunk, "user_agent": request.user_agent, "tx": request.tx, "created_at_ms": at_ms, "decided_by": decided_by,

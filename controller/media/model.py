@@ -70,6 +70,9 @@ class ForkLeg:
     session: str = ""
     last_tx: int = 0  # RTP packets Asterisk sent to the target at the last health check
     last_rx: int = 0
+    mode: str = "snoop"  # snoop (Asterisk: snoop + ExternalMedia) | edge (the edge's rtpengine copies the RTP)
+    edge_tag: str = ""  # edge: rtpengine's tag of the subscription
+    rtpengine: str = ""  # edge: the NG address of the rtpengine holding it
 
 
 @dataclass(slots=True)
@@ -174,14 +177,14 @@ class CallMedia:
         """Channels we created for this call (not the caller's), alive or not."""
         out = [a.channel for a in ([self.agent] if self.agent else []) + self.old_agents]
         for fork in self.forks.values():
-            out += [fork.snoop, fork.channel]
+            out += [c for c in (fork.snoop, fork.channel) if c]
         out += [h.channel for h in self.humans.values()]
         out += [h.snoop for h in self.humans.values() if h.snoop]
         out += [r.snoop for r in self.recordings.values()]
         return out
 
     def bridges(self) -> list[str]:
-        return ([self.bridge] + [f.bridge for f in self.forks.values()]
+        return ([self.bridge] + [f.bridge for f in self.forks.values() if f.bridge]
                 + [h.bridge for h in self.humans.values() if h.bridge])
 
     def to_dict(self) -> dict[str, Any]:

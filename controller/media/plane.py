@@ -32,6 +32,7 @@ from controller.media.features.amd import Amd
 from controller.media.features.call import Call
 from controller.media.features.dtmf import Dtmf
 from controller.media.features.forks import Forks
+from controller.media.rtpengine import RtpengineClient
 from controller.media.features.humans import Humans
 from controller.media.features.playback import Playback
 from controller.media.features.recording import Recording
@@ -49,13 +50,16 @@ class MediaPlane:
     def __init__(self, nodes: dict[str, AriClient], store: CallStore, metrics: Metrics, *,
                  resolve_agent: Callable[[str], Endpoint | None],
                  resolve_fork_target: Callable[[str], Endpoint | None],
-                 edge_endpoint: str, instance_id: str, api_base_url: str = "", recording_dir: str = ""):
+                 edge_endpoint: str, instance_id: str, api_base_url: str = "", recording_dir: str = "",
+                 rtpengines: list[RtpengineClient] | None = None, fork_mode: str = "snoop"):
         self.nodes = nodes
         self.store = store
         self.metrics = metrics
         self.resolve_agent = resolve_agent
         self.resolve_fork_target = resolve_fork_target
         self.edge_endpoint = edge_endpoint  # PJSIP endpoint of the Kamailio edge on the media nodes
+        self.rtpengines = rtpengines or []  # the edges' rtpengines (NG): forks copied at the edge
+        self.fork_mode = fork_mode  # edge | snoop: how a fork is made when both can
         self.instance_id = instance_id
         self.api_base_url = api_base_url.rstrip("/")
         self.calls: dict[str, CallMedia] = {}  # call id -> media (calls on nodes this controller serves)

@@ -93,7 +93,8 @@ class Forks(Feature):
             plane.metrics.fork_start_seconds.observe(elapsed)
             plane.metrics.forks_started.inc()
             plane.metrics.forks_active.inc()
-            await plane.save(media, "fork_started", fork=fork_id, target=target.name, start_ms=round(elapsed * 1000, 1))
+            await plane.save(media, "fork_started", fork=fork_id, target=target.name, mode="snoop",
+                             start_ms=round(elapsed * 1000, 1))
             return {"fork_id": fork_id, "target": target.name, "direction": direction}
 
     async def _start_edge(self, call_id: str, target: Endpoint, direction: str, t0: float,

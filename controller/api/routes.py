@@ -229,7 +229,10 @@ async def post_action(request: web.Request) -> web.Response:
 async def post_call(request: web.Request) -> web.Response:
     body = await _json_body(request, "originate_request")
     amd = body.get("amd", False)
-    amd_ms = (parse_duration_ms(amd.get("timeout", 5)) if isinstance(amd, dict) else 5000) if amd else 0
+    try:
+        amd_ms = (parse_duration_ms(amd.get("timeout", 5)) if isinstance(amd, dict) else 5000) if amd else 0
+    except ValueError as exc:  # e.g. 14.0: a whole number to JSON Schema, not a duration
+        raise _Invalid([{"path": "amd.timeout", "message": str(exc)}]) from None
     if amd_ms and not 1000 <= amd_ms <= 30_000:
         raise _Invalid([{"path": "amd.timeout", "message": "1 to 30 seconds"}])
     result = await request.config_dict[CONTROL].originate(body["to"], body["agent"], body.get("caller_id"),

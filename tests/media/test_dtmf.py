@@ -193,3 +193,28 @@ def test_the_cli_builds_dtmf_and_gather_actions():
     assert validate_action(action)
     with pytest.raises(ValueError):
         _call_action(parse(["call", "gather", "c1", "--webhook", "http://a/b", "--then", "[]"]))
+
+
+async def test_a_gather_goes_on_after_a_controller_restart(h):
+    """The gather is part of the call's record: the next controller finishes it (its digits
+    so far, its timeout counted from the last digit, its branch)."""
+    caller = await h.call_up()
+    await control(h).execute(CALL, {"gather": {"max_digits": 4, "timeout": "3s", "finish_key": "",
+                                               "then": [{"match": {"digits": "12"}, "actions": [{"send_dtmf": "9"}]}]}})
+    await h.fake.send_dtmf(caller, "1")
+    await h.until(lambda: h.plane.calls[CALL].gather.digits == "1")
+    old = h.plane
+    await h.stop_plane()
+    await old.release_node("media1")  # gone with its process: none of its timers fire any more
+    await h.start_plane()
+    control(h)  # the new controller's call control carries out the gather's branch
+    await asyncio.wait_for(h.plane.wait_synced("media1"), 5)  # it took the call over (and the node's events)
+    assert h.plane.calls[CALL].gather.digits == "1"
+    await h.fake.send_dtmf(caller, "2")
+    deadline = asyncio.get_running_loop().time() + 5
+    while not await events(h, "gather_completed"):
+        assert asyncio.get_running_loop().time() < deadline, "the gather never ended after the restart"
+        await asyncio.sleep(0.02)
+    (done,) = await events(h, "gather_completed")
+    assert (done["digits"], done["reason"]) == ("12", "timeout")
+    await h.fake.wait_for_request("POST", rf"/channels/{caller}/dtmf")

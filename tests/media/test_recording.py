@@ -182,3 +182,19 @@ async def test_the_decisions_media_actions_run_once_the_agent_is_connected(h):
     assert failed["action"] == 1 and "sideways" in failed["reason"]  # an invalid one is refused, the rest runs
     names = [e["event"] for e in await h.store.timeline(CALL)]
     assert names.index("media_up") < names.index("recording_starting")
+
+
+async def test_a_recording_is_stopped_and_fetched_by_the_next_controller(h, tmp_path):
+    await h.call_up()
+    started = await h.plane.recording.start(CALL, "both")
+    await h.fake.wait_for_event("RecordingStarted")
+    old = h.plane
+    await h.stop_plane()
+    await old.release_node("media1")
+    await h.start_plane()
+    await asyncio.wait_for(h.plane.wait_synced("media1"), 5)
+    h.plane.recording.directory = tmp_path
+    assert (await h.plane.recording.stop(CALL))["stopped"] == [started["recording_id"]]
+    done = await until_event(h, "recording_completed")
+    assert done["recording"] == started["recording_id"] and done["location"] == "local"
+    assert (tmp_path / f"{h.plane.calls[CALL].recordings[started['recording_id']].name}.wav").stat().st_size > 44

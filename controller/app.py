@@ -202,6 +202,18 @@ async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
         if event is not None:
             sender.publish(event)
     app[STORE].listeners.append(on_event)
+    holder = app[POLICIES]
+    agent_webhooks = ["", False]  # (policy version, whether an agent of it has a webhook)
+
+    def wants_events() -> bool:
+        """A webhook can be sent: a controller-wide URL, or an agent of the policy has one."""
+        policy = holder.policy
+        if settings.webhook_url or policy is None:
+            return bool(settings.webhook_url)
+        if agent_webhooks[0] != policy.version:
+            agent_webhooks[:] = [policy.version, any(a.webhook for a in policy.source.agents.values())]
+        return agent_webhooks[1]
+    app[STORE].wants_events = wants_events
     if (settings.webhook_url or settings.webhook_events) and not settings.webhook_secret:
         log.warning("webhook_secret is empty: webhooks are sent with a signature nobody can trust")
     yield

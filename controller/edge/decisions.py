@@ -56,6 +56,10 @@ class EdgeDecisions:
         """The policy decisions are made with now (None while none loaded)."""
         return self._policy()
 
+    def records_pending(self) -> list[asyncio.Event]:
+        """record_pending of every call this controller is deciding now."""
+        return list(self._deciding.values())
+
     def record_pending(self, call_id: str) -> asyncio.Event | None:
         """Set once this controller's record of a call it is deciding is written (None: none
         is being written): what the edge saw next about the call is applied after it."""

@@ -27,7 +27,7 @@ from controller.edge.decisions import EdgeDecisions
 from controller.metrics import Metrics
 from controller.security.guard import SecurityGuard
 from controller.state.calls import now_ms
-from controller.state.journal import Applied, DialogChange, FallbackTaken, Journal, NewCall, PartlyApplied
+from controller.state.journal import Applied, DialogChange, FallbackTaken, Journal, NewCall, PartlyApplied, StreamBatch
 from controller.state.leases import Lease, NodeLeases
 
 log = logging.getLogger("callfabric.edge")
@@ -36,10 +36,19 @@ GROUP = "callfabric"
 _DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
 # fallback mode -> the call's state; "rejected": the edge's policy rejected it instead (route[FALLBACK])
 _FALLBACK_OUTCOME = {"open": "routing", "closed": "failed", "rejected": "failed"}
+IN_REDIS_BATCH_MAX = 200  # entries per script: Redis serves nobody else meanwhile (~ms)
+IN_REDIS_LINGER_FROM = 16  # after a batch this big (but not full), the next one is given linger_s to gather:
+# a round trip per batch, not per event, when busy; each event at once when quiet
 
 
 def stream_key(edge: str) -> str:
     return f"cf:edge:{{{edge}}}:events"
+
+
+def summaries_key(edge: str) -> str:
+    """What Redis applied of the edge's stream, per consumer, until the consumer settled it
+    (state/journal.py apply_stream)."""
+    return f"cf:edge:{{{edge}}}:applied"
 
 
 def writer_key(edge: str) -> str:
@@ -125,7 +134,10 @@ class EdgeRecorder:
             self.owned[edge] = True
             log.info("edge %s events: consumed by this controller (fence %d)", edge, lease.fence)
             try:
-                await self._consume(edge, lease)
+                if self.journal.applies_streams:
+                    await self._consume_in_redis(edge, lease)
+                else:
+                    await self._consume(edge, lease)
             except (RedisError, OSError) as exc:
                 log.warning("edge %s events: %s; taking the lease again", edge, exc)
                 await asyncio.sleep(lease_poll_s)
@@ -204,6 +216,108 @@ class EdgeRecorder:
                     self._uncertain.clear()
                 self._uncertain.update(ids)
                 raise
+
+    async def _consume_in_redis(self, edge: str, lease: Lease) -> None:
+        """_consume, with Redis applying the events (Journal.apply_stream): a round trip per
+        batch, nothing per event here but what the batch's summary asks for (metrics, hot
+        scopes, webhooks). Quiet: each entry is applied as it comes; busy: batches are given a
+        moment to gather (the edge writes every 5 ms)."""
+        key = stream_key(edge)
+        redis = self.store.redis
+        ttl_s = self.leases.ttl_ms / 1000
+        valid_until = time.monotonic() + ttl_s * 0.8
+        renewed_at = time.monotonic()
+        await self._ensure_group(key)
+        claiming, start = True, "0-0"
+        count = min(self.batch_max, IN_REDIS_BATCH_MAX)
+        while True:
+            now = time.monotonic()
+            if now >= valid_until:
+                log.warning("edge %s events: lease lapsed here; letting it go", edge)
+                return
+            if now - renewed_at >= ttl_s / 3:
+                if not await self.leases.renew(lease):
+                    log.warning("edge %s events: another controller consumes them now", edge)
+                    return
+                renewed_at = time.monotonic()
+                valid_until = renewed_at + ttl_s * 0.8
+                self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
+            try:
+                if claiming:  # a previous owner's unacknowledged entries become ours (applied first)
+                    (reply,) = await self.store.batch.run([("XAUTOCLAIM", key, GROUP, self.instance, 0, start,
+                                                            "COUNT", count, "JUSTID")])
+                    if isinstance(reply, Exception):
+                        raise reply
+                    start = _text(reply[0])
+                    claiming = start != "0-0"
+                pending = self.decisions.records_pending()
+                if pending:  # decisions of this controller being written come first
+                    await asyncio.gather(*(e.wait() for e in pending))
+                batch = await self.journal.apply_stream(key, summaries_key(edge), GROUP, self.instance, count,
+                                                        **self._apply_params(edge))
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    log.warning("edge %s events: consumer group gone (Redis restarted without its data?); "
+                                "creating it again", edge)
+                    self.data_lost_at_ms = self.data_lost_at_ms or now_ms()
+                    await self._ensure_group(key)
+                    claiming, start = True, "0-0"
+                    continue
+                raise
+            await self._settle(batch, edge, key)
+            if batch.read >= count or claiming:
+                continue
+            if batch.read >= IN_REDIS_LINGER_FROM:  # busy: a moment for the next batch to gather
+                await asyncio.sleep(self.linger_s)
+            else:  # wait for the next entry (it joins this consumer's own: applied next time)
+                await redis.xreadgroup(GROUP, self.instance, {key: ">"}, count=1,
+                                       block=max(1, min(self.block_ms, int(ttl_s * 250))))
+
+    def _apply_params(self, edge: str) -> dict[str, Any]:
+        policy = self.decisions.serving()
+        hot = self.decisions.hot
+        security = policy.compiled.security if policy is not None else None
+        short = security.ends_short_calls() if security is not None and self.security is not None else ()
+        return {"now_ms": now_ms(), "instance": self.instance, "policy_version": policy.version if policy else "",
+                "thresholds": hot.thresholds(policy) if hot is not None and hot.edges and policy is not None else {},
+                "short_calls": [(d.name, d.shorter_than_ms, d.window_s) for d in short],
+                "events": self.store.wants_events(), "edge": edge}
+
+    async def _settle(self, batch: StreamBatch, edge: str, key: str) -> None:
+        """What the controller does after Redis applied a batch: metrics, hot scopes,
+        webhooks; and the entries Redis left to it, applied and acknowledged here."""
+        metrics = self.metrics
+        for kind, a, b, n in batch.tallies:
+            if kind == "decision":
+                metrics.decisions.labels(a, b).inc(n)
+            elif kind == "edge":
+                metrics.edge_made_decisions.labels(a).inc(n)
+            elif kind == "dialog":
+                metrics.dialog_events.labels(a, b).inc(n)
+            elif kind == "fallback":
+                metrics.edge_fallbacks.labels(a).inc(n)
+            elif kind == "mismatch":
+                policy = self.decisions.serving()
+                metrics.edge_policy_mismatch.inc(n - 1)
+                self._mismatch(b, a, policy.version if policy else "none")
+            elif b:  # apply-error: its message
+                metrics.decision_errors.labels(a).inc(n)
+                log.error("edge %s events: %d not applied by Redis: %s", edge, n, b)
+            else:
+                metrics.decision_errors.labels(a).inc(n)
+                log.warning("edge %s events: %d ignored (%s)", edge, n, a)
+        metrics.edge_events.labels(edge, "applied").inc(batch.read - len(batch.left))
+        policy = self.decisions.serving()
+        if batch.hot and self.decisions.hot is not None and policy is not None:
+            self.decisions.hot.observe(policy, [p for p, _ in batch.hot], [v for _, v in batch.hot])
+        for text in batch.events:
+            event = _decode(text)
+            if isinstance(event, dict):
+                self.store._emit(str(event.get("call_id", "")), event)
+        if batch.left:
+            ids = [entry_id for entry_id, _ in batch.left]
+            await self.apply([_decode(raw) for _, raw in batch.left], source=edge,
+                             ack=[("XACK", key, GROUP, *ids), ("XDEL", key, *ids)])
 
     async def _ensure_group(self, key: str) -> None:
         try:
@@ -308,6 +422,7 @@ class EdgeRecorder:
         """Metrics, webhooks' and detectors' follow-ups of what was applied (only: a replay
         counts nothing)."""
         probes: dict[tuple, Any] = {}
+        short: list[tuple[str, int, int]] = []  # answered calls that ended: (src, talked ms, ended ms)
         policy = self.decisions.serving()
         for result in results:
             change = result.change
@@ -320,8 +435,11 @@ class EdgeRecorder:
             if type(change) is DialogChange:
                 self.metrics.dialog_events.labels(change.state if change.state != "answered" else "confirmed",
                                                   change.event["reason"]).inc()
-                if change.state == "ended" and self.security is not None and result.transition is not None:
-                    self.security_task(self.security.call_ended(result.transition, change.event["ts"]))
+                transition = result.transition
+                if change.state == "ended" and transition is not None and transition.answered_at_ms is not None \
+                        and transition.src:
+                    ended = change.event["ts"]
+                    short.append((transition.src, ended - transition.answered_at_ms, ended))
             elif type(change) is FallbackTaken:
                 self.metrics.edge_fallbacks.labels(change.reason).inc()
             else:
@@ -333,6 +451,8 @@ class EdgeRecorder:
                     self._mismatch(change.call_id, record["policy_version"], policy.version)
                 for c in change.counters:
                     probes[(c.key, c.kind, c.scope, c.value, c.window_s)] = c
+        if short and self.security is not None:  # one task and pipeline for the batch's calls
+            self.security_task(self.security.short_calls(short))
         hot = self.decisions.hot
         if probes and hot is not None and policy is not None:
             self.security_task(self._check_hot(policy, list(probes.values())))

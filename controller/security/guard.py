@@ -54,19 +54,48 @@ class SecurityGuard:
     # -- after the decision ------------------------------------------------------------------
     async def call_ended(self, transition: Transition, ended_ms: int) -> None:
         """A call answered and ended sooner than a short_calls detector's limit counts for its source."""
+        if transition.answered_at_ms is not None and transition.src:
+            await self.short_calls([(transition.src, ended_ms - transition.answered_at_ms, ended_ms)])
+
+    async def short_calls(self, calls: list[tuple[str, int, int]]) -> None:
+        """Answered calls that ended (source ip:port, talked ms, ended ms): those shorter than a
+        short_calls detector's limit count for their source, all in one pipeline, then the
+        sources are checked for hot scopes in one read."""
         policy = self._policy()
         security = policy.compiled.security if policy is not None else None
-        if security is None or transition.answered_at_ms is None or not transition.src:
-            return
-        detectors = security.ends_short_calls()
+        detectors = security.ends_short_calls() if security is not None else ()
         if not detectors:
             return
-        talked_ms = ended_ms - transition.answered_at_ms
-        ip = transition.src.rsplit(":", 1)[0].strip("[]")
-        counted = [d for d in detectors if 0 <= talked_ms < d.shorter_than_ms]
-        if counted:
-            await self._bump(SHORT_CALLS_SCOPE, ip, {d.window_s for d in counted}, ended_ms)
-            await self._observe_hot(policy, SHORT_CALLS_SCOPE, ip, counted, ended_ms)
+        commands: list[tuple] = []
+        observed: list[tuple[CounterRequest, int]] = []
+        for src, talked_ms, ended_ms in calls:
+            counted = [d for d in detectors if 0 <= talked_ms < d.shorter_than_ms]
+            if not counted:
+                continue
+            ip = src.rsplit(":", 1)[0].strip("[]")
+            for window_s in {d.window_s for d in counted}:
+                key = window_key(SHORT_CALLS_SCOPE, ip, window_s, ended_ms // (window_s * 1000))
+                commands += [("INCR", key), ("EXPIRE", key, 2 * window_s + 1)]
+            observed += [(CounterRequest(f"risk:{d.name}", "window", SHORT_CALLS_SCOPE, ip, d.window_s, count=False),
+                          ended_ms) for d in counted]
+        if not commands:
+            return
+        try:
+            await self.store.batch.run(commands, urgent=False)
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("security").inc()
+            log.error("could not count %d short calls: %s", len(calls), exc)
+            return
+        if self.hot is None:
+            return
+        probes = list({(p.key, p.value, p.window_s): p for p, _ in observed}.values())
+        try:
+            values = await self.store.read_counter_values(probes, max(at for _, at in observed))
+        except RedisError as exc:
+            self.metrics.redis_errors.labels("security").inc()
+            log.warning("hot scope check of %d short-call sources skipped: %s", len(probes), exc)
+            return
+        self.hot.observe(policy, probes, values)
 
     def asterisk_event(self, event: SecurityEvent) -> None:
         """Asterisk saw a failed authentication / unknown endpoint … from an address."""

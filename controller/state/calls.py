@@ -111,24 +111,37 @@ def _field(value: Any) -> str:
 # decided it already (Kamailio may relay a decide to every controller), nothing is written
 # and 0 is returned, so its counters are not counted twice. (Fields travel as one JSON
 # document: decoding it costs Redis less than encoding dozens of arguments costs the
-# controller.)
-_CREATE = Script("""
-if redis.call('HSETNX', KEYS[1], 'created_at_ms', ARGV[8]) == 0 then
-  return 0
+# controller.) The scripts' bodies are Lua functions of (KEYS, ARGV), so that the applier of
+# the edges' event streams (journal.py) runs the very same code for a batch of calls; there
+# the fields come as a table already.
+FIELDS_LUA = """
+local function fields_of(fields)
+  if type(fields) == 'string' then
+    return cjson.decode(fields)
+  end
+  return fields
 end
-local flat = {}
-for k, v in pairs(cjson.decode(ARGV[7])) do
-  flat[#flat + 1] = k
-  flat[#flat + 1] = v
+"""
+CREATE_LUA = """
+local function create(KEYS, ARGV)
+  if redis.call('HSETNX', KEYS[1], 'created_at_ms', ARGV[8]) == 0 then
+    return 0
+  end
+  local flat = {}
+  for k, v in pairs(fields_of(ARGV[7])) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', KEYS[1], unpack(flat))
+  redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  return 1
 end
-redis.call('HSET', KEYS[1], unpack(flat))
-redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
-redis.call('PUBLISH', 'cf:events', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-return 1
-""")
+"""
+_CREATE = Script(FIELDS_LUA + CREATE_LUA + "return create(KEYS, ARGV)\n")
 
 # Moves a call forward only (never back, never to the state it is in: a change written
 # twice — replayed after a lost reply — is applied once), appends to its timeline, sets its
@@ -136,33 +149,36 @@ return 1
 # ts, event JSON, timeline cap, retention seconds (final states) or 0, live safety expiry,
 # fields JSON. Returns {previous state or '', applied 0/1, live scopes JSON or '', source
 # address:port or '', answered time (ms) or ''}.
-_TRANSITION = Script("""
-local current = redis.call('HGET', KEYS[1], 'state')
-local new = ARGV[1]
-local rank = {routing=1, answered=2, failed=3, ended=3}
-local info = redis.call('HMGET', KEYS[1], 'live_scopes', 'src', 'answered_at_ms')
-local scopes, src, answered = info[1] or '', info[2] or '', info[3] or ''
-if current and rank[current] and (rank[current] >= 3 or rank[new] <= rank[current]) then
-  return {current, 0, scopes, src, answered}
+TRANSITION_LUA = """
+local function transition(KEYS, ARGV)
+  local current = redis.call('HGET', KEYS[1], 'state')
+  local new = ARGV[1]
+  local rank = {routing=1, answered=2, failed=3, ended=3}
+  local info = redis.call('HMGET', KEYS[1], 'live_scopes', 'src', 'answered_at_ms')
+  local scopes, src, answered = info[1] or '', info[2] or '', info[3] or ''
+  if current and rank[current] and (rank[current] >= 3 or rank[new] <= rank[current]) then
+    return {current, 0, scopes, src, answered}
+  end
+  local flat = {'state', new}
+  for k, v in pairs(fields_of(ARGV[8])) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', KEYS[1], unpack(flat))
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  local ttl = tonumber(ARGV[6])
+  if ttl == 0 and not current then
+    ttl = tonumber(ARGV[7])  -- a call first seen live: its safety expiry
+  end
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+  return {current or '', 1, scopes, src, answered}
 end
-local flat = {'state', new}
-for k, v in pairs(cjson.decode(ARGV[8])) do
-  flat[#flat + 1] = k
-  flat[#flat + 1] = v
-end
-redis.call('HSET', KEYS[1], unpack(flat))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
-redis.call('PUBLISH', 'cf:events', ARGV[4])
-local ttl = tonumber(ARGV[6])
-if ttl == 0 and not current then
-  ttl = tonumber(ARGV[7])  -- a call first seen live: its safety expiry
-end
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return {current or '', 1, scopes, src, answered}
-""")
+"""
+_TRANSITION = Script(FIELDS_LUA + TRANSITION_LUA + "return transition(KEYS, ARGV)\n")
 
 
 # The media record of a call and a timeline event, fenced: the node owner's lease token
@@ -215,6 +231,9 @@ class CallStore:
         # Told of every timeline event this process writes (the webhook sender): local, so
         # several controllers never send one event twice.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Whether the listeners have a use for every event now (e.g. a webhook is configured):
+        # the events Redis applies itself (journal.py apply_stream) come back here only then.
+        self.wants_events: Callable[[], bool] = lambda: bool(self.listeners)
 
     def _emit(self, call_id: str, event: dict[str, Any]) -> None:
         for listener in self.listeners:

@@ -6,7 +6,8 @@ COPY controller/api/phone/package.json controller/api/phone/package-lock.json co
 RUN npm ci --no-audit --no-fund && npm run build
 
 FROM python:3.11-slim-bookworm
-RUN useradd --system --uid 10001 --home-dir /srv/callfabric --create-home callfabric
+RUN groupadd --system --gid 10001 callfabric \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /srv/callfabric --create-home callfabric
 WORKDIR /srv/callfabric
 COPY pyproject.toml README.md ./
 COPY controller ./controller
@@ -15,7 +16,8 @@ RUN pip install --no-cache-dir . && rm -rf /root/.cache
 COPY policies ./policies
 # the edge policy, edge key and state volumes (compose) take these directories' owner on first use
 RUN mkdir -p /srv/callfabric/edge /srv/callfabric/keys /srv/callfabric/state \
- && chown callfabric /srv/callfabric/edge /srv/callfabric/keys /srv/callfabric/state
+ && chown callfabric /srv/callfabric/edge /srv/callfabric/keys /srv/callfabric/state \
+ && install -d -o callfabric -g 10001 -m 2770 /srv/callfabric/trunks
 USER callfabric
 ENV CALLFABRIC_POLICY_DIR=/srv/callfabric/policies \
     CALLFABRIC_HTTP_LISTEN=0.0.0.0:8460

@@ -21,7 +21,9 @@
 #   written it, a closed table refuses every source),
 #   TLS_LISTEN (e.g. tls:0.0.0.0:5061: SIP over TLS with /etc/callfabric/tls.cfg, whose certificate,
 #   key and CA list are mounted at /etc/callfabric/tls/edge.crt, edge.key and the system CAs;
-#   `kamcmd tls.reload` re-reads them)
+#   `kamcmd tls.reload` re-reads them), RTPENGINE_SOCK (udp:rtpengine:2223: media anchored at the
+#   edge), WSS_PORT (with TLS_LISTEN: browsers over a secure WebSocket), PHONE_SECRET (the
+#   controller's phone_token_secret), WS_ORIGIN_RE (the Origin browsers' pages must have)
 set -eu
 run=/run/callfabric
 : > "$run/dispatcher.list"
@@ -54,7 +56,14 @@ if [ -n "${TRUNKS_DIR:-}" ]; then
   fi
   set -- "$@" -A "TRUNKS_DB=\"text://${TRUNKS_DIR}\""
 fi
+if [ -n "${RTPENGINE_SOCK:-}" ]; then set -- "$@" -A "RTPENGINE_SOCK=\"${RTPENGINE_SOCK}\""; fi
 if [ -n "${TLS_LISTEN:-}" ]; then
   set -- "$@" -A "TLS_CFG=\"/etc/callfabric/tls.cfg\"" -A "TLS_LISTEN=${TLS_LISTEN}"
+  if [ -n "${WSS_PORT:-}" ]; then
+    # (a define string: its backslashes doubled for Kamailio's string escapes)
+    origin=$(printf '%s' "${WS_ORIGIN_RE:-^\$}" | sed 's/\\/\\\\/g')
+    set -- "$@" -A "WSS_ADDR=0.0.0.0" -A "WSS_PORT=${WSS_PORT}" -A "PHONE_SECRET=\"${PHONE_SECRET:-}\"" \
+      -A "WS_ORIGIN_RE=\"${origin}\""
+  fi
 fi
 exec "$@"

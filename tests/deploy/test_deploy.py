@@ -10,6 +10,7 @@ import html
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -248,8 +249,8 @@ def test_alert_rules(tmp_path):
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
     controller = _controller_metrics()
     # what kamailio.cfg declares to xhttp_prom (exported with the kamailio_ prefix; counters as declared)
-    kamailio = {f"kamailio_{n}" for n in re.findall(r'"prom_(?:counter|gauge)", "name=(\w+)',
-                                                    (ROOT / "kamailio" / "kamailio.cfg").read_text())}
+    config = "".join(path.read_text() for path in sorted((ROOT / "kamailio").glob("*.cfg")))  # includes too
+    kamailio = {f"kamailio_{n}" for n in re.findall(r'"prom_(?:counter|gauge)", "name=(\w+)', config)}
     assert kamailio
     for rule in (r for g in rules["groups"] for r in g["rules"]):
         assert rule["alert"] and rule["expr"] and rule["annotations"]["summary"]
@@ -340,12 +341,20 @@ def test_every_metric_a_panel_uses_is_exported(tmp_path):
     from tests.support.kamailio import HAS_APP_PYTHON3, FakeDecider, wait_clients
     if shutil.which("kamailio") is None or not HAS_APP_PYTHON3:
         pytest.skip("kamailio (with app_python3) is not installed: the panels' Kamailio metrics cannot be checked")
-    from controller.localstack.kamailio import Kamailio
+    from controller.localstack.kamailio import Kamailio, free_port
     from controller.localstack.sipp import SippUAS, run_uac
+    from controller.edge.trunks import TrunkTable, write_table
+    from controller.localstack.tls import LocalCa
     # Kamailio shows its own metrics once they have a value: one decided call, one fallback,
-    # calls its edge policy (not written yet) leaves to a controller.
+    # calls its edge policy (not written yet) leaves to a controller; with trunks, rtpengine (none
+    # answers here), TLS and WSS configured, so every include file's metrics exist too.
+    write_table(str(tmp_path / "trunks"), TrunkTable({"v": "open", "realm": "callfabric", "nets": "0"}, []))
+    ca = LocalCa.create(tmp_path / "pki")
+    features = {"trunks_dir": tmp_path / "trunks", "tls": (*ca.issue("edge"), ca.cert), "extra_defines": {
+        "RTPENGINE_SOCK": f'"udp:127.0.0.1:{free_port(socket.SOCK_DGRAM)}"', "WSS_PORT": str(free_port()),
+        "PHONE_SECRET": '"dashboard-test"', "MEDIA_DEFAULT": '"never"'}}
     with SippUAS(tmp_path, "uas_answer.xml") as uas, \
-            Kamailio(tmp_path, {1: [uas.addr]}, edge_policy=tmp_path / "not-yet.policy") as kamailio:
+            Kamailio(tmp_path, {1: [uas.addr]}, edge_policy=tmp_path / "not-yet.policy", **features) as kamailio:
         decider = FakeDecider(kamailio.evapi_port).start()
         wait_clients(kamailio, 1)
         assert run_uac(tmp_path, kamailio.sip_port, calls=1).successful == 1

@@ -6,8 +6,9 @@ SIPp called party that accepts it (202, NOTIFY 200) completes and the call leave
 and toward one that refuses it (603) fails with that status and falls back to bridging the
 target through the edge; a G.722 caller reaches a slin16 agent at 16 kHz; a websocket agent's
 FLUSH_MEDIA stops the caller hearing it within 40 ms (measured at the caller) and its marks
-come back once the audio before them has been played; answering-machine detection tells a
-called party playing a long greeting (machine) from one saying a short hello (human).
+come back once the audio before them has been played, and it hears the caller's keys as
+DTMF_END messages; answering-machine detection tells a called party playing a long greeting
+(machine) from one saying a short hello (human).
 
 Runs when an `asterisk` binary is available (PATH or CALLFABRIC_ASTERISK); skipped with that
 reason otherwise."""
@@ -405,3 +406,11 @@ async def test_amd_tells_a_machines_greeting_from_a_humans_hello(controller):
     finally:
         for party in parties:
             await asyncio.to_thread(party.stop)
+
+
+async def test_a_websocket_agent_hears_the_callers_keys_as_dtmf_end_messages(controller, talker):
+    result = await asyncio.to_thread(run_uac, controller["tmp"], controller["kamailio"].sip_port, "uac_media.xml",
+                                     service="18005550117", hold_ms=1500, dtmf="25", timeout_s=20)
+    assert result.successful == 1, result.output
+    keys = [text.split()[1] for _, text in talker.texts if text.startswith("DTMF_END")]
+    assert keys == ["digit:2", "digit:5"], talker.texts

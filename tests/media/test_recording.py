@@ -5,16 +5,15 @@ recording that fails never takes the call down."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
 from controller.api.commands import CallControl
 from controller.media.features.recording import wav_duration_ms
 from controller.media.plane import MediaError
+from tests.api.test_api_contract import ari_failing
 from tests.media.test_dtmf import SERVING, events
 from tests.media.test_media_plane import h  # noqa: F401  (the fixture)
-from tests.support import fake_ari
 from tests.support.fake_ari import _silent_wav
 
 CALL = "call-1@edge"
@@ -28,20 +27,6 @@ async def until_event(h, name: str, timeout: float = 5.0) -> dict:
             return found[-1]
         assert asyncio.get_running_loop().time() < deadline, f"no {name} on the timeline"
         await asyncio.sleep(0.02)
-
-
-@contextlib.contextmanager
-def failing(fake, *operations):
-    originals = {op: fake._handlers[op] for op in operations}
-
-    def fail(args):
-        raise fake_ari._AriError(500, "Internal Server Error (injected)")
-    for op in operations:
-        fake._handlers[op] = fail
-    try:
-        yield
-    finally:
-        fake._handlers.update(originals)
 
 
 async def test_record_both_sides_stop_and_fetch_into_the_directory(h, tmp_path):
@@ -106,7 +91,7 @@ async def test_max_duration_ends_a_recording(h):
 
 async def test_a_recording_that_fails_leaves_the_call_up(h):
     caller = await h.call_up()
-    with failing(h.fake, ("channels", "record")):
+    with ari_failing(h.fake, ("channels", "record")):
         with pytest.raises(MediaError, match="recording failed"):
             await h.plane.recording.start(CALL)
     failed = await until_event(h, "recording_failed")

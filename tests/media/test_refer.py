@@ -12,7 +12,8 @@ from controller.api.commands import CallControl, CommandError
 from controller.api.events import public_event
 from tests.media.test_dtmf import SERVING, events
 from tests.media.test_media_plane import APP, h  # noqa: F401  (the fixture)
-from tests.media.test_recording import failing, until_event
+from tests.api.test_api_contract import ari_failing
+from tests.media.test_recording import until_event
 
 CALL = "call-1@edge"
 
@@ -88,7 +89,7 @@ async def test_the_far_end_hanging_up_during_the_refer_ends_the_call(h):
 
 async def test_a_node_that_refuses_the_refer_leaves_the_call_up(h):
     caller = await h.call_up()
-    with failing(h.fake, ("channels", "continueInDialplan")):
+    with ari_failing(h.fake, ("channels", "continueInDialplan")):
         with pytest.raises(Exception, match="transfer by REFER failed"):
             await h.plane.refer.start(CALL, "sip:bob@pbx.example.com", fallback=False)
     media = h.plane.calls[CALL]

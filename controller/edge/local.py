@@ -345,7 +345,8 @@ class EdgeDecider:
                                f"{_json(result.answer)[:300]}")
             return EdgeOutcome.defer("invalid", reject_floor(policy, facts, decision))
         # (a counter probe is the tuple [key, kind, scope, value, window_s, count, member])
-        encoded = _json({"event": "decided", "call_id": parsed.call.call_id, "tx": parsed.tx, "record": result.record,
+        record = {k: v for k, v in result.record.items() if v is not None}  # (absent and null read the same)
+        encoded = _json({"event": "decided", "call_id": parsed.call.call_id, "tx": parsed.tx, "record": record,
                          "timeline": result.event, "live_scopes": result.live_scopes, "counters": counters})
         if len(encoded) > MAX_EVENT_BYTES:  # beyond Kamailio's pv buffer: let the controller record it
             return EdgeOutcome.defer("too-big", reject_floor(policy, facts, decision))

@@ -151,11 +151,10 @@ _CREATE = Script(FIELDS_LUA + CREATE_LUA + "return create(KEYS, ARGV)\n")
 # address:port or '', answered time (ms) or ''}.
 TRANSITION_LUA = """
 local function transition(KEYS, ARGV)
-  local current = redis.call('HGET', KEYS[1], 'state')
+  local info = redis.call('HMGET', KEYS[1], 'state', 'live_scopes', 'src', 'answered_at_ms')
+  local current, scopes, src, answered = info[1], info[2] or '', info[3] or '', info[4] or ''
   local new = ARGV[1]
   local rank = {routing=1, answered=2, failed=3, ended=3}
-  local info = redis.call('HMGET', KEYS[1], 'live_scopes', 'src', 'answered_at_ms')
-  local scopes, src, answered = info[1] or '', info[2] or '', info[3] or ''
   if current and rank[current] and (rank[current] >= 3 or rank[new] <= rank[current]) then
     return {current, 0, scopes, src, answered}
   end

@@ -37,8 +37,6 @@ _DIALOG_STATE = {"confirmed": "answered", "ended": "ended", "failed": "failed"}
 # fallback mode -> the call's state; "rejected": the edge's policy rejected it instead (route[FALLBACK])
 _FALLBACK_OUTCOME = {"open": "routing", "closed": "failed", "rejected": "failed"}
 IN_REDIS_BATCH_MAX = 200  # entries per script: Redis serves nobody else meanwhile (~ms)
-IN_REDIS_LINGER_FROM = 16  # after a batch this big (but not full), the next one is given linger_s to gather:
-# a round trip per batch, not per event, when busy; each event at once when quiet
 
 
 def stream_key(edge: str) -> str:
@@ -220,8 +218,8 @@ class EdgeRecorder:
     async def _consume_in_redis(self, edge: str, lease: Lease) -> None:
         """_consume, with Redis applying the events (Journal.apply_stream): a round trip per
         batch, nothing per event here but what the batch's summary asks for (metrics, hot
-        scopes, webhooks). Quiet: each entry is applied as it comes; busy: batches are given a
-        moment to gather (the edge writes every 5 ms)."""
+        scopes, webhooks). After a batch that was not full, the next one is given linger_s to
+        gather; after an empty one, the next entry is waited for."""
         key = stream_key(edge)
         redis = self.store.redis
         ttl_s = self.leases.ttl_ms / 1000
@@ -267,7 +265,7 @@ class EdgeRecorder:
             await self._settle(batch, edge, key)
             if batch.read >= count or claiming:
                 continue
-            if batch.read >= IN_REDIS_LINGER_FROM:  # busy: a moment for the next batch to gather
+            if batch.read:  # a moment for the next batch to gather
                 await asyncio.sleep(self.linger_s)
             else:  # wait for the next entry (it joins this consumer's own: applied next time)
                 await redis.xreadgroup(GROUP, self.instance, {key: ">"}, count=1,

@@ -17,6 +17,7 @@ from controller.config import Settings
 from controller.localstack.kamailio import free_port
 from controller.state.calls import now_ms
 from tests.support.fake_ari import FakeAri
+from tests.support.wait import until
 
 ROOT = Path(__file__).resolve().parents[2]
 READ, CONTROL, ADMIN = "r" * 24, "c" * 24, "a" * 24
@@ -53,11 +54,9 @@ class Api:
                            live_scopes={}, window_counters=[], at_ms=now_ms(), event={"event": "decided", "ts": 1})
         channel = await self.fake.inbound_call("callfabric", [call_id, "intake"], sip_call_id=call_id)
         plane = self.app[MEDIA]
-        for _ in range(300):
-            if call_id in plane.calls and plane.calls[call_id].state == "active":
-                return channel
-            await asyncio.sleep(0.01)
-        raise AssertionError("call never became active")
+        await until(lambda: call_id in plane.calls and plane.calls[call_id].state == "active",
+                    what="the call active")
+        return channel
 
 
 @pytest.fixture
@@ -204,20 +203,15 @@ async def test_originate_an_outbound_call_with_an_agent(api):
     call_id, channel = body["call_id"], body["channel"]
     await api.fake.answer_outbound(channel)
     plane = api.app[MEDIA]
-    for _ in range(300):
-        if plane.calls.get(call_id) and plane.calls[call_id].state == "active":
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: plane.calls.get(call_id) and plane.calls[call_id].state == "active", what="the call active")
     media = plane.calls[call_id]
     assert media.agent.name == "intake" and set(api.fake.bridges[media.bridge]["channels"]) == {channel, media.agent.channel}
     record = await api.app[STORE].get(call_id)
     assert record["direction"] == "outbound" and record["state"] == "answered"
     await api.fake.caller_hangup(channel)
-    for _ in range(300):
-        if (await api.app[STORE].get(call_id))["state"] == "ended":
-            break
-        await asyncio.sleep(0.01)
-    assert (await api.app[STORE].get(call_id))["state"] == "ended"
+    async def ended() -> bool:
+        return (await api.app[STORE].get(call_id))["state"] == "ended"
+    await until(ended, what="the call ended")
     status, body = await api.call("POST", "/calls", json={"to": "+15551234567", "agent": "intake"})
     assert status == 422 and "declares no outbound trunk" in body["error"]["message"]
     status, body = await api.call("POST", "/calls", json={"to": "sip:x@y", "agent": "nobody"})

@@ -16,6 +16,7 @@ from controller.state.journal import Journal
 from tests.policy.helpers import DECLARATIONS
 from tests.support.evapi import ScriptedEdge, frame, read_answers
 from tests.support.metrics import sample
+from tests.support.wait import until
 
 RULES = "rules:\n  - {name: blocked, match: {ruri: {prefix: '+44909'}}, actions: [reject: 403]}\n"
 
@@ -129,11 +130,10 @@ async def test_dialog_events_follow_the_call_and_wait_for_its_decision(channel):
                  + frame({"event": "dialog", "state": "ended", "call_id": "call-5:1", "code": 0,
                           "reason": "bye-callee", "ts": 2_000, "fallback": ""}))
     await read_answers(reader, 1)
-    for _ in range(100):
+    async def ended():
         record = await store.get("call-5:1")
-        if record and record["state"] == "ended":
-            break
-        await asyncio.sleep(0.02)
+        return record if record and record["state"] == "ended" else None
+    record = await until(ended, what="call-5:1 ended")
     assert record["state"] == "ended" and record["end_reason"] == "bye-callee" and record["rule"] == "default"
     assert [e["event"] for e in await store.timeline("call-5:1")] == ["decided", "answered", "ended"]
 

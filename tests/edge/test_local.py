@@ -112,12 +112,8 @@ async def test_the_edge_answers_and_records_what_the_controller_answers_over_eva
         reader, writer = await asyncio.wait_for(edge.connections.get(), 10)
         ruris = ("02079460001", "02079460003", "0909123456", "01632960000")
         async def stored(call_id: str) -> dict:
-            for _ in range(200):  # a record is acknowledged after its answer left
-                record = await store.get(call_id)
-                if record:
-                    return record
-                await asyncio.sleep(0.01)
-            raise AssertionError(f"no record for {call_id}")
+            from tests.support.wait import until
+            return await until(lambda: store.get(call_id), what=f"the record of {call_id}")  # acknowledged after its answer
 
         def same(record: dict) -> dict:
             return {k: v for k, v in record.items() if k not in ("call_id", "created_at_ms", "ended_at_ms", "decided_by")}

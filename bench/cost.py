@@ -18,7 +18,7 @@ window; setup p50/p95 (INVITE → 200 OK, a low-rate probe SIPp's µs-stamped tr
 load); calls failed. Idle CPU (no calls) is printed too: it is included in the per-call
 figures, as a user pays it.
 
-    python bench/cost.py [--rate 300] [--seconds 10] [--rounds 3] [--hold-ms 1000]
+    python bench/cost.py [--rate 200] [--seconds 10] [--rounds 3] [--hold-ms 1000]
 
 Last line: RESULT kamailio_ratio=… controller_us_per_call=… redis_us_per_call=… total_ratio=…
 setup_p50_added_ms=… rate=… — the edge mode against static in this run (ratios of µs per call;
@@ -70,7 +70,7 @@ class Stack:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rate", type=int, default=300, help="calls per second (one the machine sustains)")
+    parser.add_argument("--rate", type=int, default=200, help="calls per second (one the machine sustains)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode, interleaved")
     parser.add_argument("--hold-ms", type=int, default=1000, help="how long each call stays up before BYE")

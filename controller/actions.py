@@ -58,7 +58,20 @@ _TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"
-PLAY_MEDIA_PATTERN = r"^(sound|recording|tone|digits|number|characters):[^\s,]{1,200}$|^https?://[^\s,]{1,2000}$"
+# What Asterisk's res_stasis_playback can play (a comma would split ARI's media list): a
+# sound by relative name (no absolute path, no ".." segment), a stored recording by name (one
+# segment: its existence is asked as /recordings/stored/NAME before it is played); a tone of
+# indications.conf by name or a tone string ast_tone_zone_part_parse() reads ("|" between its
+# parts), optionally in a zone; digits ast_say_digit_str() says; a number ast_say_number()
+# says (English: below a billion); characters; an http(s) URL (Asterisk's media cache). Only a
+# name Asterisk does not have is left for its PlaybackFinished `failed` to tell.
+_NAME_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}"
+_SOUND_NAME = rf"{_NAME_SEGMENT}(/{_NAME_SEGMENT}){{0,7}}"
+_TONE_PART = r"!?([0-9]{1,5}([+*][0-9]{1,5})?|M[0-9]{1,3}([+*]M[0-9]{1,3})?)(/[0-9]{1,6})?"
+PLAY_MEDIA_PATTERN = (rf"^(sound:{_SOUND_NAME}|recording:{_NAME_SEGMENT}"
+                      rf"|tone:([a-z][a-z0-9_-]{{0,31}}|{_TONE_PART}(\|{_TONE_PART}){{0,31}})(;tonezone=[a-z][a-z0-9_-]{{0,31}})?"
+                      r"|digits:[0-9*#-]{1,64}|number:-?[0-9]{1,9}|characters:[^\s,]{1,200}"
+                      r"|(sound:)?https?://[^\s,]{1,2000})$")
 FORK_ID_PATTERN = r"^f[0-9]{1,6}$"
 RECORDING_ID_PATTERN = r"^r[0-9]{1,6}$"
 TRANSFER_TARGET_PATTERN = r"^(sips?:[^\s<>\"',?]{3,250}|\+?[0-9]{2,31})$"

@@ -14,7 +14,9 @@ TYPE_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "i
 _PATTERN_WORDS = {
     r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "a name (letters, digits, '_', '.', '-', starting with a letter or digit)",
     DURATION_PATTERN: "a duration such as 90, 90s, 15m, 2h or 250ms",
-    PLAY_MEDIA_PATTERN: "media to play: sound:NAME, recording:NAME, tone:…, digits:… or an http(s) URL",
+    PLAY_MEDIA_PATTERN: "media to play: sound:NAME or recording:NAME (a relative name), tone:NAME or a tone "
+                        "string such as 440+480/2000|0/4000 (;tonezone=uk), digits:0-9*#, number:-?N (up to 9 "
+                        "digits), characters:TEXT or an http(s) URL",
     FORK_ID_PATTERN: "a fork id such as f3 (see the call's forks)",
     r"^https?://[^\s]+$": "an http:// or https:// URL",
     r"^[1-9][0-9]{0,2}$": "a country calling code such as '44' or '1'",

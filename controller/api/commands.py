@@ -101,7 +101,7 @@ class CallControl:
                 if call_id not in self.plane.calls else None
             result = forwarded or CommandResult(200, {"call_id": call_id, **await self._run(call_id, action)})
         except MediaError as exc:
-            result = CommandResult(exc.status, {"error": {"status": exc.status, "message": str(exc)}})
+            result = CommandResult(exc.status, {"error": {"status": exc.status, "message": str(exc), **exc.detail}})
         except AriError as exc:  # a media node's refusal the media plane passed on as is (e.g. play)
             result = CommandResult(502, {"error": {"status": 502, "message": str(exc)}})
         except CommandError as exc:
@@ -167,7 +167,7 @@ class CallControl:
                 raise MediaError(f"call {call_id!r} is not handled by this controller (any more); retry", 503)
             return {"status": 200, "body": {"call_id": call_id, **await self._run(call_id, request["action"])}}
         except MediaError as exc:
-            return {"status": exc.status, "body": {"error": {"status": exc.status, "message": str(exc)}}}
+            return {"status": exc.status, "body": {"error": {"status": exc.status, "message": str(exc), **exc.detail}}}
         except AriError as exc:
             return {"status": 502, "body": {"error": {"status": 502, "message": str(exc)}}}
         except CommandError as exc:

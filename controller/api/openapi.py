@@ -111,6 +111,8 @@ _ERROR = {
     "properties": {"error": {
         "type": "object", "required": ["status", "message"],
         "properties": {"status": {"type": "integer"}, "message": {"type": "string"},
+                       "playback_id": {"type": "string", "description": "A play that Asterisk failed "
+                                       "(422: a sound it does not have): the playback it tried"},
                        "errors": {"type": "array", "items": {
                            "type": "object", "required": ["path", "message"],
                            "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}}},

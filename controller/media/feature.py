@@ -16,9 +16,10 @@ LEG_UP_TIMEOUT_S = 5.0
 class MediaError(Exception):
     """An action that could not be carried out (unknown call, ended call, ARI refused …)."""
 
-    def __init__(self, message: str, status: int = 409):
+    def __init__(self, message: str, status: int = 409, **detail: Any):
         super().__init__(message)
         self.status = status
+        self.detail = detail  # what the API's error adds for programs (e.g. the failed playback_id)
 
 
 @dataclass(frozen=True, slots=True)

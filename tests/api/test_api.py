@@ -137,6 +137,10 @@ async def test_transfer_fork_play_and_hangup_through_actions(api):
     ({"action": {"route_agnt": "billing"}}, 422, "action.route_agnt", "unknown key 'route_agnt'"),
     ({"action": {"route_agent": "billing", "hangup": True}}, 422, "action", "has more than 1"),
     ({"action": {"play": "file:/etc/passwd"}}, 422, "action.play", "is not media to play: sound:NAME"),
+    ({"action": {"play": "sound:../../../etc/passwd"}}, 422, "action.play", "is not media to play: sound:NAME"),
+    ({"action": {"play": "tone:U?[wP&"}}, 422, "action.play", "is not media to play: sound:NAME"),
+    ({"action": {"play": "tone:440,480"}}, 422, "action.play", "is not media to play: sound:NAME"),
+    ({"action": {"play": "number:twelve"}}, 422, "action.play", "is not media to play: sound:NAME"),
     ({"action": {"stop_fork": {"fork_id": "zzz"}}}, 422, "action.stop_fork.fork_id", "is not a fork id such as f3"),
     ({"actions": []}, 422, "(body)", "missing required key 'action'"),
     ({"action": {"route_agent": "nobody"}}, 422, "action", "unknown agent 'nobody'"),
@@ -149,6 +153,22 @@ async def test_invalid_actions_are_422_with_paths_and_change_nothing(api, body, 
     assert got == status, answer
     assert any(e["path"] == path and fragment in e["message"] for e in answer["error"]["errors"]), answer
     assert len(api.fake.requests) == before  # nothing was asked of Asterisk
+
+
+async def test_media_only_asterisk_can_refuse_costs_it_one_playback_at_most(api):
+    await api.live_call()
+    bridge = api.app[MEDIA].calls["c1@edge"].bridge
+    before = len(api.fake.requests)
+    status, body = await api.call("POST", "/calls/c1@edge/actions", json={"action": {"play": "sound:no-such-sound"}})
+    assert status == 422 and body["error"]["playback_id"], body  # Asterisk's PlaybackFinished said `failed`
+    assert [(r.method, r.path) for r in api.fake.requests[before:] if r.method != "GET"] == \
+        [("POST", f"/bridges/{bridge}/play/{body['error']['playback_id']}")]
+    before = len(api.fake.requests)  # a recording Asterisk would skip without a word: asked for first
+    status, body = await api.call("POST", "/calls/c1@edge/actions", json={"action": {"play": "recording:no-such"}})
+    assert status == 422 and "no stored recording 'no-such'" in body["error"]["message"], body
+    assert [(r.method, r.path) for r in api.fake.requests[before:]] == [("GET", "/recordings/stored/no-such")]
+    status, body = await api.call("POST", "/calls/c1@edge/actions", json={"action": {"play": "tone:440+480/2000|0/4000"}})
+    assert status == 200 and body["result"]["state"] == "playing", body  # a tone string plays until stopped
 
 
 async def test_not_json_and_unknown_call(api):

@@ -74,10 +74,18 @@ class Running:
             raise self.error
         return self
 
-    def changes(self) -> int:
+    def changed_requests(self) -> list:
         """Requests that change something on the media node (reads, like the periodic RTP
         statistics of the audio health check, do not)."""
-        return sum(1 for r in self.fake.requests if r.method != "GET")
+        return [r for r in self.fake.requests if r.method != "GET"]
+
+    def changes(self) -> int:
+        return len(self.changed_requests())
+
+    def playback_state(self, playback_id: str) -> str | None:
+        """How the fake Asterisk said a playback ended (PlaybackFinished), if it did."""
+        return next((e["playback"]["state"] for e in self.fake.events("PlaybackFinished")
+                     if e["playback"]["id"] == playback_id), None)
 
     def quiet_change_count(self, quiet_s: float = 0.15, limit_s: float = 5.0) -> int:
         """Changing requests that reached the fake once it has been idle for `quiet_s`: an
@@ -132,4 +140,13 @@ def test_no_server_errors_and_documented_answers(case, running):
     case.validate_response(response, checks=[schemathesis.checks.status_code_conformance,
                                              schemathesis.checks.response_schema_conformance])
     if is_command and response.status_code >= 400:
-        assert running.quiet_change_count() == requests_before, "a rejected command changed something on Asterisk"
+        running.quiet_change_count()
+        changed = [(r.method, r.path) for r in running.changed_requests()[requests_before:]]
+        failed_playback = response.json()["error"].get("playback_id") if response.status_code == 422 else None
+        if failed_playback is None:
+            assert changed == [], "a rejected command changed something on Asterisk"
+        else:  # a well-formed sound only Asterisk knows it does not have: the one playback it failed
+            bridge = running.app[MEDIA].calls["fuzz@edge"].bridge
+            assert changed == [("POST", f"/bridges/{bridge}/play/{failed_playback}")], \
+                "a rejected play changed more on Asterisk than the playback it failed"
+            assert running.playback_state(failed_playback) == "failed", "a 422 for a playback Asterisk did not fail"

@@ -95,7 +95,9 @@ RTP_MES_FIELDS = ("txmes", "rxmes", "local_maxmes", "local_minmes", "local_normd
                   "remote_maxmes", "remote_minmes", "remote_normdevmes", "remote_stdevmes")
 # indications.conf tone names of our config set's zones, and ast_playtones_start()'s tone strings
 _TONE_NAMES = {"dial", "busy", "ring", "congestion", "callwaiting", "dialrecall", "record", "info", "stutter"}
-_TONE_STRING = re.compile(r"!?\d+([+*]\d+)?(/\d+)?(,!?\d+([+*]\d+)?(/\d+)?)*")
+# (parts ast_tone_zone_part_parse() reads, separated by "|" — or "," when there is no "|")
+_TONE_PART = r"!?(\d+([+*]\d+)?|M\d+([+*]M\d+)?)(/\d+)?"
+_TONE_STRING = re.compile(rf"{_TONE_PART}(\|{_TONE_PART})*|{_TONE_PART}(,{_TONE_PART})*")
 # The prompts Debian's asterisk-core-sounds-en-wav installs (/usr/share/asterisk/sounds/en),
 # the sounds a media node with our config set has: a sound: playback of any other name fails
 CORE_SOUNDS = frozenset(Path(__file__).with_name("core_sounds_en.txt").read_text().split())
@@ -893,7 +895,8 @@ class FakeAri:
         tests/media/ari_conversations/playback.json): "play" for a while then done, "loop"
         until stopped (tones), "fail" (PlaybackFinished failed: a sound that is not
         installed, a tone that is neither a zone's name nor a tone string), or "lost" (an
-        unknown scheme: PlaybackStarted, then no event at all and the playback is gone)."""
+        unknown scheme, a stored recording that does not exist, a number that is none:
+        PlaybackStarted, then no event at all and the playback is gone)."""
         scheme, _, rest = uri.partition(":")
         if uri in self.missing_media:
             return "fail"
@@ -902,7 +905,11 @@ class FakeAri:
         if scheme == "tone":
             name = rest.split(";")[0]
             return "loop" if name in _TONE_NAMES or _TONE_STRING.fullmatch(name) else "fail"
-        if scheme in ("recording", "number", "digits", "characters"):
+        if scheme == "recording":  # res_stasis_playback.c skips a missing one like an unknown scheme
+            return "play" if rest in self.stored_recordings else "lost"
+        if scheme == "number":  # and a number sscanf("%30d") cannot read
+            return "play" if re.match(r"\s*[-+]?\d", rest) else "lost"
+        if scheme in ("digits", "characters"):
             return "play"
         return "lost"
 

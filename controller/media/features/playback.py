@@ -2,14 +2,17 @@
 call's bridge, followed until it ends.
 
 Asterisk accepts every playback (201) and reports what became of it only in events: a sound
-that is not installed or a tone it cannot parse gives PlaybackStarted then PlaybackFinished
+that is not installed or a tone it has no name for gives PlaybackStarted then PlaybackFinished
 `failed` a moment later; a URI of a scheme it does not know gives PlaybackStarted and then
-nothing at all (tests/media/ari_conversations/playback.json). So the action refuses schemes
-Asterisk cannot play, sends a bare http(s) URL as `sound:<url>` (Asterisk's media cache), and
-waits for the playback to start and a short moment more: a failure then is the API's answer
-(422). A bridge plays one playback at a time: one queued behind another answers `queued`,
-and its failure, like any later one, is recorded as `play_failed` (webhook `play.failed`),
-its end as `play_finished`."""
+nothing at all (tests/media/ari_conversations/playback.json), and so does a stored recording
+that does not exist (res_stasis_playback.c skips it like an unknown scheme). So the action
+schema refuses media Asterisk cannot play (controller/actions.py PLAY_MEDIA_PATTERN), a
+recording is asked for (GET, nothing changes) before it is played, a bare http(s) URL is sent
+as `sound:<url>` (Asterisk's media cache), and the plane waits for the playback to start and a
+short moment more: a failure then is the API's answer (422, with the failed playback_id: the
+one playback request was all it cost the node). A bridge plays one playback at a time: one
+queued behind another answers `queued`, and its failure, like any later one, is recorded as
+`play_failed` (webhook `play.failed`), its end as `play_finished`."""
 from __future__ import annotations
 
 import asyncio
@@ -65,20 +68,26 @@ class Playback(Feature):
             state = "playing" if started.done() else "queued"
         if state == "failed":
             raise MediaError(f"{media_uri} could not be played (Asterisk: playback failed — "
-                             f"a sound that is not installed, or a tone it cannot parse)", 422)
+                             f"a sound that is not installed, or a tone it cannot parse)", 422,
+                             playback_id=playback_id)
         return {"playback_id": playback_id, "state": state}
 
     async def start(self, media: CallMedia, media_uri: str) -> str:
         """Start playing into the call's bridge (lock held), followed until it ends; the
         playback's id."""
         media_arg = asterisk_media(media_uri)
+        node = self.plane.nodes[media.node]
+        if media_arg.startswith("recording:"):
+            name = media_arg.partition(":")[2]
+            if await node.request("getStoredRecording", "GET", f"/recordings/stored/{name}", ok_missing=True) is None:
+                raise MediaError(f"cannot play {media_uri}: media node {media.node} has no stored recording "
+                                 f"{name!r}", 422)
         playback_id = media.next_id("playback")
         loop = asyncio.get_running_loop()
         self._started[playback_id], self._finished[playback_id] = loop.create_future(), loop.create_future()
         try:
-            await self.plane.nodes[media.node].request("playBridge", "POST",
-                                                       f"/bridges/{media.bridge}/play/{playback_id}",
-                                                       params={"media": media_arg})
+            await node.request("playBridge", "POST", f"/bridges/{media.bridge}/play/{playback_id}",
+                               params={"media": media_arg})
         except AriError:
             self._forget(playback_id)
             raise

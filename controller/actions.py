@@ -436,6 +436,14 @@ def gathered_condition_schema(depth: int = 2) -> dict[str, Any]:
 GATHER_REASONS = ("max_digits", "finish_key", "timeout")
 
 
+def json_number(text: str) -> int | float:
+    """A JSON number (json.loads' parse_float) as the schemas read it: a whole one (362.0,
+    1e3) is an integer to JSON Schema, so it is an int here too and never reaches Asterisk
+    as "362.0" where ARI wants an int."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def canonical_action(action: dict[str, Any]) -> tuple[str, Any]:
     """(verb, argument) with shorthand forms expanded; `action` must be schema-valid (a policy
     action or a live one: the shorthands are the same)."""

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from controller.actions import json_number
 from controller.metrics import Metrics
 
 log = logging.getLogger("callfabric.webhooks")
@@ -147,7 +148,7 @@ class WebhookSender:
                     if response.status >= 300:
                         return "error", None
             try:
-                return "ok", json.loads(text)
+                return "ok", json.loads(text, parse_float=json_number)
             except ValueError:
                 return "garbage", None
         except TimeoutError:

@@ -171,6 +171,17 @@ async def test_media_only_asterisk_can_refuse_costs_it_one_playback_at_most(api)
     assert status == 200 and body["result"]["state"] == "playing", body  # a tone string plays until stopped
 
 
+async def test_a_whole_number_written_as_a_float_is_an_integer(api):
+    """JSON Schema's integer takes 362.0: Asterisk gets 362, never "362.0" (a 400 from ARI)."""
+    await api.live_call()
+    body = b'{"action": {"send_dtmf": {"digits": "12", "duration_ms": 362.0, "between_ms": 1e2}}}'
+    status, answer = await api.call("POST", "/calls/c1@edge/actions", data=body,
+                                    headers={"Content-Type": "application/json"})
+    assert status == 200, answer
+    request = next(r for r in api.fake.requests if r.path.endswith("/dtmf"))
+    assert (request.query["duration"], request.query["between"]) == ("362", "100")
+
+
 async def test_not_json_and_unknown_call(api):
     status, body = await api.call("POST", "/calls/c1@edge/actions", data=b"{not json",
                                   headers={"Content-Type": "application/json"})

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 from jsonschema import Draft202012Validator
 
 from controller.actions import canonical_action, header_name_problem, live_action_schema, parse_duration_ms
-from controller.media.ari import AriError
+from controller.media.feature import MediaNodeError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
 from controller.policy.gathered import branch_actions, media_action_problems
@@ -102,7 +102,7 @@ class CallControl:
             result = forwarded or CommandResult(200, {"call_id": call_id, **await self._run(call_id, action)})
         except MediaError as exc:
             result = CommandResult(exc.status, {"error": {"status": exc.status, "message": str(exc), **exc.detail}})
-        except AriError as exc:  # a media node's refusal the media plane passed on as is (e.g. play)
+        except MediaNodeError as exc:  # a media node's refusal the media plane passed on as is (e.g. play)
             result = CommandResult(502, {"error": {"status": 502, "message": str(exc)}})
         except CommandError as exc:
             result = CommandResult(exc.status, {"error": {"status": exc.status, "message": exc.message,
@@ -168,7 +168,7 @@ class CallControl:
             return {"status": 200, "body": {"call_id": call_id, **await self._run(call_id, request["action"])}}
         except MediaError as exc:
             return {"status": exc.status, "body": {"error": {"status": exc.status, "message": str(exc), **exc.detail}}}
-        except AriError as exc:
+        except MediaNodeError as exc:
             return {"status": 502, "body": {"error": {"status": 502, "message": str(exc)}}}
         except CommandError as exc:
             return {"status": exc.status, "body": {"error": {"status": exc.status, "message": exc.message,
@@ -324,7 +324,7 @@ class CallControl:
         for i, action in enumerate(actions):
             try:
                 await self._run(call_id, validate_action(action, f"actions.{i}"))
-            except (MediaError, CommandError, AriError) as exc:
+            except (MediaError, CommandError, MediaNodeError) as exc:
                 why = str(exc)
                 if isinstance(exc, CommandError) and exc.errors:
                     why += "".join(f"; {e['path']}: {e['message']}" for e in exc.errors)

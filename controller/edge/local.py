@@ -32,8 +32,9 @@ from typing import Any, Callable, Mapping
 
 from controller.actions import ANCHOR_MODES, is_trusted_header
 from controller.edge import bundle, protocol
-from controller.edge.verdict import call_counters, hot_key, hot_thresholds, reject_floor, verdict
+from controller.edge.verdict import call_counters, reject_floor, verdict
 from controller.policy import Decision, Policy
+from controller.policy.hot import hot_key, hot_thresholds
 
 RECHECK_S = 1.0  # how often the policy file is looked at
 MAX_EVENT_BYTES = 24 * 1024  # the `decided` event must fit kamailio.cfg's pv_buffer_size (32 KB)

@@ -1,7 +1,8 @@
 """Kamailio's JSON-RPC management endpoint (xhttp + jsonrpcs, `POST /RPC`): what the controller
-changes at the edge outside calls — the blocklist of banned sources, and lifting the bans the
-edge made by itself (`floodban`) — and what it reads there (its media nodes, never bannable;
-the dialogs it holds, `dlg.list`)."""
+changes at the edge outside calls — the blocklist of banned sources, lifting the bans the
+edge made by itself (`floodban`), the hot scopes whose calls it leaves to a controller
+(`cfhot`) — and what it reads there (its media nodes, never bannable; the dialogs it holds,
+`dlg.list`). It is the edge security/ asks for (controller/security/edges.py)."""
 from __future__ import annotations
 
 import itertools
@@ -10,11 +11,14 @@ from typing import Any
 
 import aiohttp
 
+from controller.security.edges import EdgeError
+
 BLOCKLIST = "blocklist"  # the htable kamailio.cfg checks before anything else
 FLOODBAN = "floodban"  # the edge's own bans (flood, scanner, sweep): source IP => reason
+HOT_TABLE = "cfhot"  # scopes whose calls the edge leaves to a controller (kamailio/edge_decide.py)
 
 
-class RpcError(Exception):
+class RpcError(EdgeError):
     pass
 
 
@@ -49,6 +53,9 @@ class KamailioRpc:
 
     async def block(self, ip: str, seconds: int) -> None:
         await self.call("htable.setxi", BLOCKLIST, ip, 1, max(1, int(seconds)))
+
+    async def mark_hot(self, key: str, seconds: int) -> None:
+        await self.call("htable.setxi", HOT_TABLE, key, 1, int(seconds))
 
     async def unblock(self, ip: str) -> None:
         """Lift every ban of `ip` at this edge: the controller's (`blocklist`) and the one the

@@ -52,20 +52,6 @@ def reject_floor(policy: Any, facts: Facts, decision: Decision | None = None) ->
     return decision if decision.outcome == "reject" else None
 
 
-def hot_key(probe: CounterProbe) -> str:
-    """The edge's name for the thing a counter counts (a source, a tenant, a prefix …): while
-    it is hot, the edge leaves its calls to the controller, which reads the counters exactly."""
-    return f"{probe.scope}|{probe.value}"
-
-
-def hot_thresholds(policy: Any) -> dict[str, int]:
-    """Counter key -> the value from which its scope is hot: half of the smallest limit that
-    reads the counter (a condition's `at_least`, a detector's `max` …). Below it the edge may
-    take the counter as 0 — every comparison against the limit comes out the same — and the
-    exact count follows within milliseconds. 0: the edge never decides a call reading it."""
-    return {key: limit // 2 for key, limit in policy.compiled.counter_limits.items()}
-
-
 @dataclass(slots=True)
 class Verdict:
     decision: Decision  # what the call carries out (after a decision webhook: its answer or fallback)

@@ -14,10 +14,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 
+from controller.media.feature import MediaNodeError
+
 log = logging.getLogger("callfabric.media.ari")
 
 
-class AriError(Exception):
+class AriError(MediaNodeError):
     """A failed ARI request: `status` is the HTTP status (0 when Asterisk was unreachable)."""
 
     def __init__(self, operation: str, status: int, message: str):

@@ -1,4 +1,4 @@
-"""What every feature of the media plane shares: the error an action raises, where a leg's
+"""What every feature of the media plane shares: the errors an action raises, where a leg's
 audio goes, and the anatomy a feature has (see `Feature`)."""
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ class MediaError(Exception):
         super().__init__(message)
         self.status = status
         self.detail = detail  # what the API's error adds for programs (e.g. the failed playback_id)
+
+
+class MediaNodeError(Exception):
+    """A media node refused or did not answer an operation, passed on as is (ARI's error,
+    controller/media/ari.py): callers of the media plane catch this, not the wire client's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from controller.edge.rpc import KamailioRpc, RpcError
 from controller.metrics import Metrics
+from controller.security.edges import Edge, EdgeError
 from controller.security.trust import BanRefused, TrustedPeers
 from controller.state.batch import Batcher
 
@@ -57,7 +57,7 @@ def _text(value: Any) -> str:
 
 
 class BanList:
-    def __init__(self, batch: Batcher, metrics: Metrics, edges: list[KamailioRpc], trust: TrustedPeers | None = None):
+    def __init__(self, batch: Batcher, metrics: Metrics, edges: list[Edge], trust: TrustedPeers | None = None):
         self.batch = batch
         self.metrics = metrics
         self.edges = edges
@@ -140,7 +140,7 @@ class BanList:
     async def _push(self, operation, name: str) -> None:
         results = await asyncio.gather(*(operation(edge) for edge in self.edges), return_exceptions=True)
         for edge, result in zip(self.edges, results):
-            if isinstance(result, RpcError):
+            if isinstance(result, EdgeError):
                 self.metrics.edge_rpc_errors.labels(name).inc()
                 log.error("edge %s: could not %s: %s (retried at the next resync)", edge.url, name, result)
             elif isinstance(result, BaseException):

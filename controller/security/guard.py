@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from redis.exceptions import RedisError
 
-from controller.media.ami import SecurityEvent
 from controller.metrics import Metrics
 from controller.policy import Decision
 from controller.policy.facts import Facts
@@ -20,6 +19,20 @@ from controller.security.trust import BanRefused
 from controller.state.calls import CallStore, CounterRequest, Transition, now_ms, window_key
 
 log = logging.getLogger("callfabric.security")
+
+
+class AsteriskSecurityEvent(Protocol):
+    """What the guard reads of an Asterisk security event (failed authentication, unknown
+    endpoint …): media/ami.py's watchers report them, app.py hands them to `asterisk_event`."""
+
+    @property
+    def node(self) -> str: ...  # the media node that saw it
+
+    @property
+    def event(self) -> str: ...  # e.g. InvalidAccountID
+
+    @property
+    def remote_ip(self) -> str: ...  # as reported: not yet checked to be an address
 
 
 class SecurityGuard:
@@ -97,7 +110,7 @@ class SecurityGuard:
             return
         self.hot.observe(policy, probes, values)
 
-    def asterisk_event(self, event: SecurityEvent) -> None:
+    def asterisk_event(self, event: AsteriskSecurityEvent) -> None:
         """Asterisk saw a failed authentication / unknown endpoint … from an address."""
         try:
             ip = normalise_ip(event.remote_ip)

@@ -2,8 +2,8 @@
 smallest policy limit reading it. The edges decide the common calls themselves with every
 counter read as 0 (controller/edge/local.py); that is exact only while counters are below
 their limits, so once a scope is hot its calls go to a controller, which reads the exact
-counts. The entry is pushed to every edge's `cfhot` table for the counter's window (at least
-a minute) and pushed again while the scope stays hot."""
+counts. The scope is marked hot at every edge for the counter's window (at least a minute)
+and marked again while it stays hot."""
 from __future__ import annotations
 
 import asyncio
@@ -11,19 +11,18 @@ import logging
 import time
 from typing import Any, Iterable
 
-from controller.edge.rpc import KamailioRpc, RpcError
-from controller.edge.verdict import hot_key, hot_thresholds
 from controller.metrics import Metrics
+from controller.policy.hot import hot_key, hot_thresholds
 from controller.policy.model import CounterProbe
+from controller.security.edges import Edge, EdgeError
 
 log = logging.getLogger("callfabric.security")
-HOT_TABLE = "cfhot"
 MIN_HOT_S = 60
 MAX_PUSHES_IN_FLIGHT = 256  # beyond: a scope is marked at its next call (counted as dropped)
 
 
 class HotScopes:
-    def __init__(self, edges: list[KamailioRpc], metrics: Metrics):
+    def __init__(self, edges: list[Edge], metrics: Metrics):
         self.edges = edges
         self.metrics = metrics
         self._until: dict[str, float] = {}  # hot key -> when the entry pushed to the edges expires (monotonic)
@@ -67,14 +66,13 @@ class HotScopes:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, key: str, ttl: int) -> None:
-        results = await asyncio.gather(*(edge.call("htable.setxi", HOT_TABLE, key, 1, ttl) for edge in self.edges),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(edge.mark_hot(key, ttl) for edge in self.edges), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self._until.pop(key, None)  # pushed again at the scope's next call
             self.metrics.hot_scopes.labels("failed").inc()
             for problem in failed:
-                if isinstance(problem, RpcError):
+                if isinstance(problem, EdgeError):
                     log.warning("could not mark scope %s hot at an edge: %s", key, problem)
                 else:
                     log.error("could not mark scope %s hot at an edge", key, exc_info=problem)

@@ -12,7 +12,7 @@ import logging
 import socket
 from typing import Iterable
 
-from controller.edge.rpc import KamailioRpc, RpcError
+from controller.security.edges import Edge, EdgeError
 
 log = logging.getLogger("callfabric.security")
 
@@ -44,7 +44,7 @@ def _sip_host(uri: str) -> str | None:
 
 
 class TrustedPeers:
-    def __init__(self, networks: Iterable[IPNetwork], edges: list[KamailioRpc]):
+    def __init__(self, networks: Iterable[IPNetwork], edges: list[Edge]):
         self.networks = tuple(networks)
         self.edges = edges
         self.media: dict[str, str] = {}  # media node IP -> where it was seen ("sip:… at <edge>")
@@ -73,7 +73,7 @@ class TrustedPeers:
         results = await asyncio.gather(*(edge.media_nodes() for edge in self.edges), return_exceptions=True)
         reachable = 0
         for edge, result in zip(self.edges, results):
-            if isinstance(result, RpcError):
+            if isinstance(result, EdgeError):
                 log.warning("trusted peers: media nodes of %s unknown: %s", edge.url, result)
                 continue
             if isinstance(result, BaseException):

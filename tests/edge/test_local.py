@@ -17,7 +17,7 @@ import pytest
 
 from controller.edge import bundle, protocol
 from controller.edge.local import RECHECK_S, EdgeDecider, EdgeOutcome, caller_headers, kamailio_vars
-from controller.edge.verdict import hot_thresholds
+from controller.policy.hot import hot_thresholds
 from controller.metrics import Metrics
 from controller.security.hot import HotScopes
 from controller.policy import load_policy, policy_from_texts

@@ -173,12 +173,14 @@ class SipCaller:
         self.challenges: list[int] = []  # 401/407 answers seen before the final one
 
     async def call(self, to_user: str, hold_s: float, *, headers: dict[str, str] | None = None,
-                   while_up=None, observe=None, uri_params: str = "", payload=None, listen=None) -> CallResult:
+                   while_up=None, observe=None, uri_params: str = "", payload=None, listen=None,
+                   from_tag: str | None = None) -> CallResult:
         """Call `to_user` (Request-URI parameters `uri_params`, e.g. ";cf-trunk=carrier"), stream
         audio for `hold_s` seconds (awaiting `while_up(result)` if given, concurrently), hang up.
         `observe(result)` is called before the INVITE leaves (to watch the call while it is being
         answered). `payload(n)` is the audio of the n-th packet sent (default: a 1 kHz tone),
-        `listen(packet, when)` hears every one received."""
+        `listen(packet, when)` hears every one received; `from_tag`: its From tag (default: 8
+        random hex digits; many phones send digits only)."""
         loop = asyncio.get_running_loop()
         call_id = f"{uuid.uuid4().hex}@real-suite"
         result = CallResult(call_id)
@@ -204,7 +206,7 @@ class SipCaller:
         key = base64.b64encode(os.urandom(30)).decode()
         sip_port = sip_transport.get_extra_info("sockname")[1]
         rtp_port = rtp_transport.get_extra_info("sockname")[1]
-        tag = uuid.uuid4().hex[:8]
+        tag = from_tag or uuid.uuid4().hex[:8]
         try:
             profile = "RTP/SAVP" if self.srtp else "RTP/AVP"
             crypto = f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{key}\r\n" if self.srtp else ""

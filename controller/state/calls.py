@@ -600,11 +600,11 @@ class CallStore:
         raw = await self.redis.hgetall(call_key(call_id))
         if not raw:
             return None
-        return {k: _decode(_text(v)) for k, v in ((_text(k), v) for k, v in raw.items()) if k not in _BOOKKEEPING}
+        return {k: _decode_field(k, _text(v)) for k, v in ((_text(k), v) for k, v in raw.items()) if k not in _BOOKKEEPING}
 
     async def get_many(self, call_ids: list[str]) -> list[dict[str, Any] | None]:
         replies = await self.batch.run([("HGETALL", call_key(c)) for c in call_ids]) if call_ids else []
-        return [{k: _decode(_text(v)) for k, v in ((_text(k), v) for k, v in zip(flat[::2], flat[1::2]))
+        return [{k: _decode_field(k, _text(v)) for k, v in ((_text(k), v) for k, v in zip(flat[::2], flat[1::2]))
                  if k not in _BOOKKEEPING} or None for flat in replies]
 
     async def timeline(self, call_id: str) -> list[dict[str, Any]]:
@@ -651,6 +651,19 @@ def _loads(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+# Fields that are text whatever they look like: a from-tag, a number or a user agent of
+# digits only ("12345678", "02079460000") is the same string read back, never an int (a
+# from-tag sent to rtpengine as an int matches no party; a number loses its leading 0).
+_TEXT_FIELDS = frozenset((
+    "state", "outcome", "rule", "target", "policy_version", "from_uri", "from_tag", "to_uri", "ruri", "caller",
+    "callee", "dialled", "src", "transport", "tenant", "trunk", "user_agent", "tx", "decided_by", "end_reason",
+    "fallback_mode", "edge", "call_id"))
+
+
+def _decode_field(name: str, value: str) -> Any:
+    return value if name in _TEXT_FIELDS or name.startswith("context_") else _decode(value)
 
 
 def _decode(value: str) -> Any:

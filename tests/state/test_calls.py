@@ -34,6 +34,19 @@ async def test_create_writes_record_timeline_and_indexes(store):
     assert 0 < ttl <= 600  # live safety expiry
 
 
+async def test_text_of_digits_only_comes_back_as_the_same_text(store):
+    """A UA's numeric from-tag (an int made edge forks fail: rtpengine matched no party), a
+    national number's leading 0, a digits-only user agent or context header are text."""
+    text = {"from_tag": "12345678", "caller": "1001", "dialled": "02079460000", "callee": "0800123456",
+            "user_agent": "2024", "tx": "123", "tenant": "42"}
+    await store.create("c9@host", record(**text), live_scopes={}, window_counters=[], at_ms=now_ms(),
+                       event={"event": "decided", "ts": 1})
+    await store.set_fields("c9@host", {"context_account": "000123"})
+    for got in (await store.get("c9@host"), (await store.get_many(["c9@host"]))[0]):
+        assert {k: got[k] for k in text} == text and got["context_account"] == "000123"
+        assert got["created_at_ms"] == 1  # numbers written as numbers still come back as numbers
+
+
 async def test_create_is_one_round_trip_and_keys_share_a_hash_tag(store):
     sent = []
     write = store.batch.connection.write

@@ -6,6 +6,9 @@
 #   RPC_ALLOWED_NET (who may use JSON-RPC /RPC: the controllers, which push bans there),
 #   MEDIA_NODES (space-separated sip:host:port of the Asterisk nodes: set 1),
 #   TRUSTED_NET (comma-separated subnets of trusted peers, e.g. carriers' SBCs: never banned),
+#   TRUSTED_DEST_NET (comma-separated subnets of trusted destinations, e.g. the PBX of the human
+#   desk: besides media nodes, the only ones that get callfabric's context headers and
+#   X-Callfabric-Call-Id; outbound trunks never do),
 #   FALLBACK (open|closed), DECISION_TIMEOUT_MS (200), SHM_MB (256), PKG_MB (16), CHILDREN (4),
 #   EDGE_POLICY (the policy file the controller writes, its edge_policy_file: the edge then
 #   decides the common calls itself; unset: every call is asked over evapi),
@@ -38,6 +41,7 @@ set -- kamailio -x tlsf -m "${SHM_MB:-256}" -M "${PKG_MB:-16}" -DD -E -Y "$run" 
   -A "CHILDREN=${CHILDREN:-4}"
 if [ -n "${SIP_ADVERTISE:-}" ]; then set -- "$@" -A "SIP_ADVERTISE=${SIP_ADVERTISE}"; fi
 if [ -n "${TRUSTED_NET:-}" ]; then set -- "$@" -A "TRUSTED_NET=\"${TRUSTED_NET}\""; fi
+if [ -n "${TRUSTED_DEST_NET:-}" ]; then set -- "$@" -A "TRUSTED_DEST_NET=\"${TRUSTED_DEST_NET}\""; fi
 if [ -n "${EDGE_POLICY:-}" ]; then
   set -- "$@" -A "EDGE_POLICY=\"${EDGE_POLICY}\"" -A "EDGE_POLICY_CACHE=\"$run/edge-policy.last-good\"" \
     -A "EDGE_DECIDE=${EDGE_DECIDE:-1}"

@@ -103,8 +103,9 @@ class SippUAS:
     """A SIPp UAS on a free loopback UDP port, running until stop()."""
 
     def __init__(self, workdir: Path | str, scenario: str = "uas_answer.xml", name: str | None = None,
-                 extra_args: list[str] | None = None, values: dict[str, str] | None = None):
+                 extra_args: list[str] | None = None, values: dict[str, str] | None = None, ip: str = "127.0.0.1"):
         self.scenario = scenario
+        self.ip = ip  # any 127.0.0.0/8 address: a destination the edge tells apart by its address
         self.extra_args = list(extra_args or [])  # e.g. ["-mp", port, "-rtp_echo"]: echo the RTP it gets
         self.name = name or Path(scenario).stem
         self.workdir = Path(workdir) / f"uas-{self.name}-{uuid.uuid4().hex[:4]}"
@@ -118,7 +119,7 @@ class SippUAS:
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     def start(self, attempts: int = 5) -> "SippUAS":
         """Start SIPp on a free port; another process may take that port between our check
@@ -132,7 +133,7 @@ class SippUAS:
     def _start_once(self) -> bool:
         self._out = open(self.out_file, "wb")
         self.proc = spawn(
-            [SIPP_BIN, "-sf", str(self.scenario_path), "-i", "127.0.0.1",
+            [SIPP_BIN, "-sf", str(self.scenario_path), "-i", self.ip,
              "-p", str(self.port), "-t", "u1", "-nostdin", "-trace_msg",
              "-message_file", str(self.msg_file), "-max_recv_loops", "1000", *self.extra_args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -250,6 +251,7 @@ def run_uac(
     code: int | None = None,
     from_user: str = "+15551230000",
     source_ip: str = "127.0.0.1",
+    source_port: int = 0,
     number_per_call: bool = False,
     dtmf: str = "",
     audio: str = "",
@@ -257,6 +259,7 @@ def run_uac(
     """Run a SIPp UAC to completion (bounded by -m and -timeout); return counts.
 
     `source_ip`: any 127.0.0.0/8 address (calls from several "sources" on one machine);
+    `source_port`: its SIP port (0: a free one), e.g. a media node's known one;
     `number_per_call`: each call dials `service` followed by its call number (1, 2, …);
     `dtmf`: digits (0-9) the caller presses (uac_media.xml: RFC 4733 events from SIPp's pcaps, which
     share one SSRC and carry sequence numbers rising 1-9 then 0: a receiver drops a key whose
@@ -285,7 +288,7 @@ def run_uac(
     t0 = time.monotonic()
     for _ in range(5):  # another process may take the free port before SIPp binds it: try another
         cmd = [SIPP_BIN, f"127.0.0.1:{target_port}", "-sf", str(xml), "-s", service,
-               "-i", source_ip, "-p", str(free_port(socket.SOCK_DGRAM)), "-t", "u1",
+               "-i", source_ip, "-p", str(source_port or free_port(socket.SOCK_DGRAM)), "-t", "u1",
                "-m", str(calls), "-r", str(rate), "-l", str(limit),
                "-timeout", f"{timeout_s}s", "-timeout_error", "-nostdin",
                "-trace_stat", "-stf", str(stat), "-fd", "1",

@@ -26,9 +26,13 @@ def test_every_strip_and_skip_in_the_config_uses_the_list():
     # callers' requests and every relayed reply; the decide's header list skips the same names
     assert "remove_hf_re(TRUSTED_HDR_RE);" in text
     assert text.count("$var(hn) =~ TRUSTED_HDR_RE") == 2
-    # the prefix alone is only used where media nodes keep the context they set for a human
-    # and for the controller's answer lines (X-Callfabric-* go to media nodes only)
-    assert text.count('remove_hf_re("^X-Callfabric-")') == 1
+    # the prefix alone is only used where a trusted destination gets the rest of the names: a
+    # media node's X-Callfabric-Call-Id and context, the answer's lines but the controller's own
+    # (X-Callfabric-* go to media nodes only); everything else leaves without any of the names
+    assert text.count('remove_hf_exp("^X-Callfabric-", "^X-Callfabric-Call-Id$")') == 1
+    assert text.count('$var(hre) = "^X-Callfabric-";') == 1
+    assert text.count("$var(hre) = TRUSTED_HDR_RE;") == 1
+    assert 'remove_hf_re("^X-Callfabric-")' not in text
     onreply = text[text.index("\nonreply_route {"):]
     assert onreply[:onreply.index("\n}")].count("remove_hf_re(TRUSTED_HDR_RE)") == 1
 

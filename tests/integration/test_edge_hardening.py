@@ -92,8 +92,10 @@ class HardeningStack:
         self.media = procs.uas(str(scenarios["media"]), "media")
         self.brief = procs.uas(str(scenarios["brief"]), "brief")
         self.desk = procs.uas(str(scenarios["desk"]), "desk")
+        # the desk's PBX is a trusted destination (it may get the context headers)
         self.kamailio = procs.kamailio({1: [self.media.addr], 2: [self.brief.addr]},
-                                       extra_defines={"TRUSTED_NET": f'"{PEER}/32"'})
+                                       extra_defines={"TRUSTED_NET": f'"{PEER}/32"',
+                                                      "TRUSTED_DEST_NET": '"127.0.0.1/32"'})
         policy_dir = tmp_path / "policy"
         policy_dir.mkdir()
         (policy_dir / "policy.yaml").write_text(POLICY.format(desk=self.desk.addr))

@@ -62,8 +62,16 @@ def asterisk_options():
 
 
 @pytest.fixture
-def stack(tmp_path, redis_url, asterisk_options):
-    kamailio = Kamailio(tmp_path, {})
+def edge_trunks():
+    """The trunk table directory of the suite's edge (None: no trunk checks); a module that
+    calls carriers overrides this."""
+    return None
+
+
+@pytest.fixture
+def stack(tmp_path, redis_url, asterisk_options, edge_trunks):
+    # the human desk's PBX (127.0.0.1) is a trusted destination: it gets the context headers
+    kamailio = Kamailio(tmp_path, {}, trunks_dir=edge_trunks, extra_defines={"TRUSTED_DEST_NET": '"127.0.0.1/32"'})
     asterisk = Asterisk(tmp_path, edge_port=kamailio.sip_port, **asterisk_options)
     kamailio.write_dispatcher_list({1: [f"127.0.0.1:{asterisk.sip_port}"]})
     human = SippUAS(tmp_path, "uas_answer.xml", "human")

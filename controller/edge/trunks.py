@@ -119,6 +119,8 @@ def build_table(source: PolicySource, realm: str, environ: Mapping[str, str] | N
             rows[f"osrtp|{name}"] = outbound.srtp
             if outbound.from_host:
                 rows[f"ofrom|{name}"] = outbound.from_host
+            if outbound.tls_identity():
+                rows[f"otls|{name}"] = outbound.tls_identity()
             if outbound.caller_ids:
                 rows[f"ocid|{name}"] = ",".join(outbound.caller_ids)
             if outbound.digest is not None:

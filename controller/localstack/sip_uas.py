@@ -53,12 +53,14 @@ class _Peer(_SipStream):
 
 
 class SipStreamUas:
-    """`ssl_files`: (certificate, key) to serve TLS with; None: plain TCP."""
+    """`ssl_files`: (certificate, key) to serve TLS with; None: plain TCP. `server_names`: the
+    SNI of every TLS handshake (None when the client sent none)."""
 
     def __init__(self, ssl_files: tuple | None = None):
         self.ssl_files = ssl_files
         self.port = 0
         self.received: list[Received] = []
+        self.server_names: list[str | None] = []
         self.rtp_echoed = 0
         self._server = None
         self._echo = None
@@ -75,6 +77,7 @@ class SipStreamUas:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             await asyncio.to_thread(context.load_cert_chain, *map(str, self.ssl_files))
+            context.sni_callback = lambda _sock, name, _context: self.server_names.append(name)
         self._server = await loop.create_server(lambda: _Peer(self), "127.0.0.1", 0, ssl=context)
         self.port = self._server.sockets[0].getsockname()[1]
         self._echo, _ = await loop.create_datagram_endpoint(lambda: _Echo(self), local_addr=("127.0.0.1", 0))

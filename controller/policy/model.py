@@ -152,6 +152,20 @@ class OutboundTrunk:
     failover: tuple[str, ...]  # other outbound trunks, tried in order
     media: str
     srtp: str
+    tls_name: str | None = None  # transport tls: the name the carrier's certificate must carry
+
+    def tls_identity(self) -> str | None:
+        """What the carrier's TLS certificate must name (`tls_name`, else the address's host: a
+        DNS name, or an IP address in its SubjectAltName), None for udp/tcp."""
+        if self.transport != "tls":
+            return None
+        if self.tls_name:
+            return self.tls_name.lower()
+        host = self.address[1:self.address.index("]")] if self.address.startswith("[") else self.address.split(":")[0]
+        try:
+            return ipaddress.ip_address(host).compressed
+        except ValueError:
+            return host.lower()
 
     def uri(self, number: str, trunk: str) -> str:
         """The carrier's URI for `number`; `cf-trunk` tells the edge which trunk's credentials,

@@ -219,6 +219,9 @@ _TRUNK = {
                 "transport": {"enum": list(TRUNK_TRANSPORTS)},
                 "digest": _SECRET_REF,
                 "from_host": {"type": "string", "pattern": r"^[A-Za-z0-9.\-]{1,253}$"},
+                "tls_name": {"type": "string", "pattern": r"^[A-Za-z0-9]([A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?$",
+                             "description": "`transport: tls`: the host name the carrier's certificate must carry "
+                                            "(default: the address's host); sent as SNI."},
                 "caller_ids": {"type": "array", "items": _NUMBER},
                 "failover": {"type": "array", "items": _NAME},
                 "media": _MEDIA,

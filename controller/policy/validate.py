@@ -469,7 +469,10 @@ class _Builder:
             outbound = OutboundTrunk(address, raw_out.get("transport", "udp"),
                                      self._digest(doc, sub + ("digest",), raw_out.get("digest")),
                                      raw_out.get("from_host"), tuple(caller_ids), tuple(raw_out.get("failover", [])),
-                                     raw_out.get("media", "always"), raw_out.get("srtp", "off"))
+                                     raw_out.get("media", "always"), raw_out.get("srtp", "off"), raw_out.get("tls_name"))
+            if outbound.tls_name and outbound.transport != "tls":
+                self.error(doc, sub + ("tls_name",), "`tls_name` is the name the carrier's TLS certificate must carry: "
+                                                     "it needs `transport: tls`")
             if outbound.srtp == "required" and outbound.media != "always":
                 self.error(doc, sub + ("srtp",), "SRTP toward the carrier is made by the edge's rtpengine: a trunk "
                                                  "with `srtp: required` needs `media: always`")

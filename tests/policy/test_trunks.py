@@ -159,3 +159,34 @@ def test_policy_test_cases_take_the_trunk(tmp_path):
     results, issues = run_policy_tests(policy, str(tmp_path))
     assert not issues
     assert [r.passed for r in results] == [True, True], [r.diff for r in results]
+
+
+def test_the_name_a_tls_carriers_certificate_must_carry():
+    """`tls_name`, else the address's host (a DNS name, or an IP address its SubjectAltName
+    must hold); nothing for udp/tcp trunks. The edge's table gets it as otls|<trunk>."""
+    from controller.edge.trunks import build_table
+    policy = policy_with("", {"05-trunks.yaml": """\
+        trunks:
+          by-host: {outbound: {address: "SIP.Carrier.example:5061", transport: tls}}
+          named: {outbound: {address: "203.0.113.7:5061", transport: tls, tls_name: Edge.Carrier.example}}
+          by-ip: {outbound: {address: "[2001:DB8::0:1]:5061", transport: tls}}
+          plain: {outbound: {address: "sip.carrier.example"}}
+    """})
+    trunks = policy.source.trunks
+    assert [trunks[n].outbound.tls_identity() for n in ("by-host", "named", "by-ip", "plain")] == [
+        "sip.carrier.example", "edge.carrier.example", "2001:db8::1", None]
+    rows = build_table(policy.source, "callfabric", environ={}).rows
+    assert {k: v for k, v in rows.items() if k.startswith("otls|")} == {
+        "otls|by-host": "sip.carrier.example", "otls|named": "edge.carrier.example", "otls|by-ip": "2001:db8::1"}
+
+
+def test_a_tls_name_needs_a_tls_trunk():
+    texts = {"00-decl.yaml": DECLARATIONS, "05-trunks.yaml": """\
+        trunks:
+          a: {outbound: {address: "sip.carrier.example", tls_name: sip.carrier.example}}
+          b: {outbound: {address: "sip.carrier.example", transport: tls, tls_name: "*.carrier.example"}}
+    """}
+    found = "\n".join(sorted(f"{i.position}: {i.message}" for i in issues_of(texts)))
+    assert found.splitlines() == [
+        "05-trunks.yaml:2:60: `tls_name` is the name the carrier's TLS certificate must carry: it needs `transport: tls`",
+        "05-trunks.yaml:3:76: '*.carrier.example' is not text matching ^[A-Za-z0-9]([A-Za-z0-9.\\-]{0,251}[A-Za-z0-9])?$"]

@@ -36,7 +36,7 @@ from controller.config import Settings
 from controller.localstack.kamailio import free_port
 from controller.localstack.sip_ua import TONE, SipCaller, ulaw_silent
 from controller.localstack.sipp import SIPP_PCAPS, SippUAS, run_uac, write_rtp_pcap
-from tests.media.test_real_asterisk import media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixture)
+from tests.media.test_real_asterisk import edge_trunks, media_agent, pytestmark, stack  # noqa: F401  (skip marks, fixtures)
 
 SECRET = "incall-secret"
 POLICY = """\

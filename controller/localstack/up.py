@@ -279,8 +279,10 @@ class Stack:
         if edge_policy is not None:
             edge_policy.parent.mkdir(parents=True, exist_ok=True)
             edge_key.parent.mkdir(parents=True, exist_ok=True)
+        # (a human desk on this machine is the developer's own: it gets the context headers)
         kamailio = Kamailio(workdir, {}, edge_policy=edge_policy, edge_policy_key=edge_key, log_level=2,
-                            extra_defines={"SIP_LISTEN": f"udp:{sip_host}:{sip_port}"})
+                            extra_defines={"SIP_LISTEN": f"udp:{sip_host}:{sip_port}",
+                                           "TRUSTED_DEST_NET": '"127.0.0.0/8"'})
         kamailio.sip_port = sip_port
         kamailio.evapi_port = _hostport(settings.edge_evapi[0])[1]
         kamailio.http_port = self._rpc_port()

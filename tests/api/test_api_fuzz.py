@@ -52,19 +52,33 @@ class Running:
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", int(self.settings.http_listen.split(":")[1])).start()
         await self.fake.wait_for_app("callfabric")
+        self.calls = 0
+        await self._new_call()
+
+    async def _new_call(self) -> None:
+        """A live call for the commands to act on (the next one once a command ended it)."""
+        self.calls += 1
+        call_id = self.call_id = f"fuzz-{self.calls}@edge"
         decision = {"outcome": "agent", "rule": "default", "agent": {"name": "intake"}, "forks": []}
-        await self.app[STORE].create("fuzz@edge", {"state": "routing", "outcome": "agent", "decision": decision},
+        await self.app[STORE].create(call_id, {"state": "routing", "outcome": "agent", "decision": decision},
                                      live_scopes={}, window_counters=[], at_ms=now_ms(),
                                      event={"event": "decided", "ts": 1})
-        await self.fake.inbound_call("callfabric", ["fuzz@edge", "intake"], sip_call_id="fuzz@edge")
+        await self.fake.inbound_call("callfabric", [call_id, "intake"], sip_call_id=call_id)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            media = self.app[MEDIA].calls.get("fuzz@edge")
+            media = self.app[MEDIA].calls.get(call_id)
             if media and media.state == "active":
                 return
             await asyncio.sleep(0.01)
         # without a live call, "a rejected command changed nothing" would prove nothing
-        raise RuntimeError(f"the fuzz target call never became active: {self.app[MEDIA].calls.get('fuzz@edge')}")
+        raise RuntimeError(f"the fuzz target call never became active: {self.app[MEDIA].calls.get(call_id)}")
+
+    def live_call(self) -> str:
+        """The id of a live call (a generated hangup or transfer may have ended the last one)."""
+        media = self.app[MEDIA].calls.get(self.call_id)
+        if media is None or media.state != "active":
+            asyncio.run_coroutine_threadsafe(self._new_call(), self.loop).result(20)
+        return self.call_id
 
     def start(self) -> "Running":
         self.error = None
@@ -130,9 +144,9 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_documented_answers(case, running):
-    if case.path == "/calls/{call_id}/actions" and case.path_parameters:
-        case.path_parameters["call_id"] = "fuzz@edge"  # a live call, so commands reach the media plane
     is_command = case.path == "/calls/{call_id}/actions"
+    if is_command and case.path_parameters:
+        case.path_parameters["call_id"] = running.live_call()  # so commands reach the media plane
     requests_before = running.quiet_change_count() if is_command else 0
     response = case.call(base_url=f"http://{running.settings.http_listen}/v1",
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
@@ -146,7 +160,7 @@ def test_no_server_errors_and_documented_answers(case, running):
         if failed_playback is None:
             assert changed == [], "a rejected command changed something on Asterisk"
         else:  # a well-formed sound only Asterisk knows it does not have: the one playback it failed
-            bridge = running.app[MEDIA].calls["fuzz@edge"].bridge
+            bridge = running.app[MEDIA].calls[case.path_parameters["call_id"]].bridge
             assert changed == [("POST", f"/bridges/{bridge}/play/{failed_playback}")], \
                 "a rejected play changed more on Asterisk than the playback it failed"
             assert running.playback_state(failed_playback) == "failed", "a 422 for a playback Asterisk did not fail"

@@ -5,8 +5,10 @@ consumes an edge's stream (a lease, like a media node's), through the consumer g
 `callfabric`: it reads up to `batch_max` events, applies them with two pipelines
 (state/journal.py), acknowledges and deletes them in the second one. A controller that dies
 or freezes loses the lease within its TTL; the next owner claims the entries it had read but
-not acknowledged (XAUTOCLAIM) before anything newer, so a call's events stay in order.
-Applying is idempotent: an event delivered twice changes and counts nothing twice.
+not acknowledged (XAUTOCLAIM) before anything newer, so a call's events stay in order; the
+changes this controller held while Redis was down (state/outage.py: decisions) are written
+before the events of their calls. Applying is idempotent: an event delivered twice changes
+and counts nothing twice.
 
 Edges without a stream (no EVENTS_REDIS) send the same events over evapi: they are queued
 here, in order, and applied by the same code in batches."""
@@ -172,6 +174,8 @@ class EdgeRecorder:
                 renewed_at = time.monotonic()
                 valid_until = renewed_at + ttl_s * 0.8
                 self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
+            if not await self._replayed(ttl_s):
+                continue
             try:
                 if claiming:  # first the entries a previous owner read and did not acknowledge
                     reply = await redis.xautoclaim(key, GROUP, self.instance, 0, start_id=start, count=self.batch_max)
@@ -240,6 +244,8 @@ class EdgeRecorder:
                 renewed_at = time.monotonic()
                 valid_until = renewed_at + ttl_s * 0.8
                 self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
+            if not await self._replayed(ttl_s):
+                continue
             try:
                 if claiming:  # a previous owner's unacknowledged entries become ours (applied first)
                     (reply,) = await self.store.batch.run([("XAUTOCLAIM", key, GROUP, self.instance, 0, start,
@@ -270,6 +276,19 @@ class EdgeRecorder:
             else:  # wait for the next entry (it joins this consumer's own: applied next time)
                 await redis.xreadgroup(GROUP, self.instance, {key: ">"}, count=1,
                                        block=max(1, min(self.block_ms, int(ttl_s * 250))))
+
+    async def _replayed(self, ttl_s: float) -> bool:
+        """Whether the outage queue holds nothing (a decision held while Redis was down comes
+        before the edge's events about its call, Journal.apply_stream); waits for its replay
+        a part of the lease's time at most, so that the lease is renewed meanwhile."""
+        if not self.store.outage.depth:
+            return True
+        try:
+            async with asyncio.timeout(ttl_s / 4):
+                await self.store.outage.written()
+        except TimeoutError:
+            return False
+        return True
 
     def _apply_params(self, edge: str) -> dict[str, Any]:
         policy = self.decisions.serving()

@@ -106,12 +106,15 @@ def _field(value: Any) -> str:
 
 # A new call. KEYS: call hash, timeline. ARGV: state, event name, event ts, event JSON,
 # timeline cap, expiry seconds, fields JSON (an object of strings, state excluded), creation
-# time (ms). The state is only set when the call has none: dialog events seen first (another
-# controller, a late decision) keep theirs. A call is created once: when another controller
-# decided it already (Kamailio may relay a decide to every controller), nothing is written
-# and 0 is returned, so its counters are not counted twice. (Fields travel as one JSON
-# document: decoding it costs Redis less than encoding dozens of arguments costs the
-# controller.) The scripts' bodies are Lua functions of (KEYS, ARGV), so that the applier of
+# time (ms). A call is created once: when another controller decided it already (Kamailio
+# may relay a decide to every controller), nothing is written and 0 is returned, so its
+# counters are not counted twice. A decision written after events of its call (held by a
+# controller while Redis was down, while another applied the edge's events) keeps the state
+# they set (forward only) and goes first in the timeline, their entries written again after
+# it; it returns 2 when the call is over already (its end set its retention and took it out
+# of the live indexes: the creator takes it out of those it adds to), else 1. (Fields travel
+# as one JSON document: decoding it costs Redis less than encoding dozens of arguments costs
+# the controller.) The scripts' bodies are Lua functions of (KEYS, ARGV), so that the applier of
 # the edges' event streams (journal.py) runs the very same code for a batch of calls; there
 # the fields come as a table already.
 FIELDS_LUA = """
@@ -133,9 +136,26 @@ local function create(KEYS, ARGV)
     flat[#flat + 1] = v
   end
   redis.call('HSET', KEYS[1], unpack(flat))
-  redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
+  local state = redis.call('HGET', KEYS[1], 'state')
+  local later = {}
+  if state then
+    later = redis.call('XRANGE', KEYS[2], '-', '+')
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('HSET', KEYS[1], 'state', ARGV[1])
+  end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
+  for _, entry in ipairs(later) do
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(entry[2]))
+  end
   redis.call('PUBLISH', 'cf:events', ARGV[4])
+  if state == 'failed' or state == 'ended' then
+    local retention = redis.call('TTL', KEYS[1])
+    if retention > 0 then
+      redis.call('EXPIRE', KEYS[2], retention)
+    end
+    return 2
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   return 1
@@ -444,33 +464,42 @@ class CallStore:
                 counters += [("INCR", bucket_key), ("EXPIRE", bucket_key, 2 * r.window_s + 1)]
         operation = await self.batch.send(commands, urgent)
         self._emit(call_id, event)
-        if not counters:
+        if not counters and final:
             return operation.replies
         done = asyncio.get_running_loop().create_future()
-        operation.replies.add_done_callback(functools.partial(self._count_if_created, call_id, counters, done))
+        operation.replies.add_done_callback(functools.partial(
+            self._after_create, call_id, counters, None if final else live_scopes, done))
         return done
 
-    def _count_if_created(self, call_id: str, counters: list[tuple], done: asyncio.Future,
-                          created: asyncio.Future) -> None:
+    def _after_create(self, call_id: str, counters: list[tuple], live_scopes: dict[str, str] | None,
+                      done: asyncio.Future, created: asyncio.Future) -> None:
         """After the create's replies: count the call in its windows if this controller created
-        it; `done` gets the create's replies once that is over (a counter that could not be
-        written is logged; it does not fail the record)."""
+        it, and take it out of the live indexes (`live_scopes`: it was put in them) if it was
+        over before its decision was written (_CREATE returned 2); `done` gets the create's
+        replies once that is over (an index or counter that could not be written is logged;
+        it does not fail the record)."""
         if created.exception() is not None:
             done.set_exception(created.exception())
             return
         replies = created.result()
-        if replies[0] != 1:  # a duplicate decide (or an error reply, which `done` carries)
+        made = replies[0]
+        follow_up = list(counters) if made in (1, 2) else []  # not for a duplicate decide (or an error reply)
+        if made == 2 and live_scopes is not None:
+            self._live_scopes.pop(call_id, None)
+            follow_up.append(("ZREM", LIVE_INDEX, call_id))
+            follow_up += [("ZREM", live_scope_key(s, v), call_id) for s, v in live_scopes.items()]
+        if not follow_up:
             done.set_result(replies)
             return
 
-        def counted(result: asyncio.Future) -> None:
+        def followed(result: asyncio.Future) -> None:
             problem = result.exception() or next((r for r in result.result() if isinstance(r, Exception)), None)
             if problem is not None:
-                logging.getLogger("callfabric.state").error("call %s: its rate counters were not counted: %s",
-                                                            call_id, problem)
+                logging.getLogger("callfabric.state").error("call %s: its counters or live indexes were not "
+                                                            "written: %s", call_id, problem)
             if not done.done():
                 done.set_result(replies)
-        self.batch.submit(counters, urgent=False).replies.add_done_callback(counted)
+        self.batch.submit(follow_up, urgent=False).replies.add_done_callback(followed)
 
     async def transition(self, call_id: str, state: str, fields: dict[str, Any], event: dict[str, Any]) -> Transition:
         """Move a call forward (answered, failed, ended); a final state removes it from the

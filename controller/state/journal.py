@@ -546,8 +546,12 @@ class Journal:
                            events: bool, edge: str) -> StreamBatch:
         """Take up to `count` entries of an edge's stream (the consumer's own pending ones
         first) and apply them inside Redis, as `apply` does, acknowledged in the same script:
-        one round trip per batch. Raises RedisError when Redis is unreachable."""
+        one round trip per batch. Raises RedisError when Redis is unreachable. Runs once the
+        outage queue holds nothing: the script cannot tell which calls it will read, and a
+        change held there (a decision made while Redis was down) comes before the edge's
+        next events about its call."""
         store = self.store
+        await store.outage.written()
         self._batches += 1
         token = f"{consumer}:{self._boot}:{self._batches}"
         (reply,) = await store.batch.run([("EVALSHA", _APPLY_EDGE_EVENTS, [stream, summaries], [
@@ -571,8 +575,11 @@ class Journal:
     async def apply(self, changes: list[Change], ack: Iterable[tuple] = ()) -> list[Applied]:
         """Apply `changes` in order (two pipelines), then run `ack` (commands, e.g. XACK) in the
         second pipeline. Raises RedisError when Redis is unreachable (nothing is acknowledged
-        then; applying again is harmless)."""
+        then; applying again is harmless). The changes of a call with changes held in the
+        outage queue (decided while Redis was down) are applied after those are written."""
         store = self.store
+        if store.outage.depth:
+            await store.outage.written(change.call_id for change in changes)
         cap = store.timeline_max_events
         first: list[tuple] = []
         for change in changes:

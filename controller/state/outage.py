@@ -5,10 +5,12 @@ never dropped in silence.
 
 The outage ends when Redis answers, not when this queue is empty: from then on, a change of
 a call with nothing held goes straight to Redis, while a change of a call that has older
-changes held joins the queue behind them (per-call order). The queue is replayed in chunks
-whose writes share pipelines (thousands of changes a second); every held write is
-idempotent, so a chunk cut by a new failure is simply written again. Until it is empty the
-store is `degraded`: the counters the policy reads do not yet include the held calls."""
+changes held joins the queue behind them (per-call order); writers that do not go through
+the store's own methods (the edges' events, state/journal.py) wait for `written` first. The
+queue is replayed in chunks whose writes share pipelines (thousands of changes a second);
+every held write is idempotent, so a chunk cut by a new failure is simply written again.
+Until it is empty the store is `degraded`: the counters the policy reads do not yet include
+the held calls."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -50,6 +52,7 @@ class OutageQueue:
         self._observe = observe or (lambda event, depth: None)
         self._pending: deque[_Held] = deque()
         self._held_calls: Counter[str] = Counter()  # call id -> its changes in the queue
+        self._moved = asyncio.Event()  # set (and replaced) whenever held changes leave the queue
         self._task: asyncio.Task | None = None
         self._down_since = 0.0
         self._back_at = 0.0
@@ -74,6 +77,21 @@ class OutageQueue:
     def holds(self, call_id: str) -> bool:
         """True while older changes of this call wait here (a new one must queue behind them)."""
         return bool(self._pending) and self._held_calls[call_id] > 0
+
+    async def written(self, call_ids: Iterable[str] | None = None) -> None:
+        """Return once no change of `call_ids` (of any call: None) is held here any more, so
+        that what is written next about them lands after what was held (per-call order for
+        writers that write to Redis themselves, e.g. the edges' events). Waits while Redis is
+        unreachable and those calls have changes held."""
+        if not self._pending:
+            return
+        calls = None if call_ids is None else set(call_ids)
+        while self._pending and (calls is None or not calls.isdisjoint(self._held_calls)):
+            await self._moved.wait()
+
+    def _notify(self) -> None:
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
 
     def hold(self, what: str, call_id: str, write: Callable[[], Awaitable[Any]], *, failed: bool = True) -> None:
         """Keep `write` to run after every change held before it. `failed`: it could not reach
@@ -136,6 +154,7 @@ class OutageQueue:
                 self._pop()
                 self._written += 1
                 self._observe("flushed", len(self._pending))
+            self._notify()
             if lost:
                 if self.reachable:
                     self.reachable = False
@@ -161,3 +180,6 @@ class OutageQueue:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._pending.clear()  # nobody waits for them any more (written)
+        self._held_calls.clear()
+        self._notify()

@@ -149,8 +149,9 @@ async def test_a_late_decision_does_not_overwrite_the_state_dialog_events_set(st
                        event={"event": "decided", "ts": 2})
     got = await store.get("late")
     assert got["state"] == "failed" and got["rule"] == "r1"
-    assert await store.reconcile_live(now_ms() - 60_000) == 1  # its stray live entry is cleaned
-    assert await store.live_calls() == []
+    assert [e["event"] for e in await store.timeline("late")] == ["decided", "failed"]  # the decision first
+    assert await store.live_calls() == []  # the call was over: the late decision leaves no live entry
+    assert await store.reconcile_live(now_ms() - 60_000) == 0
 
 
 async def test_timeline_is_capped(store):

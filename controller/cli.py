@@ -405,8 +405,13 @@ def _print_trace(args: argparse.Namespace, timeline: list[dict]) -> int:
     if args.json:
         _print_json(timeline)
         return EXIT_OK
-    # in time order: steps are written by several writers (edge, controller, media plane)
-    timeline = sorted(timeline, key=lambda e: e["ts"] if isinstance(e.get("ts"), int) else 0)
+    # in time order: steps are written by several writers (edge, controller, media plane); a
+    # step without a time stays behind the step written before it
+    placed, last = [], 0
+    for event in timeline:
+        last = event["ts"] if isinstance(event.get("ts"), int) else last
+        placed.append((last, event))
+    timeline = [event for _, event in sorted(placed, key=lambda pair: pair[0])]
     start = next((e["ts"] for e in timeline if isinstance(e.get("ts"), int)), 0)
     print(f"{args.call_id}: started {_when(start)}")
     for event in timeline:

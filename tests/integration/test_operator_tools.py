@@ -134,3 +134,17 @@ def test_calls_trace(redis_url, monkeypatch, capsys):
     assert lines[0].startswith("done-1@host: started 20")     # ISO 8601, local time
     assert lines[1].startswith("+   0.000s  decided") and "ended" in lines[2] and '"reason": "bye-caller"' in lines[2]
     assert main(["calls", "trace", "nope"]) == 1
+
+    async def written_out_of_time_order():  # the media plane writes its step after the edge's later one
+        store = CallStore(redis_url)
+        await store.create("trace-1@host", {"state": "routing", "outcome": "agent", "rule": "r", "created_at_ms": 1000},
+                           live_scopes={}, window_counters=[], at_ms=1000, event={"event": "decided", "ts": 1000})
+        await store.transition("trace-1@host", "answered", {}, {"event": "answered", "ts": 1300})
+        await store.append_event("trace-1@host", {"event": "media_up", "ts": 1200})
+        await store.append_event("trace-1@host", {"event": "note"})  # no time: stays behind media_up
+        await store.aclose()
+    asyncio.run(written_out_of_time_order())
+    capsys.readouterr()
+    assert main(["calls", "trace", "trace-1@host"]) == 0
+    steps = [(line[:10].strip(), line[12:].split()[0]) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert steps == [("+   0.000s", "decided"), ("+   0.200s", "media_up"), ("", "note"), ("+   0.300s", "answered")]

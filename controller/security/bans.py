@@ -52,8 +52,9 @@ class Ban:
                 "created_ms": self.created_ms, "expires_ms": self.expires_ms, "call_id": self.call_id, "by": self.by}
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _text(value: bytes) -> str:
+    """A Redis reply's bytes (the pipeline's replies are never decoded) as text."""
+    return value.decode("utf-8", "replace")
 
 
 class BanList:

@@ -3,12 +3,13 @@ counted or not, member), the value at which each fires (one below: silent), the 
 rate spike, the words of each finding, and what each outcome imposes on the call."""
 from __future__ import annotations
 
+import datetime
 import textwrap
 
 import pytest
 
 from controller.policy import Call, policy_from_texts
-from controller.policy.model import CounterProbe
+from controller.policy.model import CounterProbe, Finding
 from controller.policy.risk import ASTERISK_SECURITY_SCOPE, SHORT_CALLS_SCOPE, _compact
 from tests.policy.helpers import AT, DECLARATIONS
 
@@ -34,7 +35,9 @@ DECL = DECLARATIONS.replace('risk_lists:\n  premium: ["+44909", "+4487"]\n',
 assert DECL != DECLARATIONS
 
 
-@pytest.fixture(scope="module")
+# Compiled per test, not per module: bench/mutation.py runs, for a mutant, the tests during
+# which its function ran, and a module fixture compiles only during the first of them.
+@pytest.fixture
 def security():
     policy = policy_from_texts({"a.yaml": DECL, "b.yaml": SECURITY})
     return policy, policy.compiled.security
@@ -176,3 +179,106 @@ def test_compact_keeps_short_text_and_cuts_long_text_at_160():
     long = _compact({"k": "x" * 500})
     assert len(long) == 160 and long.endswith("…") and long.startswith('{"k":"xxx')
     assert _compact("y" * 158) == '"' + "y" * 158 + '"'  # 160 exactly: kept whole
+
+
+MORE = textwrap.dedent("""\
+    trunks:
+      carrier-b:
+        inbound: {sources: ["198.51.100.0/24"]}
+    security:
+      exempt: {tenant: acme}
+      detectors:
+        - {name: premium, kind: match, when: {destination_risk: premium}, score: 5}
+        - {name: burst, kind: rate_spike, scope: source, window: 60s, baseline: 120s, factor: 5, min_calls: 1,
+           score: 5}
+        - {name: short, kind: short_calls, shorter_than: 4s, window: 60s, max: 2, score: 50}
+      outcomes:
+        challenge: {at_least: 10, actions: [route_agent: billing]}
+        ban: {at_least: 50, for: 10m, code: 499}
+      max_call_duration: 1h
+    rules:
+      - name: hook
+        match: {callee: {prefix: "+4420"}}
+        actions: [ask_webhook: {url: "https://app.example.com/hook", fallback: [route_agent: billing]}]
+    """)
+QUIET_BURST = {"risk:burst:window": 0, "risk:burst:baseline": 10}  # 1 call against 10 expected
+
+
+@pytest.fixture
+def more():
+    policy = policy_from_texts({"a.yaml": DECLARATIONS, "b.yaml": MORE})
+    return policy, policy.compiled.security
+
+
+def call_facts(policy, ruri="+449091234", src_ip="192.0.2.7", counters=None, trunk=None):
+    f = policy.compiled.facts(Call(call_id="c-9", from_user="+442079460000", to_user=ruri, ruri_user=ruri,
+                                   src_ip=src_ip, at=AT, trunk=trunk))
+    f.counters = dict(counters or {})
+    return f
+
+
+def test_a_match_detector_asks_no_counter_and_says_what_it_matched(more):
+    policy, sec = more
+    f = call_facts(policy, counters=QUIET_BURST)
+    assert {p.key for p in sec.probes(f)} == {"risk:burst:window", "risk:burst:baseline", "risk:short"}
+    risk = sec.assess(f)
+    assert (risk.score, risk.outcome, risk.findings) == (
+        5, "allow", (Finding("premium", 5, 'matched {"destination_risk":"premium"}'),))
+
+
+def test_a_rate_spike_of_at_least_one_call_fires_on_a_source_with_no_history(more):
+    policy, sec = more
+    assert sec.limits()["risk:burst:window"] == 0
+    risk = sec.assess(call_facts(policy, ruri="+442079460001"))  # no baseline at all: nothing expected
+    assert [x.detector for x in risk.findings] == ["burst"]
+    assert risk.findings[0].why.startswith("1 calls in 60s from source 192.0.2.7; its baseline is 0.0 per 60s")
+    # the baseline's own calls beyond the window make the expectation: 1 more in 60 s is no spike at ×5
+    assert sec.assess(call_facts(policy, ruri="+442079460001",
+                                 counters={"risk:burst:window": 0, "risk:burst:baseline": 1})) is None
+
+
+def test_an_exempt_call_is_neither_counted_nor_scored(more):
+    policy, sec = more
+    f = call_facts(policy, src_ip="203.0.113.5", counters={"risk:short": 9})  # acme's trunk
+    assert f.tenant == "acme"
+    assert sec.probes(f) == [] and sec.assess(f) is None
+
+
+def test_a_ban_with_a_code_without_a_phrase_says_forbidden_and_keeps_the_trunk(more):
+    policy, sec = more
+    f = call_facts(policy, src_ip="198.51.100.5", counters={"risk:short": 2, **QUIET_BURST}, trunk="carrier-b")
+    assert f.trunk == "carrier-b"
+    risk = sec.assess(f)
+    assert (risk.outcome, risk.score) == ("ban", 55)
+    banned = sec.decision(risk, f, "v7")
+    assert (banned.reject_code, banned.reject_reason, banned.trunk, banned.policy_version) == (
+        499, "Forbidden", "carrier-b", "v7")
+
+
+def test_a_challenge_carries_the_policy_version(more):
+    policy, sec = more
+    f = call_facts(policy)  # premium (5) + a first burst (5)
+    risk = sec.assess(f)
+    assert risk.outcome == "challenge"
+    challenged = sec.decision(risk, f, "v7")
+    assert (challenged.outcome, challenged.policy_version, challenged.risk) == ("agent", "v7", risk)
+
+
+def test_the_cap_reaches_a_webhooks_fallback(more):
+    policy, sec = more
+    d = policy.decide(Call(call_id="c-10", from_user="+442079460000", to_user="+442079460001",
+                           ruri_user="+442079460001", src_ip="203.0.113.5", at=AT))
+    assert d.outcome == "webhook" and d.max_duration_s == 3600
+    assert d.webhook.url == "https://app.example.com/hook" and d.webhook.fallback.max_duration_s == 3600
+    assert sec.cap(d) is d
+
+
+def test_which_detectors_end_short_calls_and_which_watch_asterisk(more, security):
+    _, sec = more
+    assert [d.name for d in sec.ends_short_calls()] == ["short"] and sec.watches_asterisk() == ()
+    _, full = security
+    assert [d.name for d in full.watches_asterisk()] == ["ast"]
+
+
+def test_compact_writes_what_json_cannot_as_text():
+    assert _compact({"on": datetime.date(2030, 1, 2)}) == '{"on":"2030-01-02"}'

@@ -2,17 +2,20 @@
 the edge protocol and header sanitising, policy compile/evaluate, risk and bans, and the call
 store's record transitions. Each mutant (an operator flipped, a constant changed, a call
 dropped …) is run against the fast tests that cover its function; a mutant no test fails on
-"survived". Surviving mutants are printed, with a one-line reason where one was judged
-harmless (SURVIVOR_REASONS); the others are tests still to write.
+"survived". Surviving mutants are printed grouped by reason: one judged for that mutant (REASONS),
+one read from the change itself (a Redis keyword's or a codec name's letter case, a message's
+wording), or none — a test still to write.
 
     python bench/mutation.py [--max-children 2] [--budget-min 30] [--modules controller/x.py ...]
+    python bench/mutation.py --report WORKDIR     # the report of a run kept with --keep
 
 It works on a copy of the tracked files (mutmut rewrites the code it mutates), needs
 redis-server (the call store's tests) and mutmut (`pip install -e '.[bench]'`), and is not part
 of the CI test run. Last line:
 RESULT killed_pct=… killed_pct_code=… mutants=… modules=… killed=… survived=… no_tests=…
-timeout=… unchecked=… complete=true|false seconds=…   (goal: killed_pct >= 85). killed_pct counts
-timeouts as killed and mutants no test reaches as not killed; when the time budget
+timeout=… unchecked=… unexplained=… complete=true|false seconds=…   (goal: killed_pct >= 85). killed_pct counts
+timeouts as killed and mutants no test reaches as not killed; killed_pct_code leaves out the
+survivors with a reason, unexplained counts those without one; when the time budget
 (--budget-min, 30 by default) runs out, the workers are stopped and the line covers the mutants
 checked by then (complete=false, unchecked=how many were left).
 """
@@ -65,18 +68,36 @@ TESTS = [
     "tests/policy/test_security.py", "tests/policy/test_risk_exact.py", "tests/policy/test_validation.py",
     "tests/policy/test_action_limits.py",
     "tests/policy/test_engine_property.py",
-    "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/state/test_calls.py",
+    "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/security/test_ban_pushes.py", "tests/state/test_calls.py",
     "tests/state/test_pack.py", "tests/state/test_counters_exact.py", "tests/state/test_transitions_exact.py",
     "tests/api/test_webhooks.py", "tests/api/test_api.py", "tests/media/test_media_plane.py",
 ]
 # Lines whose text is for people, not behaviour: log calls and schema descriptions.
 NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r"\blogging\.getLogger\(", r'"description":']
 
-# Survivors judged harmless, by mutant name prefix: why no test should fail on them.
-SURVIVOR_REASONS: dict[str, str] = {
-    "controller.security.bans.xǁBanListǁ_push": "pushes to the edges' Kamailio: tested against a real Kamailio "
-    "(tests/integration/test_security_edge.py, test_edge_defence.py), not among this bench's fast tests",
-}
+# Survivors judged, each with one line saying why no test fails on it: (kind, the mutated
+# function (fnmatch on the mutant's name without its number), a regex the change `old  ->  new`
+# must match, why). Kinds: "equivalent" (no input behaves differently), "unreachable" (the
+# changed code never runs with anything that gets there), "integration" (only a real Kamailio
+# shows it: the test named runs in CI, not in this bench). Matched on the change, not on
+# mutmut's numbers, so a reason stays on its mutant when the function is edited.
+RISK = "controller.policy.risk."
+REASONS: list[tuple[str, str, str, str]] = [
+    ("equivalent", RISK + "x__compact", r"ensure_ascii=False.*  ->  .*ensure_ascii=None",
+     "json.dumps reads ensure_ascii=None as it reads False"),
+    ("unreachable", RISK + "xǁCompiledSecurityǁ__init__", r"risk_lists\.get\(name, \(\)\)\}  ->  .*risk_lists\.get\(name, (None)?\)\}$",
+     "validation refuses a detector naming an undeclared risk list: the default is never read"),
+    ("equivalent", RISK + "xǁCompiledSecurityǁ_active",
+     r"  ->  (cached = None|f\.risk_measures = None|if cached is not None and cached\[1\] is f\.counters:)$",
+     "the per-call cache of the active detectors: without it `when` runs again on the same facts, same answer"),
+    ("equivalent", RISK + "xǁ_Measureǁ*", r"  ->  (self\.gate: .* = None|gate = None|if gate is None and .*)$",
+     "the gate only returns early for a counter below the detector's limit; the checks below refuse the same calls"),
+    ("equivalent", RISK + "xǁ_Measureǁfinding",
+     r"\b(live|calls|distinct) > d\.max\b.*  ->  .*(\((live|calls|distinct) > d\.max\) or True|(live|calls|distinct) >= d\.max)",
+     "the gate returned for a counter below max, so counter + 1 > max always holds here"),
+    ("equivalent", RISK + "xǁ_Measureǁ_value", r'd\.kind in \("short_calls", "asterisk_security"\)',
+     "short_calls and asterisk_security take no scope (validation refuses one): theirs is 'source', read the same below"),
+]
 
 
 def copy_tree(dest: Path) -> None:
@@ -98,7 +119,10 @@ def config(modules: list[str]) -> str:
             f"tests_dir={items(TESTS)}\n"
             f"pytest_add_cli_args={items(['-p', 'no:cacheprovider'])}\n"
             f"do_not_mutate_patterns={items(NOT_MUTATED)}\n"
-            f"also_copy={items(['tests', 'policies', 'examples', 'kamailio', 'asterisk', 'pyproject.toml'])}\n")
+            f"also_copy={items(['tests', 'policies', 'examples', 'kamailio', 'asterisk', 'pyproject.toml'])}\n"
+            # a mutant still running after 2 x (its tests' own time + 4 s) is stuck (mutmut: 15 x (t + 1 s));
+            # the killed and surviving mutants take ~0.4 s, so the margin stays wide on a loaded machine
+            "timeout_multiplier=2.0\ntimeout_constant=4.0\n")
 
 
 def mutmut(workdir: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -123,16 +147,23 @@ def _functions(path: Path) -> dict[str, list[str]]:
     return _SOURCES[path]
 
 
+def _tokens(line: str) -> list[tokenize.TokenInfo]:
+    """The tokens of a line of code, as far as they go (a mutant's line may open a bracket it
+    closes on a later line)."""
+    out: list[tokenize.TokenInfo] = []
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
+            if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
+                out.append(t)
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass
+    return out
+
+
 def _code_only(line: str) -> str:
     """The line with its string literals blanked (what is left is code)."""
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
-    except (tokenize.TokenError, SyntaxError, IndentationError):
-        return line
     out = []
-    for t in tokens:
-        if t.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER):
-            continue
+    for t in _tokens(line):
         if t.type == tokenize.STRING:  # its text goes; an f-string's expressions are code and stay
             prefix = t.string[:len(t.string) - len(t.string.lstrip("rRbBuUfF"))]
             out.append('""' + ("".join(re.findall(r"\{[^{}]*\}", t.string)) if "f" in prefix.lower() else ""))
@@ -141,39 +172,120 @@ def _code_only(line: str) -> str:
     return " ".join(out)
 
 
-def text_only(change: str) -> bool:
-    """A mutant that only changed the wording of a message: a text string raised or returned
-    (an error's reason), no code and no bytes (data) changed."""
-    old, _, new = change.partition("  ->  ")
-    code = _code_only(old)
-    message = code.startswith(("raise ", "return ")) and not re.search(r"""\b[bB][rR]?["']""", old)
-    return message and old != new and code == _code_only(new)
+def _changed_strings(old: str, new: str) -> list[tuple[str, str]]:
+    """The string literals a mutant changed, when it changed nothing else ([] otherwise)."""
+    if _code_only(old) != _code_only(new):
+        return []
+    before = [t.string for t in _tokens(old) if t.type == tokenize.STRING]
+    after = [t.string for t in _tokens(new) if t.type == tokenize.STRING]
+    return [(a, b) for a, b in zip(before, after) if a != b] if len(before) == len(after) else []
 
 
-def redis_case_only(change: str) -> bool:
-    """A mutant that only changed the letter case of a Redis command name (`("ZCARD", …` → `("zcard", …`)."""
-    old, _, new = change.partition("  ->  ")
-    return old != new and old.lower() == new.lower() and bool(re.search(r"""\(\s*["'][A-Z]+["']\s*,""", old))
+# A message: the whole of what is returned (`return "…"`, `return f"…" if … else None`) or the
+# argument raised (`raise ValueError(f"…")`); not a string inside returned data (`{"reason": "…"}`).
+_MESSAGE = re.compile(r'(return (\( )?|raise [\w.]+ \( )""')
 
 
-def changed_line(workdir: Path, name: str) -> str:
-    """The mutant's change as `old -> new` (the lines that differ from the original function)."""
+def text_only(old: str, new: str) -> bool:
+    """Only the wording of a message changed: a text string (prose: it has a space) that is
+    what a line returns or raises; no code, no bytes and no string inside returned data."""
+    changed = _changed_strings(old, new)
+    return (bool(changed) and bool(_MESSAGE.match(_code_only(old)))
+            and all(" " in a and not re.match(r"[rRfFuU]?[bB]", a) for a, _ in changed))
+
+
+def redis_case_only(old: str, new: str) -> bool:
+    """Only the letter case of a Redis command name or keyword changed (`("ZCARD", …` → `("zcard", …`,
+    `"LIMIT"` → `"limit"`, `"+inf"` → `"+INF"`); a key, field or value in other letters is another
+    key, field or value, so those are not matched (the code writes commands and keywords in
+    capitals, fields and values in small letters)."""
+    changed = _changed_strings(old, new)
+    return (bool(changed) and bool(re.search(r"""\(\s*["'][A-Z]+["']\s*,""", old))
+            and all(a.lower() == b.lower() and re.fullmatch(r"""(["'])([A-Z]+|[+-]inf)\1""", a)
+                    for a, b in changed))
+
+
+def codec_case_only(old: str, new: str) -> bool:
+    """Only the letter case of a codec name changed: Python looks codecs up case-insensitively
+    (error handler names such as "replace" are not: those stay unmatched)."""
+    changed = _changed_strings(old, new)
+    return bool(changed) and all(a.lower() == b.lower() and a.strip("\"'").lower() in ("utf-8", "ascii", "latin-1")
+                                 for a, b in changed)
+
+
+# Kinds that hold for any module, worked out from the change itself.
+GENERIC_REASONS: list[tuple[str, str, object]] = [
+    ("equivalent", "a Redis command name or keyword in other letters: Redis reads them case-insensitively",
+     redis_case_only),
+    ("equivalent", "a codec name in other letters: Python looks codecs up case-insensitively", codec_case_only),
+    ("message", "only the wording of a message changed (the tests check the behaviour and the key phrases)",
+     text_only),
+]
+
+
+def reason_for(name: str, old: str, new: str) -> tuple[str, str]:
+    """(kind, why) of a surviving mutant, or ("", "") when it has none."""
+    function = name.rsplit("__mutmut_", 1)[0]
+    change = f"{old}  ->  {new}"
+    for kind, names, pattern, why in REASONS:
+        if fnmatch.fnmatch(function, names) and re.search(pattern, change):
+            return kind, why
+    for kind, why, test in GENERIC_REASONS:
+        if test(old, new):
+            return kind, why
+    return "", ""
+
+
+def changed_lines(workdir: Path, name: str) -> tuple[str, str]:
+    """The mutant's change: the original lines and the mutated ones (those that differ), joined by ` / `."""
     module, _, function = name.rpartition(".")
     functions = _functions(workdir / "mutants" / (module.replace(".", "/") + ".py"))
     original = functions.get(function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", [])
     diff = [line for line in difflib.ndiff(original, functions.get(function, [])) if line[:2] in ("- ", "+ ")]
     old = " / ".join(line[2:].strip() for line in diff if line.startswith("- "))
     new = " / ".join(line[2:].strip() for line in diff if line.startswith("+ "))
+    return old, new
+
+
+def shown(old: str, new: str) -> str:
     return f"{old[:110]}  ->  {new[:110]}"
+
+
+def run_mutmut(workdir: Path, args: argparse.Namespace, selected: list[str]) -> bool | None:
+    """Run mutmut in `workdir` (a fresh copy): True when it finished, False when the budget ran
+    out (the workers are stopped), None when it failed."""
+    copy_tree(workdir)
+    (workdir / "setup.cfg").write_text(config(args.modules) + ("debug=true\n" if args.debug else ""))
+    print(f"mutating {len(args.modules)} modules in {workdir}, against {len(TESTS)} test files", flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CALLFABRIC_PROPERTY_EXAMPLES"] = "25"
+    log = workdir / "mutmut-run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
+                                *selected], cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True)
+        try:
+            if run.wait(timeout=args.budget_min * 60) != 0:
+                print(log.read_text()[-3000:], f"(all of it: {log})", sep="\n", file=sys.stderr)
+                return None
+            return True
+        except subprocess.TimeoutExpired:  # bounded: stop every worker, report what was checked
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+            print(f"the {args.budget_min:g} min budget ran out: the results below cover the mutants checked "
+                  f"by then", flush=True)
+            return False
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-children", type=int, default=4, help="mutants run at once (most of a run waits)")
-    parser.add_argument("--budget-min", type=float, default=30.0, help="give up (exit 2) after this long")
-    parser.add_argument("--modules", nargs="*", default=MODULES)
+    parser.add_argument("--max-children", type=int, default=2, help="mutants run at once")
+    parser.add_argument("--budget-min", type=float, default=30.0, help="then stop the workers and report the mutants checked (complete=false)")
+    parser.add_argument("--modules", nargs="*", default=MODULES,
+                        help="mutate these modules whole (default: the selected functions of the modules above)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (mutmut browse there)")
     parser.add_argument("--debug", action="store_true", help="mutmut's debug output (pytest's own errors)")
+    parser.add_argument("--report", metavar="WORKDIR", help="only print the report of a run kept with --keep")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         print("redis-server is required (the call store's tests)", file=sys.stderr)
@@ -183,35 +295,23 @@ def main() -> int:
     except ImportError:
         print("mutmut is not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="callfabric-mutation-"))
+    workdir = Path(args.report) if args.report else Path(tempfile.mkdtemp(prefix="callfabric-mutation-"))
+    args.keep = args.keep or bool(args.report)
     started = time.monotonic()
+    selected = SELECTED if args.modules == MODULES else []
+    complete = True
     try:
-        copy_tree(workdir)
-        (workdir / "setup.cfg").write_text(config(args.modules) + ("debug=true\n" if args.debug else ""))
-        print(f"mutating {len(args.modules)} modules in {workdir}, against {len(TESTS)} test files", flush=True)
-        selected = SELECTED if args.modules == MODULES else []
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["CALLFABRIC_PROPERTY_EXAMPLES"] = "25"
-        log = workdir / "mutmut-run.log"
-        with open(log, "w") as out:
-            run = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children),
-                                    *selected], cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-            try:
-                complete = run.wait(timeout=args.budget_min * 60) == 0
-                if not complete:
-                    print(log.read_text()[-3000:], f"(all of it: {log})", sep="\n", file=sys.stderr)
-                    return 2
-            except subprocess.TimeoutExpired:  # bounded: stop every worker, report what was checked
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-                complete = False
-                print(f"the {args.budget_min:g} min budget ran out: the results below cover the mutants checked "
-                      f"by then", flush=True)
+        if not args.report:
+            complete = run_mutmut(workdir, args, selected)
+            if complete is None:
+                return 2
         results = mutmut(workdir, "results", "--all", "true", timeout=300).stdout
         outcomes = {name: outcome for name, outcome in re.findall(r"^\s*(\S+): (\w[\w ]*)$", results, re.M)
                     if not selected or any(fnmatch.fnmatch(name, pattern) for pattern in selected)}
         unchecked = sum(1 for outcome in outcomes.values() if outcome == "not checked")
+        modules = len({name.rpartition(".")[0] for name in outcomes})  # those with a mutant selected
+        if args.report:
+            complete = unchecked == 0
         if not complete:  # unchecked mutants are neither killed nor survivors
             outcomes = {name: outcome for name, outcome in outcomes.items() if outcome != "not checked"}
         stats = {key: sum(1 for o in outcomes.values() if o == outcome) for key, outcome in (
@@ -221,32 +321,28 @@ def main() -> int:
             print(f"{stats['not_checked']} selected mutants were not checked", file=sys.stderr)
             return 2
         survivors = sorted(n for n, o in outcomes.items() if o in ("survived", "no tests"))
-        unexplained, wording, explained = 0, 0, 0
-        print(f"\n{len(survivors)} mutants not killed (survived, or no test reaches them):")
+        groups: dict[tuple[str, str], list[str]] = {}
         for name in survivors:
-            change = changed_line(workdir, name)
-            reason = next((r for prefix, r in SURVIVOR_REASONS.items() if name.startswith(prefix)), "")
-            if not reason and redis_case_only(change):
-                reason = "a Redis command name in other letters: Redis reads command names case-insensitively"
-            if reason:
-                explained += 1
-            elif text_only(change):
-                wording += 1
-                reason = "only the wording of a message changed (tests check behaviour and key phrases)"
-            unexplained += not reason
-            print(f"  {name} [{outcomes[name]}]: {change}" + (f"\n      reason: {reason}" if reason else ""))
+            old, new = changed_lines(workdir, name)
+            groups.setdefault(reason_for(name, old, new), []).append(
+                f"{name}{' [no test reaches it]' if outcomes[name] == 'no tests' else ''}: {shown(old, new)}")
+        print(f"\n{len(survivors)} mutants not killed (survived, or no test reaches them), by reason:")
+        for (kind, why), lines in sorted(groups.items(), key=lambda item: (item[0] == ("", ""), item[0])):
+            print(f"\n[{kind}] {why} ({len(lines)})" if kind else f"\n[NO REASON: a test to write] ({len(lines)})")
+            for line in lines:
+                print(f"  {line}")
+        unexplained = len(groups.get(("", ""), []))
+        harmless = len(survivors) - unexplained
         killed = stats.get("killed", 0) + stats.get("timeout", 0)
         total = killed + stats.get("survived", 0) + stats.get("no_tests", 0) + stats.get("suspicious", 0)
         pct = 100.0 * killed / total if total else 0.0
-        harmless = wording + explained
         behaviour = 100.0 * killed / (total - harmless) if total > harmless else 0.0
-        print(f"\n{unexplained} survivors without a reason: each is a test to write; {wording} changed only a "
-              f"message's wording and {explained} are harmless for the reason printed (all counted as survivors in "
+        print(f"\n{unexplained} survivors without a reason; {harmless} with one (all counted as not killed in "
               f"killed_pct, left out of killed_pct_code)")
-        print(f"RESULT killed_pct={pct:.1f} killed_pct_code={behaviour:.1f} mutants={total} modules={len(args.modules)} "
+        print(f"RESULT killed_pct={pct:.1f} killed_pct_code={behaviour:.1f} mutants={total} modules={modules} "
               f"killed={stats.get('killed', 0)} survived={stats.get('survived', 0)} "
               f"no_tests={stats.get('no_tests', 0)} timeout={stats.get('timeout', 0)} "
-              f"unchecked={unchecked} complete={str(complete).lower()} "
+              f"unchecked={unchecked} unexplained={unexplained} complete={str(complete).lower()} "
               f"seconds={time.monotonic() - started:.0f}")
         return 0 if pct >= 85 and complete else 1
     finally:

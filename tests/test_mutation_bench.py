@@ -1,0 +1,58 @@
+"""bench/mutation.py excuses some surviving mutants by reading their change: these checks keep
+those reasons narrow (a change that alters what reaches Redis or the wire gets no reason)."""
+from __future__ import annotations
+
+import pytest
+
+from bench.mutation import codec_case_only, reason_for, redis_case_only, text_only
+
+
+@pytest.mark.parametrize("old, new", [
+    ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("zcard", LIVE_INDEX))'),
+    ('("ZRANGEBYSCORE", BANS_INDEX, now_ms, "+inf", "LIMIT", 0, limit)])',
+     '("ZRANGEBYSCORE", BANS_INDEX, now_ms, "+INF", "LIMIT", 0, limit)])'),
+    ('("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],',  # the call goes on below
+     '("evalsha", _CREATE, [call_key(call_id), timeline_key(call_id)],'),
+], ids=["command", "keyword", "command-of-a-call-on-several-lines"])
+def test_a_redis_command_or_keyword_in_other_letters_is_equivalent(old, new):
+    assert redis_case_only(old, new)
+
+
+@pytest.mark.parametrize("old, new", [
+    ('states = await self.batch.run([("HGET", call_key(c), "state") for c in candidates])',
+     'states = await self.batch.run([("HGET", call_key(c), "STATE") for c in candidates])'),  # another field
+    ('claimed, previous = await self.batch.run([("SET", redis_key, "pending", "NX", "EX", ttl_s),',
+     'claimed, previous = await self.batch.run([("SET", redis_key, "PENDING", "NX", "EX", ttl_s),'),  # a value
+    ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("XXZCARDXX", LIVE_INDEX))'),
+    ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("zcard", RECENT_INDEX))'),  # code changed too
+], ids=["field", "value", "command-renamed", "key-changed-too"])
+def test_a_redis_key_field_or_value_in_other_letters_is_not(old, new):
+    assert not redis_case_only(old, new)
+
+
+def test_only_a_codec_names_case_is_equivalent_not_an_error_handlers():
+    assert codec_case_only('return value.decode("utf-8", "replace")', 'return value.decode("UTF-8", "replace")')
+    assert not codec_case_only('return value.decode("utf-8", "replace")', 'return value.decode("utf-8", "REPLACE")')
+    assert not codec_case_only('return value.decode("utf-8", "replace")', 'return value.decode("XXutf-8XX", "replace")')
+
+
+def test_a_message_is_what_a_line_returns_or_raises_not_data_on_the_wire():
+    assert text_only('return "header value must be a string"', 'return "XXheader value must be a stringXX"')
+    assert text_only('raise ValueError(f"bad duration {text!r}: use 300ms")',
+                     'raise ValueError(f"XXbad duration {text!r}: use 300msXX")')
+    assert text_only('return f"{live} live calls for {who}, more than {d.max}" if live > d.max else None',
+                     'return f"XX{live} live calls for {who}, more than {d.max}XX" if live > d.max else None')
+    # the reason phrase of a SIP answer is data, even in a return line
+    assert not text_only('return {"tx": tx, "action": "reject", "code": 503, "reason": "Service Unavailable",',
+                         'return {"tx": tx, "action": "reject", "code": 503, "reason": "XXService UnavailableXX",')
+    assert not text_only('return "event", name, "ts", ts', 'return "EVENT", name, "ts", ts')  # fields, no prose
+    assert not text_only('raise EdgeError(b"bad frame here")', 'raise EdgeError(b"XXbad frame hereXX")')
+    assert not text_only('return "header value must be a string"', 'return None')
+    assert not text_only('return "all calls" if scope == "global" else x', 'return "all calls" if scope != "global" else x')
+
+
+def test_a_survivor_without_a_reason_says_so():
+    assert reason_for("controller.policy.risk.x__compact__mutmut_3", "return text if len(text) <= limit else t",
+                      "return text if len(text) < limit else t") == ("", "")
+    kind, why = reason_for("controller.state.calls.xǁCallStoreǁcount__mutmut_1", 'x = ("ZCARD", k)', 'x = ("zcard", k)')
+    assert kind == "equivalent" and "case-insensitively" in why

@@ -127,6 +127,34 @@ async def test_a_resync_goes_on_after_lifting_the_ban_of_an_address_trusted_sinc
     assert pushes(edge) == [("unblock", "10.0.0.9"), ("block", "192.0.2.11", 120)]
 
 
+async def test_a_resync_counts_each_block_an_edge_failed_and_still_pushes_to_the_others(store):
+    metrics = Metrics()
+    down, up = RecordingEdge("http://down", fail=EdgeError("timeout")), RecordingEdge("http://up")
+    banlist = BanList(store.batch, metrics, [down, up])
+    await banlist.add("192.0.2.15", 60, "x", origin="api", detector="manual", now_ms=NOW)
+    await banlist.add("192.0.2.16", 120, "x", origin="api", detector="manual", now_ms=NOW)
+    assert sample(metrics.registry, "callfabric_edge_rpc_errors_total", method="block") == 2
+    up.calls.clear()
+    assert await banlist.resync(NOW) == 2
+    assert pushes(up) == [("block", "192.0.2.15", 60), ("block", "192.0.2.16", 120)]
+    assert sample(metrics.registry, "callfabric_edge_rpc_errors_total", method="block") == 4
+
+
+async def test_at_most_10000_bans_are_read_at_once_those_ending_soonest(store):
+    """A flood banning more addresses than that: a resync pushes the first 10,000 to end."""
+    banlist = BanList(store.batch, Metrics(), [])
+    ips = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(10_001)]
+    commands: list[tuple] = []
+    for i, ip in enumerate(ips):
+        expires = NOW + 60_000 + (10_000 - i)  # the last address ends first, the first one last
+        commands += [("HSET", ban_key(ip), "ip", ip, "reason", "x", "origin", "edge", "detector", "flood",
+                      "created_ms", NOW, "expires_ms", expires), ("ZADD", BANS_INDEX, expires, ip)]
+    await store.batch.run(commands)
+    active = await banlist.active(NOW)
+    assert len(active) == 10_000
+    assert active[0].ip == ips[-1] and ips[0] not in {b.ip for b in active}
+
+
 async def test_a_banlist_without_trusted_peers_resyncs(store):
     edge = RecordingEdge("http://a")
     banlist = BanList(store.batch, Metrics(), [edge])

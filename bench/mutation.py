@@ -81,8 +81,11 @@ NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r"\blogging\.ge
 # changed code never runs with anything that gets there), "integration" (only a real Kamailio
 # shows it: the test named runs in CI, not in this bench). Matched on the change, not on
 # mutmut's numbers, so a reason stays on its mutant when the function is edited.
-RISK = "controller.policy.risk."
+RISK, BANS = "controller.policy.risk.", "controller.security.bans."
 REASONS: list[tuple[str, str, str, str]] = [
+    ("equivalent", BANS + "xǁBanListǁadd", r"v if isinstance\(v, str\) else json\.dumps\(v\).*  ->  .*"
+     r"v if \(isinstance\(v, str\)\) or True else",
+     "a ban's fields are text or int (None left out): the pipeline writes an int as json.dumps does"),
     ("equivalent", RISK + "x__compact", r"ensure_ascii=False.*  ->  .*ensure_ascii=None",
      "json.dumps reads ensure_ascii=None as it reads False"),
     ("unreachable", RISK + "xǁCompiledSecurityǁ__init__", r"risk_lists\.get\(name, \(\)\)\}  ->  .*risk_lists\.get\(name, (None)?\)\}$",
@@ -142,7 +145,9 @@ def _functions(path: Path) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for node in ast.walk(ast.parse("\n".join(lines))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
-                found[node.name] = lines[node.lineno:node.end_lineno]  # the body: the def line differs
+                # the def line without the name (which differs), so a default argument's change shows
+                found[node.name] = ([lines[node.lineno - 1].replace(node.name, "_", 1)]
+                                    + lines[node.lineno:node.end_lineno])
         _SOURCES[path] = found
     return _SOURCES[path]
 

@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="runs measured again when more than 0.5 %% of their calls failed (an overloaded machine)")
     parser.add_argument("--modes", default=",".join(MODES), help="which of static,edge,controller to run")
+    parser.add_argument("--children", type=int, default=4, help="Kamailio's SIP workers (CHILDREN), every mode alike")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     modes = [m for m in MODES if m in args.modes.split(",")]
@@ -97,7 +98,7 @@ def main() -> None:
         pbx = SippUAS(workdir, "uas_answer.xml", "pbx").start()
         things += media + [pbx]
         policy_dir = bench_policies(workdir / "policies", pbx.addr)
-        edge_kw = dict(shm_mb=512, pkg_mb=16, children=4, fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1)
+        edge_kw = dict(shm_mb=512, pkg_mb=16, children=args.children, fr_timeout_ms=2000, fr_inv_timeout_ms=30000, log_level=1)
         stacks: dict[str, Stack] = {}
         for mode in modes:
             # the shipped configuration: the edge's events go to its Redis Stream (the controller

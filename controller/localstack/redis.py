@@ -31,7 +31,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def command(self) -> list[str]:
         cmd = [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes", *self.extra_args]
@@ -43,7 +43,10 @@ class RedisServer:
                               f"sentinel failover-timeout {name} 5000\n")
             cmd = [REDIS_BIN, str(config), "--sentinel", "--bind", "127.0.0.1", "--port", str(self.port),
                    "--dir", str(self.workdir), "--logfile", str(self.log_path), "--daemonize", "no"]
-        self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        return cmd
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        self.proc = spawn(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from controller.actions import ANCHOR_MODES, is_trusted_header
 from controller.edge import bundle, protocol
 from controller.edge.verdict import call_counters, reject_floor, verdict
 from controller.policy import Decision, Policy
+from controller.policy.model import CounterProbe
 from controller.policy.hot import hot_key, hot_thresholds
 
 RECHECK_S = 1.0  # how often the policy file is looked at
@@ -79,6 +80,64 @@ class EdgeOutcome:
 
 
 _json = json.JSONEncoder(separators=(",", ":")).encode
+_str = json.encoder.encode_basestring_ascii  # (what _json does to a string, in C)
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# _json's own C encoder, made once (JSONEncoder.encode makes one per call) and without the
+# circular-reference bookkeeping (the event is built here: no cycles); _json itself on a
+# Python built without the C accelerator
+if json.encoder.c_make_encoder is not None:
+    _c_encoder = json.encoder.c_make_encoder(None, _not_json, _str, None, ":", ",", False, False, True)
+
+    def _fast_json(value: Any) -> str:
+        return "".join(_c_encoder(value, 0))
+else:  # pragma: no cover
+    _fast_json = _json
+
+
+# The `decided` event's parts that depend only on the decision (and the policy version):
+# encoded once per decision (rules without placeholders share theirs) and pasted in.
+_RECORD_OF_DECISION = frozenset(("state", "outcome", "rule", "applied_rules", "target", "policy_version", "decision",
+                                 "end_reason", "end_code"))
+_TIMELINE_OF_DECISION = frozenset(("event", "outcome", "rule", "target", "policy_version"))
+_FRAGMENTS_MAX = 512
+
+
+class DecidedEvent:
+    """Encodes `decided` events: the JSON _json makes of the whole event (kamailio/PROTOCOL.md),
+    with the record's and the timeline's fields that depend only on the decision encoded once
+    per decision (the decision itself is most of the event)."""
+
+    def __init__(self):
+        self._decisions: dict[int, tuple[Decision, Any, str, str]] = {}  # id -> (decision, version, record, timeline)
+
+    def _fragments(self, decision: Decision, record: Mapping[str, Any], timeline: Mapping[str, Any]) -> tuple[str, str]:
+        version = record.get("policy_version")
+        cached = self._decisions.get(id(decision))
+        if cached is None or cached[0] is not decision or cached[1] != version:
+            if len(self._decisions) >= _FRAGMENTS_MAX:
+                self._decisions.clear()
+            cached = self._decisions[id(decision)] = (
+                decision, version,
+                _fast_json({k: v for k, v in record.items() if k in _RECORD_OF_DECISION and v is not None})[1:-1],
+                _fast_json({k: v for k, v in timeline.items() if k in _TIMELINE_OF_DECISION})[1:-1])
+        return cached[2], cached[3]
+
+    def encode(self, call_id: str, tx: str, decision: Decision, record: Mapping[str, Any],
+               timeline: Mapping[str, Any], live_scopes: Mapping[str, str], counters: list[CounterProbe]) -> str:
+        """_json({"event": "decided", "call_id", "tx", "record" (its null fields left out),
+        "timeline", "live_scopes", "counters"})."""
+        of_record, of_timeline = self._fragments(decision, record, timeline)
+        per_call = _fast_json({k: v for k, v in record.items() if v is not None and k not in _RECORD_OF_DECISION})
+        per_event = _fast_json({k: v for k, v in timeline.items() if k not in _TIMELINE_OF_DECISION})
+        return (f'{{"event":"decided","call_id":{_str(call_id)},"tx":{_str(tx)},'
+                f'"record":{{{of_record}{"," if of_record and len(per_call) > 2 else ""}{per_call[1:]},'
+                f'"timeline":{{{of_timeline}{"," if of_timeline and len(per_event) > 2 else ""}{per_event[1:]},'
+                f'"live_scopes":{_fast_json(live_scopes)},"counters":{_fast_json(counters)}}}')
 
 
 def _read(path: str) -> bytes:
@@ -197,6 +256,7 @@ class EdgeDecider:
         self._stamp: tuple | None = None
         self._loaded_at = 0.0  # wall clock time the policy in use was loaded
         self._thresholds: dict[str, int] = {}
+        self._event = DecidedEvent()
 
     def refresh(self) -> None:
         """Look at the files once per RECHECK_S; when the policy file, the key or the last good
@@ -345,10 +405,10 @@ class EdgeDecider:
             self._log("error", f"edge answer refused by Kamailio's own checks, the controller decides: "
                                f"{_json(result.answer)[:300]}")
             return EdgeOutcome.defer("invalid", reject_floor(policy, facts, decision))
-        # (a counter probe is the tuple [key, kind, scope, value, window_s, count, member])
-        record = {k: v for k, v in result.record.items() if v is not None}  # (absent and null read the same)
-        encoded = _json({"event": "decided", "call_id": parsed.call.call_id, "tx": parsed.tx, "record": record,
-                         "timeline": result.event, "live_scopes": result.live_scopes, "counters": counters})
+        # (a counter probe is the tuple [key, kind, scope, value, window_s, count, member]; the
+        # record's null fields are left out: absent and null read the same)
+        encoded = self._event.encode(parsed.call.call_id, parsed.tx, result.decision, result.record, result.event,
+                                     result.live_scopes, counters)
         if len(encoded) > MAX_EVENT_BYTES:  # beyond Kamailio's pv buffer: let the controller record it
             return EdgeOutcome.defer("too-big", reject_floor(policy, facts, decision))
         return EdgeOutcome("", result.answer, encoded, carried_out)

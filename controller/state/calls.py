@@ -116,13 +116,21 @@ def _field(value: Any) -> str:
 # as one JSON document: decoding it costs Redis less than encoding dozens of arguments costs
 # the controller.) The scripts' bodies are Lua functions of (KEYS, ARGV), so that the applier of
 # the edges' event streams (journal.py) runs the very same code for a batch of calls; there
-# the fields come as a table already.
+# the fields come as a table already. Timeline events are published on cf:events (the API's
+# event streams, controller/api/events.py); the applier of a batch looks once whether anyone
+# listens (`listened`) instead of publishing each event to nobody.
 FIELDS_LUA = """
 local function fields_of(fields)
   if type(fields) == 'string' then
     return cjson.decode(fields)
   end
   return fields
+end
+local listened = true
+local function announce(event)
+  if listened then
+    redis.call('PUBLISH', 'cf:events', event)
+  end
 end
 """
 CREATE_LUA = """
@@ -148,7 +156,7 @@ local function create(KEYS, ARGV)
   for _, entry in ipairs(later) do
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(entry[2]))
   end
-  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  announce(ARGV[4])
   if state == 'failed' or state == 'ended' then
     local retention = redis.call('TTL', KEYS[1])
     if retention > 0 then
@@ -185,7 +193,7 @@ local function transition(KEYS, ARGV)
   end
   redis.call('HSET', KEYS[1], unpack(flat))
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
-  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  announce(ARGV[4])
   local ttl = tonumber(ARGV[6])
   if ttl == 0 and not current then
     ttl = tonumber(ARGV[7])  -- a call first seen live: its safety expiry

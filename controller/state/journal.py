@@ -57,7 +57,7 @@ local function fallback(KEYS, ARGV)
   end
   redis.call('HSET', KEYS[1], 'fallback', ARGV[8], 'decided_by', 'edge-fallback', 'outcome', 'fallback', 'rule', '')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
-  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  announce(ARGV[4])
   return result
 end
 """
@@ -90,7 +90,7 @@ local function record(KEYS, ARGV)
   redis.call('HSET', KEYS[1], unpack(flat))
   redis.call('HSETNX', KEYS[1], 'state', ARGV[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[2], 'ts', ARGV[3], 'data', ARGV[4])
-  redis.call('PUBLISH', 'cf:events', ARGV[4])
+  announce(ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   return 1
@@ -126,6 +126,8 @@ local limit, now = tonumber(ARGV[3]), tonumber(ARGV[4])
 local instance, cap, retention, live_ttl = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local version, thresholds, detectors = ARGV[9], cjson.decode(ARGV[10]), cjson.decode(ARGV[11])
 local want_events, edge, batch_token, settled = ARGV[12] == '1', ARGV[13], ARGV[14], ARGV[15]
+-- timeline events are published only when someone listens (a channel or a pattern subscriber)
+listened = redis.call('PUBSUB', 'NUMSUB', 'cf:events')[2] > 0 or redis.call('PUBSUB', 'NUMPAT') > 0
 
 -- the summary of this consumer's previous batch, kept until it says it settled it: a reply
 -- lost (Redis stopped right after the script) is handed over again instead of a new batch
@@ -145,29 +147,24 @@ for _, k in ipairs({'outcome', 'rule', 'applied_rules', 'target', 'policy_versio
   RECORD[k] = true
 end
 
-local function text(v, n) if type(v) == 'string' then return string.sub(v, 1, n) end return '' end
+local floor, find, sub = math.floor, string.find, string.sub
+local function text(v, n) if type(v) == 'string' then return sub(v, 1, n) end return '' end
 local function short(v, n) return type(v) == 'string' and #v <= n end
-local function int(v) return type(v) == 'number' and v == math.floor(v) end
-local function token(v) return #v <= 48 and string.find(v, '^[a-z0-9][a-z0-9%-]*$') ~= nil end
+local function int(v) return type(v) == 'number' and v == floor(v) end
+local function token(v) return #v <= 48 and find(v, '^[a-z0-9][a-z0-9%-]*$') ~= nil end
 local function digits(v) return string.format('%d', v) end
 local function field(v)  -- a hash field's text (calls.py _field); nil for null
   local t = type(v)
   if t == 'string' then return v end
-  if t == 'number' and v == math.floor(v) then return digits(v) end
+  if t == 'number' and v == floor(v) then return digits(v) end
   if v == nil or v == cjson.null then return nil end
   return cjson.encode(v)
 end
-local function list(t, n)
-  if type(t) ~= 'table' then return false end
-  local size = 0
-  for k in pairs(t) do
-    if type(k) ~= 'number' then return false end
-    size = size + 1
-  end
-  return size == #t and size <= n
+local function list(t, n)  -- a JSON array (cjson: keys 1..#t; an object's keys are strings, #t 0)
+  return type(t) == 'table' and (#t > 0 or next(t) == nil) and #t <= n
 end
 local function plain(call_id)  -- calls.py call_key_id: the Call-ID itself, else a digest
-  return #call_id <= 128 and string.find(call_id, '^[%w%-_%.@%+!%%%*~:]+$') ~= nil
+  return #call_id <= 128 and find(call_id, '^[%w%-_%.@%+!%%%*~:]+$') ~= nil
 end
 local function keys_of(call_id) return {'cf:{' .. call_id .. '}:call', 'cf:{' .. call_id .. '}:timeline'} end
 local function live_key(scope, value) return 'cf:live:{' .. scope .. ':' .. value .. '}' end
@@ -359,7 +356,7 @@ local function index(c)
       for _, r in ipairs(c.counters) do
         local key, kind, scope, value, window = r[1], r[2], r[3], r[4], r[5]
         if r[6] and kind ~= 'live' then
-          local bucket = digits(math.floor(c.at / (window * 1000)))
+          local bucket = digits(floor(c.at / (window * 1000)))
           local name = '{' .. scope .. ':' .. value .. '}:' .. digits(window) .. ':' .. bucket
           if kind == 'distinct' then
             if r[7] ~= '' then
@@ -368,8 +365,9 @@ local function index(c)
             end
           elseif not mine[name] then
             mine[name] = true
-            redis.call('INCR', 'cf:rate:' .. name)
-            redis.call('EXPIRE', 'cf:rate:' .. name, 2 * window + 1)
+            if redis.call('INCR', 'cf:rate:' .. name) == 1 then  -- (the bucket's expiry: set once, at its start)
+              redis.call('EXPIRE', 'cf:rate:' .. name, 2 * window + 1)
+            end
           end
         end
         local at = thresholds[key]
@@ -398,8 +396,8 @@ local function count_short(call)
       local counter = 'cf:rate:{short:source:' .. ip .. '}:' .. digits(window) .. ':'
       if not windows[window] then
         windows[window] = true
-        redis.call('INCR', counter .. digits(math.floor(call.ts / (window * 1000))))
-        redis.call('EXPIRE', counter .. digits(math.floor(call.ts / (window * 1000))), 2 * window + 1)
+        local bucket = counter .. digits(math.floor(call.ts / (window * 1000)))
+        if redis.call('INCR', bucket) == 1 then redis.call('EXPIRE', bucket, 2 * window + 1) end
       end
       local key = 'risk:' .. name
       local probe = key .. '\0window\0short:source\0' .. ip .. '\0' .. digits(window)

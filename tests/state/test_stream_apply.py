@@ -269,3 +269,31 @@ async def test_a_consumers_pending_entries_are_applied_first_and_once(redis_url)
         assert [e["event"] for e in await store.timeline("c-1")] == ["decided", "answered", "ended"]
     finally:
         await store.aclose()
+
+
+async def test_timeline_events_reach_channel_and_pattern_subscribers(redis_url):
+    """The applier publishes a batch's timeline events on cf:events only when someone listens
+    (PUBSUB NUMSUB / NUMPAT, looked at once per batch): a channel subscriber (the API's event
+    streams) and a pattern subscriber both receive every event; a window counter's bucket
+    gets its expiry when the batch creates it."""
+    store = CallStore(redis_url)
+    try:
+        recorder, _, _, _ = recorder_for(store)
+        for subscribe in ("subscribe", "psubscribe"):
+            listener = store.redis.pubsub()
+            await getattr(listener, subscribe)("cf:events" if subscribe == "subscribe" else "cf:ev*")
+            await listener.get_message(timeout=1)  # the subscription's confirmation
+            call_id = f"c-{subscribe}"
+            await in_redis(recorder, "edge-p", call_events(call_id, "192.0.2.7"))
+            heard, deadline = [], time.monotonic() + 10
+            while len(heard) < 3 and time.monotonic() < deadline:
+                message = await listener.get_message(timeout=1)
+                if message and message["type"] in ("message", "pmessage"):
+                    heard.append(json.loads(message["data"]))
+            await listener.aclose()
+            assert [(e["call_id"], e["event"]) for e in heard] == \
+                [(call_id, "decided"), (call_id, "answered"), (call_id, "ended")], subscribe
+        ttl = await store.redis.ttl("cf:rate:{source:192.0.2.7}:60:%d" % (AT // 60000))
+        assert 0 < ttl <= 121
+    finally:
+        await store.aclose()

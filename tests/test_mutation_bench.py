@@ -11,8 +11,8 @@ from bench.mutation import codec_case_only, reason_for, redis_case_only, text_on
     ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("zcard", LIVE_INDEX))'),
     ('("ZRANGEBYSCORE", BANS_INDEX, now_ms, "+inf", "LIMIT", 0, limit)])',
      '("ZRANGEBYSCORE", BANS_INDEX, now_ms, "+INF", "LIMIT", 0, limit)])'),
-    ('("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],',  # the call goes on below
-     '("evalsha", _CREATE, [call_key(call_id), timeline_key(call_id)],'),
+    ('_, ips = await self.batch.run([("ZREMRANGEBYSCORE", BANS_INDEX, "-inf", now_ms),',  # goes on below
+     '_, ips = await self.batch.run([("zremrangebyscore", BANS_INDEX, "-inf", now_ms),'),
 ], ids=["command", "keyword", "command-of-a-call-on-several-lines"])
 def test_a_redis_command_or_keyword_in_other_letters_is_equivalent(old, new):
     assert redis_case_only(old, new)
@@ -25,7 +25,11 @@ def test_a_redis_command_or_keyword_in_other_letters_is_equivalent(old, new):
      'claimed, previous = await self.batch.run([("SET", redis_key, "PENDING", "NX", "EX", ttl_s),'),  # a value
     ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("XXZCARDXX", LIVE_INDEX))'),
     ('commands.append(("ZCARD", LIVE_INDEX))', 'commands.append(("zcard", RECENT_INDEX))'),  # code changed too
-], ids=["field", "value", "command-renamed", "key-changed-too"])
+    # the pipeline sends a script's source or its sha by this name, and routes PUBLISH to any node
+    ('("EVALSHA", _CREATE, [call_key(call_id), timeline_key(call_id)],',
+     '("evalsha", _CREATE, [call_key(call_id), timeline_key(call_id)],'),
+    ('("PUBLISH", EVENTS_CHANNEL, fields[-1])], urgent=False)', '("publish", EVENTS_CHANNEL, fields[-1])], urgent=False)'),
+], ids=["field", "value", "command-renamed", "key-changed-too", "script", "publish"])
 def test_a_redis_key_field_or_value_in_other_letters_is_not(old, new):
     assert not redis_case_only(old, new)
 

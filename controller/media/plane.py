@@ -418,11 +418,11 @@ class MediaPlane:
         client = self.nodes[media.node]
         for feature in self.features:
             feature.ending(media)
-        removals = [client.hangup(c) for c in media.our_channels()]
+        removals = [(client.hangup, c) for c in media.our_channels()]
         if hang_up_caller:
-            removals.append(client.hangup(media.caller_channel))
-        removals += [client.destroy_bridge(b) for b in media.bridges()]
-        await asyncio.gather(*(self.quietly(r) for r in removals))
+            removals.append((client.hangup, media.caller_channel))
+        removals += [(client.destroy_bridge, b) for b in media.bridges()]
+        await asyncio.gather(*(self._remove(remove, object_id) for remove, object_id in removals))
         media.state = "ended"
         await self.save(media, "media_end", reason=reason)
         if media.direction == "outbound":  # no dialog events from the edge for these
@@ -505,6 +505,11 @@ class MediaPlane:
         except RedisError as exc:
             self.metrics.redis_errors.labels("media").inc()
             log.error("call %s: could not record %s: %s", media.call_id, event, exc)
+
+    async def _remove(self, remove: Callable[[str], Awaitable[Any]], object_id: str) -> None:
+        """One clean-up request, made only once its task runs (a teardown cancelled before then
+        leaves no request coroutine never awaited)."""
+        await self.quietly(remove(object_id))
 
     @staticmethod
     async def quietly(awaitable) -> Any:

@@ -60,6 +60,7 @@ def test_a_number_the_trunk_does_not_carry_is_refused_before_any_rule():
     """)
     refused = policy.decide(call(to_user="+15551234567", trunk="carrier-a"))
     assert (refused.outcome, refused.rule, refused.reject_code, refused.trunk) == ("reject", "trunk", 404, "carrier-a")
+    assert (refused.policy_version, refused.tenant) == (policy.version, "initech")  # carrier-a's tenant
     explanation = policy.explain(call(to_user="+15551234567", trunk="carrier-a"))
     assert explanation.decision == refused
     assert "does not carry this number" in explanation.traces[0].reason

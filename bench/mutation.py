@@ -67,6 +67,7 @@ TESTS = [
     "tests/policy/test_conditions.py", "tests/policy/test_decisions.py", "tests/policy/test_numbers.py",
     "tests/policy/test_security.py", "tests/policy/test_risk_exact.py", "tests/policy/test_validation.py",
     "tests/policy/test_action_limits.py", "tests/policy/test_compile_exact.py", "tests/policy/test_trunks.py",
+    "tests/policy/test_conditions_exact.py",
     "tests/policy/test_engine_property.py",
     "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/security/test_ban_pushes.py", "tests/state/test_calls.py",
     "tests/state/test_pack.py", "tests/state/test_counters_exact.py", "tests/state/test_transitions_exact.py",

@@ -181,7 +181,3 @@ def window_seconds(value: int | str) -> int:
     if ms % 1000:
         raise ValueError(f"window {value!r} must be a whole number of seconds")
     return ms // 1000
-
-
-def header_values(headers: dict[str, tuple[str, ...]], name: str) -> tuple[str, ...]:
-    return headers.get(name.lower(), ())

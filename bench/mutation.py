@@ -63,7 +63,7 @@ MODULES = [
 ]
 TESTS = [
     "tests/edge/test_protocol.py", "tests/edge/test_protocol_limits.py", "tests/edge/test_channel.py",
-    "tests/edge/test_local.py",
+    "tests/edge/test_local.py", "tests/edge/test_protocol_exact.py",
     "tests/policy/test_conditions.py", "tests/policy/test_decisions.py", "tests/policy/test_numbers.py",
     "tests/policy/test_security.py", "tests/policy/test_risk_exact.py", "tests/policy/test_validation.py",
     "tests/policy/test_action_limits.py", "tests/policy/test_compile_exact.py", "tests/policy/test_trunks.py",

@@ -54,7 +54,7 @@ FORBIDDEN_HEADERS = {
     "replaces", "session-expires", "x", "min-se", "security-client", "security-server",
     "security-verify", "l", "c", "e",
 }
-_TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+\Z")  # \Z: $ would let a final newline through
 _BAD_VALUE_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 DURATION_PATTERN = r"^[1-9][0-9]*(ms|s|m|h)?$"

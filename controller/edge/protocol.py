@@ -16,7 +16,7 @@ from controller.policy.model import CounterProbe
 MAX_FRAME_BYTES = 256 * 1024  # far above anything Kamailio sends; beyond is a broken stream
 MAX_ANSWER_BYTES = 16 * 1024  # Kamailio drops answers above 16 KB (32 KB kills the connection)
 MAX_HDRS_BYTES = 8192
-_TX = re.compile(r"^[0-9]{1,10}:[0-9]{1,10}$")
+_TX = re.compile(r"^[0-9]{1,10}:[0-9]{1,10}\Z")
 
 
 class FramingError(Exception):
@@ -127,7 +127,7 @@ class EdgeBan:
     ts_ms: int = 0  # when the edge banned (0: unknown)
 
 
-_BAN_REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_BAN_REASON = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")
 
 
 def parse_ban(message: dict[str, Any]) -> EdgeBan:
@@ -156,7 +156,7 @@ class AuthFailure:
 
 
 _AUTH_REASONS = ("unknown-user", "bad-password")
-_AUTH_NAME = re.compile(r"^[A-Za-z0-9_.!~*'()&=+,;?/%-]{0,64}$")
+_AUTH_NAME = re.compile(r"^[A-Za-z0-9_.!~*'()&=+,;?/%-]{0,64}\Z")
 
 
 def parse_auth(message: dict[str, Any]) -> AuthFailure:
@@ -184,7 +184,7 @@ class DialogEvent:
 
 
 _DIALOG_STATES = ("confirmed", "ended", "failed")
-_TOKEN = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
+_TOKEN = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}\Z")
 
 
 def parse_dialog(message: dict[str, Any], now_ms: int) -> DialogEvent:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.actions import (MAX_HEADER_BYTES, header_value_problem, parse_duration_ms, reason_problem,
-                                sanitize_header_value)
+from controller.actions import (MAX_HEADER_BYTES, header_name_problem, header_value_problem, parse_duration_ms,
+                                reason_problem, sanitize_header_value)
 
 
 def test_header_values_up_to_1024_bytes():
@@ -25,6 +25,14 @@ def test_sanitising_replaces_control_characters_and_cuts_at_1024_bytes_on_a_char
     assert sanitize_header_value("x\r\ny\x00z\tw") == "x  y z\tw"
     cut = sanitize_header_value("é" * 600)  # 1200 bytes: cut between two characters
     assert cut == "é" * 512 and len(cut.encode()) == 1024
+
+
+def test_a_header_name_is_a_token_to_its_last_character():
+    """A regex `$` also matches before a final newline: a webhook answer's header name "X-A\\n"
+    would reach the edge's header block as a line break."""
+    assert header_name_problem("X-Agent-Hint") is None
+    for bad in ("X-A\n", "X-A\r\n", "X A", "X-A:"):
+        assert header_name_problem(bad) is not None, bad
 
 
 def test_reasons_up_to_128_bytes_without_control_characters():

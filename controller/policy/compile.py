@@ -230,7 +230,6 @@ class CompiledPolicy:
 
     def __init__(self, source: PolicySource):
         compiler = _Compiler(source)
-        self.source = source
         self.version = source.version
         self.rules: list[CompiledRule] = []
         self._unindexed: list[int] = []

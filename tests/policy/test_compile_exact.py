@@ -22,6 +22,7 @@ INDEXED = """\
       - {name: acme, match: {tenant: acme}, actions: [reject: 403]}
       - {name: unindexed, match: {transport: tls}, actions: [reject: 403]}
       - {name: second-hit, match: {caller: {prefix: "+4420"}, transport: udp}, actions: [route_agent: billing]}
+      - {name: prefix-over-tenant, match: {tenant: acme, caller: {prefix: "+4420"}, transport: tcp}, actions: [reject: 403]}
     """
 
 
@@ -38,13 +39,16 @@ def test_the_index_offers_a_call_only_the_rules_its_numbers_or_tenant_can_match(
     assert candidates(policy, from_user="+15550001111", to_user="+442079460001") == ["exact-callee", "unindexed"]
     # a rule keyed by the conjunct inside `all`; an exact number is preferred to a list, a list to a prefix
     assert candidates(policy, from_user="+442079460005", to_user="+15550002222") == [
-        "prefix-in-all", "unindexed", "second-hit"]
+        "prefix-in-all", "unindexed", "second-hit", "prefix-over-tenant"]
     assert candidates(policy, from_user="+15550001111", to_user="+442079460000") == [
         "vip-callee", "list-over-prefix", "unindexed"]
     assert candidates(policy, from_user="+441234567890", to_user="+15550002222") == ["exact-over-list", "unindexed"]
+    # a prefix is preferred to a tenant
+    assert candidates(policy, from_user="+15550001111", to_user="+15550002222", src_ip="203.0.113.9") == [
+        "acme", "unindexed"]
     # three entries at once (list callee, prefix caller, tenant): every rule of each, in policy order
     assert candidates(policy, from_user="+442079460005", to_user="+442079460000", src_ip="203.0.113.9") == [
-        "prefix-in-all", "vip-callee", "list-over-prefix", "acme", "unindexed", "second-hit"]
+        "prefix-in-all", "vip-callee", "list-over-prefix", "acme", "unindexed", "second-hit", "prefix-over-tenant"]
 
 
 def test_a_rule_offered_by_the_second_index_entry_still_decides():

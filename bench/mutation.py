@@ -71,6 +71,7 @@ TESTS = [
     "tests/policy/test_engine_property.py",
     "tests/security/test_guard.py", "tests/security/test_bans.py", "tests/security/test_ban_pushes.py", "tests/state/test_calls.py",
     "tests/state/test_pack.py", "tests/state/test_counters_exact.py", "tests/state/test_transitions_exact.py",
+    "tests/state/test_store_exact.py",
     "tests/api/test_webhooks.py", "tests/api/test_api.py", "tests/media/test_media_plane.py",
 ]
 # Lines whose text is for people, not behaviour: log calls and schema descriptions.
@@ -83,6 +84,7 @@ NOT_MUTATED = [r"\blog\.(debug|info|warning|error|exception)\(", r"\blogging\.ge
 # shows it: the test named runs in CI, not in this bench). Matched on the change, not on
 # mutmut's numbers, so a reason stays on its mutant when the function is edited.
 RISK, BANS = "controller.policy.risk.", "controller.security.bans."
+CALLS = "controller.state.calls."
 REASONS: list[tuple[str, str, str, str]] = [
     ("equivalent", BANS + "xǁBanListǁadd", r"v if isinstance\(v, str\) else json\.dumps\(v\).*  ->  .*"
      r"v if \(isinstance\(v, str\)\) or True else",
@@ -101,6 +103,30 @@ REASONS: list[tuple[str, str, str, str]] = [
      "the gate returned for a counter below max, so counter + 1 > max always holds here"),
     ("equivalent", RISK + "xǁ_Measureǁ_value", r'd\.kind in \("short_calls", "asterisk_security"\)',
      "short_calls and asterisk_security take no scope (validation refuses one): theirs is 'source', read the same below"),
+    # the call store (controller/state/calls.py)
+    ("unreachable", CALLS + "xǁCallStoreǁ_send_create", r"urgent: bool = True\) -> asyncio\.Future:  ->  .*urgent: bool = False\)",
+     "every caller passes `urgent` (send_create, and the outage queue's replay with send_create's arguments)"),
+    ("equivalent", CALLS + "xǁCallStoreǁ_*", r"^(.*)urgent=False\)(.*)  ->  \1urgent=None\)\2$",
+     "the batcher reads `urgent` only as a truth value (`if urgent:`): None is False"),
+    ("equivalent", CALLS + "xǁCallStoreǁsend_create", r"failed=not self\.outage\.available\)  ->  .*failed=None\)$",
+     "`failed` only marks Redis down: unreachable, it is marked already; reachable (held changes), it is False, as None"),
+    ("equivalent", CALLS + "xǁCallStoreǁ_send_create",
+     r'fields\.pop\("created_at_ms", str\(at_ms\)\)  ->  .*fields\.pop\((None|"XXcreated_at_msXX"|"CREATED_AT_MS"), str\(at_ms\)\)',
+     "the record's created_at_ms then stays in the fields, which the create script HSETs right after its HSETNX: same record"),
+    ("equivalent", CALLS + "xǁCallStoreǁ_send_create", r"None if final else live_scopes.*  ->  .*None if \(final\) and False else live_scopes",
+     "a call decided over (rejected) is put in no live index and not in _live_scopes: taking it out of them removes nothing"),
+    ("unreachable", CALLS + "xǁCallStoreǁ_after_create", r"self\._live_scopes\.pop\(call_id, None\)  ->  self\._live_scopes\.pop\(call_id, \)$",
+     "made == 2 only for a call this create put in _live_scopes before sending it, and an end's script runs after it"),
+    ("equivalent", CALLS + "xǁCallStoreǁread_counter_values", r'plan\.append\(\(r\.key, "live", 0\.0\)\)  ->  .*"live", 1\.0\)\)',
+     "a live count is read whole: its weight is never used"),
+    ("equivalent", CALLS + "xǁCallStoreǁread_counter_values", r'"window", 1\.0 - elapsed.*  ->  .*"(XXwindowXX|WINDOW)", 1\.0 - elapsed',
+     "the kind only picks how replies are read, and anything not live or distinct is read as a window"),
+    ("unreachable", CALLS + "x__text", r"isinstance\(value, bytes\) else str\(value\)  ->  .*(\(isinstance\(value, bytes\)\) or True else str\(value\)|else str\(None\))$",
+     "every value read reaches _text as bytes (hiredis, redis-py without decode_responses, Lua strings as bulk replies)"),
+    ("message", CALLS + "xǁCallStoreǁtransition", r'self\._write\("transition",.*  ->  .*self\._write\((None|"XXtransitionXX"|"TRANSITION"),',
+     "names the change only in the outage queue's log lines"),
+    ("message", CALLS + "xǁCallStoreǁ_hold_create", r'hold\("decision", call_id, write, failed=failed\)  ->  .*hold\((None|"XXdecisionXX"|"DECISION"), call_id, write, failed=failed\)$',
+     "names the change only in the outage queue's log lines"),
 ]
 
 # Judged for the edge protocol, policy compile and conditions, and header values.

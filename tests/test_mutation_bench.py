@@ -60,3 +60,31 @@ def test_a_survivor_without_a_reason_says_so():
                       "return text if len(text) < limit else t") == ("", "")
     kind, why = reason_for("controller.state.calls.xǁCallStoreǁcount__mutmut_1", 'x = ("ZCARD", k)', 'x = ("zcard", k)')
     assert kind == "equivalent" and "case-insensitively" in why
+
+
+CALLS = "controller.state.calls.xǁCallStoreǁ"
+
+
+@pytest.mark.parametrize("name, old, new, excused", [
+    (CALLS + "_transition__mutmut_40", "replies = await self.batch.run(commands, urgent=False)",
+     "replies = await self.batch.run(commands, urgent=None)", True),
+    (CALLS + "_transition__mutmut_43", "replies = await self.batch.run(commands, urgent=False)",
+     "replies = await self.batch.run(commands, urgent=True)", False),  # a dialog event no longer waits for company
+    (CALLS + "_send_create__mutmut_19", 'created = fields.pop("created_at_ms", str(at_ms))',
+     'created = fields.pop("XXcreated_at_msXX", str(at_ms))', True),
+    (CALLS + "_send_create__mutmut_21", 'created = fields.pop("created_at_ms", str(at_ms))',
+     'created = fields.pop("created_at_ms", str(None))', False),  # a record without its time gets "None"
+    (CALLS + "send_create__mutmut_10", "return self._hold_create(call_id, *args, failed=not self.outage.available)",
+     "return self._hold_create(call_id, *args, failed=None)", True),
+    (CALLS + "send_create__mutmut_14", "return self._hold_create(call_id, *args, failed=not self.outage.available)",
+     "return self._hold_create(call_id, *args, failed=self.outage.available)", False),  # marks a reachable Redis down
+    (CALLS + "_after_create__mutmut_17", "self._live_scopes.pop(call_id, None)", "self._live_scopes.pop(None, None)",
+     False),  # the store's memory would grow with every call
+    (CALLS + "transition__mutmut_4", 'return await self._write("transition", call_id, self._transition, call_id,',
+     'return await self._write("transition", None, self._transition, call_id,', False),  # per-call order lost
+    ("controller.state.calls.x__text__mutmut_6", 'return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)',
+     'return value.decode("utf-8", ) if isinstance(value, bytes) else str(value)', False),  # garbage bytes would raise
+], ids=["urgent-none", "urgent-true", "created-key", "created-none", "failed-none", "failed-inverted", "scopes-leak",
+        "order", "strict-decode"])
+def test_the_call_stores_judged_reasons_excuse_only_their_own_change(name, old, new, excused):
+    assert bool(reason_for(name, old, new)[0]) is excused

@@ -88,3 +88,19 @@ CALLS = "controller.state.calls.xǁCallStoreǁ"
         "order", "strict-decode"])
 def test_the_call_stores_judged_reasons_excuse_only_their_own_change(name, old, new, excused):
     assert bool(reason_for(name, old, new)[0]) is excused
+
+
+def test_judged_reasons_hold_for_their_change_only():
+    dialog = "controller.edge.protocol.x_parse_dialog__mutmut_33"
+    cut = 'reason = _text(message, "reason", 64)'
+    assert reason_for(dialog, cut, 'reason = _text(message, "reason", 65)')[0] == "equivalent"
+    assert reason_for(dialog, cut, 'reason = _text(message, "reason", 47)') == ("", "")  # below a token's 48
+    assert reason_for(dialog, cut, 'reason = _text(message, "fallback", 65)') == ("", "")  # another field
+    bucket = "controller.policy.conditions.x_split_bucket__mutmut_19"
+    big = 'return int.from_bytes(digest, "big") % 10000'
+    assert reason_for(bucket, big, "return int.from_bytes(digest, ) % 10000")[0] == "equivalent"
+    assert reason_for(bucket, big, 'return int.from_bytes(digest, "little") % 10000') == ("", "")
+    sanitize = "controller.actions.x_sanitize_header_value__mutmut_11"
+    cap = "if len(encoded) > MAX_HEADER_BYTES:"
+    assert reason_for(sanitize, cap, "if len(encoded) >= MAX_HEADER_BYTES:")[0] == "equivalent"
+    assert reason_for(sanitize, cap, "if len(encoded) > MAX_HEADER_BYTES + 1:") == ("", "")

@@ -178,6 +178,8 @@ REASONS += [
      "parse_hours refuses a window whose start equals its end"),
     ("equivalent", CONDITIONS + "x_parse_ip", r'text\.strip\("\[\] "\)\)  ->  .*text\.strip\("XX\[\] XX"\)\)$',
      "only a zone id ending in 'X' would differ, and a signalling source (Kamailio's $si) has no zone"),
+    ("equivalent", CONDITIONS + "x_parse_network", r"strict=False\)  ->  .*, strict=None\)$",
+     "ipaddress tests `if strict:`: None is read as False"),
     ("equivalent", CONDITIONS + "x_split_bucket", r'from_bytes\(digest, "big"\) % 10000  ->  return int\.from_bytes\(digest, \) % 10000$',
      "int.from_bytes is big-endian by default (Python >= 3.11, which the project requires)"),
     ("equivalent", "controller.actions.x_sanitize_header_value",

@@ -79,3 +79,24 @@ def test_the_split_bucket_of_a_call_is_pinned_and_takes_any_call_id():
     assert [cond.split_bucket("exp1", "call-1"), cond.split_bucket("", "call-1")] == [5965, 5561]
     # a Call-ID arrives as JSON text, which can hold a lone surrogate: it buckets as '?' does
     assert cond.split_bucket("s", "a\ud800") == cond.split_bucket("s", "a?") == 8205
+
+
+def test_numbers_and_risk_prefixes_refused_with_what_they_are():
+    with pytest.raises(ValueError, match="^True is not a number or SIP user$"):
+        cond.number_pattern(True, None)
+    with pytest.raises(ValueError, match="^'a b' is neither a phone number nor a SIP user$"):
+        cond.number_pattern("a b", _numbering())
+    assert cond.risk_prefix(" +1 ") == "+1"  # one digit is a prefix (a whole country code)
+    for bad in ("+", "+x1", "1900", "+19 00"):
+        with pytest.raises(ValueError, match="must be an E.164 prefix"):
+            cond.risk_prefix(bad)
+
+
+def test_a_network_may_be_written_with_host_bits_set():
+    assert cond.parse_network(" 192.0.2.10/24 ") == ipaddress.ip_network("192.0.2.0/24")
+    assert cond.parse_network("2001:db8::1/32") == ipaddress.ip_network("2001:db8::/32")
+
+
+def _numbering():
+    from tests.policy.helpers import policy_with
+    return policy_with("rules: []\n").source.settings.numbering

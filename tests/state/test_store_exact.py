@@ -191,6 +191,14 @@ async def test_a_counter_that_cannot_be_written_is_logged_and_the_record_stands(
     assert (await store.get("bad"))["rule"] == "r1"
 
 
+async def test_a_decision_redis_refuses_is_an_error_not_silence(store):
+    from redis.exceptions import ResponseError
+    await store.batch.run([("SET", RECENT_INDEX, "not a sorted set")])
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await create(store, "refused")
+    assert store.available and store.outage.depth == 0  # refused is not unreachable: nothing held
+
+
 # -- which writes wait for company in a pipeline ---------------------------------------------------
 async def test_decisions_and_reads_leave_at_once_dialog_events_and_counters_wait_for_company(store):
     store.batch.linger_s = 30  # a write that lingers waits for the next urgent one

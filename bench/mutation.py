@@ -123,10 +123,8 @@ REASONS: list[tuple[str, str, str, str]] = [
      "the kind only picks how replies are read, and anything not live or distinct is read as a window"),
     ("unreachable", CALLS + "x__text", r"isinstance\(value, bytes\) else str\(value\)  ->  .*(\(isinstance\(value, bytes\)\) or True else str\(value\)|else str\(None\))$",
      "every value read reaches _text as bytes (hiredis, redis-py without decode_responses, Lua strings as bulk replies)"),
-    ("message", CALLS + "xǁCallStoreǁtransition", r'self\._write\("transition",.*  ->  .*self\._write\((None|"XXtransitionXX"|"TRANSITION"),',
-     "names the change only in the outage queue's log lines"),
-    ("message", CALLS + "xǁCallStoreǁ_hold_create", r'hold\("decision", call_id, write, failed=failed\)  ->  .*hold\((None|"XXdecisionXX"|"DECISION"), call_id, write, failed=failed\)$',
-     "names the change only in the outage queue's log lines"),
+    ("message", CALLS + "xǁCallStoreǁ*", r'(_write|hold)\((what|"[a-z ]+"), .*  ->  .*(_write|hold)\((None|"XX[a-z ]+XX"|"[A-Z ]+"), ',
+     "the kind of change held (`what`) is only named in the outage queue's log lines"),
 ]
 
 # Judged for the edge protocol, policy compile and conditions, and header values.

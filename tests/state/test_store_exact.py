@@ -237,6 +237,39 @@ async def test_reconciling_drops_at_most_a_batch_and_keeps_the_latest_recent_cal
         == [RECENT_KEEP, None, b"3"]  # the two oldest went
 
 
+async def test_listings_give_the_newest_calls_up_to_the_limit_asked(store):
+    await store.batch.run([("ZADD", RECENT_INDEX, *[x for n in range(101) for x in (n, f"r{n}")]),
+                           ("ZADD", LIVE_INDEX, *[x for n in range(101) for x in (n, f"l{n}")])])
+    for listing, prefix in ((store.recent_calls, "r"), (store.live_calls, "l")):
+        assert await listing(1) == [f"{prefix}100"]
+        assert await listing(2) == [f"{prefix}100", f"{prefix}99"]
+        everything = await listing()
+        assert len(everything) == 100 and everything[-1] == f"{prefix}1"  # 100 by default
+    assert await store.live_count() == 101
+
+
+async def test_live_edge_calls_are_the_live_ones_with_an_edge_transaction_live_since_before_the_time_asked(store):
+    await create(store, "edge-0", at_ms=0, tx="1:1")
+    await create(store, "edge-1", at_ms=10, tx="1:2")
+    await create(store, "local", at_ms=10)  # no edge transaction (an API call)
+    await create(store, "over", at_ms=10, tx="1:3")
+    await store.transition("over", "ended", {}, {"event": "ended", "ts": 2})
+    await store.batch.run([("ZADD", LIVE_INDEX, 10, "over")])  # its end missed by the index
+    await create(store, "young", at_ms=AT, tx="1:4")
+    assert await store.live_edge_calls(100) == ["edge-0", "edge-1"]
+    assert await store.live_edge_calls(100, limit=1) == ["edge-0"]
+    assert await store.live_edge_calls(-1) == []
+
+
+async def test_timeline_entries_that_are_not_json_keep_their_name_and_id(store):
+    ids = [await store.redis.xadd(timeline_key("tg"), fields) for fields in (
+        {"event": "x", "ts": "1", "data": "{broken"}, {"ts": "2", "data": "[1]"}, {"event": "y", "ts": "3"})]
+    assert await store.timeline("tg") == [
+        {"event": "x", "unreadable": "{broken", "id": ids[0].decode()},
+        {"event": "?", "unreadable": "[1]", "id": ids[1].decode()},
+        {"id": ids[2].decode()}]  # no data: an empty event, not an error
+
+
 # -- a decision behind held changes, or with Redis gone ------------------------------------------
 async def test_a_decision_behind_held_changes_of_its_call_waits_for_them_and_redis_stays_available(store):
     release = asyncio.Event()
@@ -250,15 +283,16 @@ async def test_a_decision_behind_held_changes_of_its_call_waits_for_them_and_red
     await asyncio.wait_for(decision, 5)  # held, not failed
     assert store.available and store.outage.holds("held@x")
     answered = await store.transition("held@x", "answered", {}, {"event": "answered", "ts": 2})
-    assert answered.queued and not answered.applied
+    assert answered.queued and not answered.applied and store.available
+    await store.append_event("held@x", {"event": "note", "ts": 3})
     assert not await store.redis.exists(call_key("held@x"))  # nothing overtook the older change
-    with pytest.raises(RedisConnectionError, match=r"Redis unreachable \(3 state changes queued\)"):
+    with pytest.raises(RedisConnectionError, match=r"Redis unreachable \(4 state changes queued\)"):
         await store.send_create("held@x", {"state": "routing"}, live_scopes={}, window_counters=[], at_ms=AT,
                                 event={"event": "decided", "ts": 1}, hold=False)
     release.set()
     assert await store.outage.wait_empty(10) and order == ["older"]
     assert (await store.get("held@x"))["state"] == "answered"
-    assert [e["event"] for e in await store.timeline("held@x")] == ["decided", "answered"]
+    assert [e["event"] for e in await store.timeline("held@x")] == ["decided", "answered", "note"]
     assert store.available
 
 
@@ -271,15 +305,20 @@ async def own_redis(tmp_path):
 
 async def test_decisions_made_while_redis_is_down_are_held_under_their_call_and_written_when_back(own_redis):
     store = CallStore(own_redis.url, timeout_s=0.5)
+    events = CallStore(own_redis.url, timeout_s=0.5)  # another controller, whose first write is an event
     try:
         await create(store, "warm")
+        await create(events, "warm-too")
         await asyncio.to_thread(own_redis.stop)
+        ended = await events.transition("warm-too", "ended", {}, {"event": "ended", "ts": 2})  # sending fails
+        assert ended.queued and not events.available and events.outage.holds("warm-too")
         await create(store, "first", scopes={"tenant": "acme"}, counters=[window("192.0.2.7")])  # sending fails
         assert not store.available and store.outage.holds("first")  # Redis is down from the first failure on
         await create(store, "second", counters=[window("192.0.2.7")])  # Redis known down: held at once
         assert store.outage.holds("second") and store.outage.depth == 2
         await asyncio.to_thread(own_redis.start)
-        assert await store.outage.wait_empty(10)
+        assert await store.outage.wait_empty(10) and await events.outage.wait_empty(10)
+        assert (await store.get("warm-too"))["state"] == "ended"
         for call_id in ("first", "second"):
             assert (await store.get(call_id))["rule"] == "r1"
             assert [e["event"] for e in await store.timeline(call_id)] == ["decided"]
@@ -287,6 +326,7 @@ async def test_decisions_made_while_redis_is_down_are_held_under_their_call_and_
                                                AT) == [2, 1]
     finally:
         await store.aclose()
+        await events.aclose()
 
 
 async def test_decisions_redis_never_confirmed_are_held_and_written_once_or_refused_when_the_queue_is_full(own_redis):

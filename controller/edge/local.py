@@ -105,6 +105,7 @@ _RECORD_OF_DECISION = frozenset(("state", "outcome", "rule", "applied_rules", "t
                                  "end_reason", "end_code"))
 _TIMELINE_OF_DECISION = frozenset(("event", "outcome", "rule", "target", "policy_version"))
 _FRAGMENTS_MAX = 512
+_PROBES_MAX = 4096
 
 
 class DecidedEvent:
@@ -114,6 +115,22 @@ class DecidedEvent:
 
     def __init__(self):
         self._decisions: dict[int, tuple[Decision, Any, str, str]] = {}  # id -> (decision, version, record, timeline)
+        self._probes: dict[CounterProbe, str] = {}  # a counter probe -> its JSON
+
+    def _counters(self, counters: list[CounterProbe]) -> str:
+        """_json(counters), each probe encoded once: calls from one source, tenant, caller …
+        read the same probes. (The policy makes them of str, int and bool fields, so probes
+        that compare equal encode the same.)"""
+        encoded = self._probes
+        parts = []
+        for probe in counters:
+            part = encoded.get(probe)
+            if part is None:
+                if len(encoded) >= _PROBES_MAX:
+                    encoded.clear()
+                part = encoded[probe] = _fast_json(probe)
+            parts.append(part)
+        return f"[{','.join(parts)}]"
 
     def _fragments(self, decision: Decision, record: Mapping[str, Any], timeline: Mapping[str, Any]) -> tuple[str, str]:
         version = record.get("policy_version")
@@ -137,7 +154,7 @@ class DecidedEvent:
         return (f'{{"event":"decided","call_id":{_str(call_id)},"tx":{_str(tx)},'
                 f'"record":{{{of_record}{"," if of_record and len(per_call) > 2 else ""}{per_call[1:]},'
                 f'"timeline":{{{of_timeline}{"," if of_timeline and len(per_event) > 2 else ""}{per_event[1:]},'
-                f'"live_scopes":{_fast_json(live_scopes)},"counters":{_fast_json(counters)}}}')
+                f'"live_scopes":{_fast_json(live_scopes)},"counters":{self._counters(counters)}}}')
 
 
 def _read(path: str) -> bytes:

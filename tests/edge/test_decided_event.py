@@ -96,3 +96,18 @@ def test_placeholder_decisions_do_not_grow_the_cache_without_bound():
         assert json.loads(encoder.encode("c@x", "1:2", v.decision, v.record, v.event, v.live_scopes, counters)) \
             == json.loads(whole("c@x", "1:2", v, counters))
     assert len(encoder._decisions) <= 512
+
+
+def test_probes_of_many_sources_do_not_grow_the_cache_without_bound():
+    encoder = DecidedEvent()
+    for n in range(1500):  # each source its own probes (7 per call with the example policies)
+        message = {"event": "decide", "tx": "1:2", "call_id": "c@x", "ruri_user": "18005550101",
+                   "src_ip": f"10.{n // 256}.{n % 256}.1"}
+        parsed = protocol.parse_decide(message)
+        facts = POLICY.compiled.facts(parsed.call)
+        counters = call_counters(POLICY, facts)
+        decision = POLICY.compiled.decide_facts(facts)
+        v = verdict(POLICY, parsed, facts, decision, counters, at_ms=5, decide_ms=0.5, decided_by="edge")
+        assert json.loads(encoder.encode("c@x", "1:2", v.decision, v.record, v.event, v.live_scopes, counters)) \
+            == json.loads(whole("c@x", "1:2", v, counters))
+    assert 0 < len(encoder._probes) <= 4096

@@ -25,6 +25,7 @@ Matcher = Callable[[Facts], bool]
 # controller increments them in these namespaces, the detectors only read them.
 SHORT_CALLS_SCOPE = "short:source"
 ASTERISK_SECURITY_SCOPE = "astsec:source"
+MAX_PROBED_VALUES = 4096  # scope values whose probes a detector keeps
 
 
 def _scope_label(scope: str, value: str) -> str:
@@ -43,6 +44,7 @@ class _Measure:
         self.key = f"risk:{detector.name}"
         # the counter and the value below which the detector cannot fire: most calls stop there
         self.gate: tuple[str, int] | None = next(iter(self.limits().items()), None)
+        self._made: dict[str, tuple[CounterProbe, ...]] = {}  # scope value -> its probes
 
     def _value(self, f: Facts) -> str:
         d = self.d
@@ -55,13 +57,25 @@ class _Measure:
             return f.scope_value("source")
         return f.scope_value(d.scope)
 
-    def probes(self, f: Facts) -> list[CounterProbe]:
+    def probes(self, f: Facts) -> tuple[CounterProbe, ...]:
         d = self.d
         if d.kind == "match":
-            return []
+            return ()
         value = self._value(f)
         if not value:
-            return []
+            return ()
+        if d.kind == "distinct_callees":
+            return (CounterProbe(self.key, "distinct", f"callees:{d.scope}", value, d.window_s, member=f.ruri),)
+        # the probes depend on the scope's value only: made once per value (calls come from the
+        # same sources, tenants, prefixes again and again)
+        made = self._made.get(value)
+        if made is None:
+            if len(self._made) >= MAX_PROBED_VALUES:
+                self._made.clear()
+            made = self._made[value] = tuple(self._make(d, value))
+        return made
+
+    def _make(self, d: Detector, value: str) -> list[CounterProbe]:
         if d.kind == "rate_spike":
             return [CounterProbe(self.key + ":window", "window", d.scope, value, d.window_s),
                     CounterProbe(self.key + ":baseline", "window", d.scope, value, d.baseline_s)]
@@ -71,8 +85,6 @@ class _Measure:
             return [CounterProbe(self.key, "window", "dest", value, d.window_s)]
         if d.kind == "short_calls":
             return [CounterProbe(self.key, "window", SHORT_CALLS_SCOPE, value, d.window_s, count=False)]
-        if d.kind == "distinct_callees":
-            return [CounterProbe(self.key, "distinct", f"callees:{d.scope}", value, d.window_s, member=f.ruri)]
         return [CounterProbe(self.key, "window", ASTERISK_SECURITY_SCOPE, value, d.window_s, count=False)]
 
     def limits(self) -> dict[str, int]:

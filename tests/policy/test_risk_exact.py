@@ -282,3 +282,16 @@ def test_which_detectors_end_short_calls_and_which_watch_asterisk(more, security
 
 def test_compact_writes_what_json_cannot_as_text():
     assert _compact({"on": datetime.date(2030, 1, 2)}) == '{"on":"2030-01-02"}'
+
+
+def test_probes_are_made_once_per_scope_value_and_kept_within_a_bound(more):
+    from controller.policy.risk import MAX_PROBED_VALUES
+    policy, sec = more
+    first = sec.probes(call_facts(policy, src_ip="192.0.2.7"))
+    again = sec.probes(call_facts(policy, src_ip="192.0.2.7"))
+    other = sec.probes(call_facts(policy, src_ip="192.0.2.8"))
+    assert first == again and all(a is b for a, b in zip(first, again))  # the same probes, made once
+    assert {p.value for p in other} == {"192.0.2.8"} and {p.key for p in other} == {p.key for p in first}
+    for n in range(MAX_PROBED_VALUES + 10):
+        sec.probes(call_facts(policy, src_ip=f"10.{n // 256}.{n % 256}.1"))
+    assert all(0 < len(m._made) <= MAX_PROBED_VALUES for m in sec.measures if m.d.kind not in ("match", "distinct_callees"))

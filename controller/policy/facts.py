@@ -3,10 +3,11 @@ resolved) so that no rule re-derives them. Garbage in the call never raises: a f
 cannot be understood simply matches nothing."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Mapping
+from typing import Any
 
 from controller.policy.conditions import parse_ip, split_bucket, zone
 from controller.policy.model import Call, Settings, Tenant

@@ -13,11 +13,12 @@ counts do not see: cache misses (a cold interpreter costs more time per instruct
 bench/cost.py stays the measure of what a call costs; this one says where it goes.
 
     python bench/instructions.py [--calls 400] [--rate 20] [--modes static,edge] [--redis]
-                                 [--top 30] [--keep]
+                                 [--top 30] [--inclusive] [--keep]
 
 Per mode: instructions per call of each Kamailio role (SIP workers, the event writer's
 rtimer, timers …) and of Redis, then (--top) the functions of the SIP workers costing most,
-inclusive, from callgrind_annotate. Last line: RESULT edge_sip_worker_ir_per_call=…
+from callgrind_annotate: their own instructions (self cost), or with --inclusive what they
+and their callees cost (then mostly call-stack frames: main, run_actions …). Last line: RESULT edge_sip_worker_ir_per_call=…
 static_sip_worker_ir_per_call=… worker_ratio=… kamailio_ratio=… redis_ir_per_call=…
 """
 from __future__ import annotations
@@ -132,7 +133,8 @@ def run_once(mode: str, calls: int, args, workdir: Path, media, policy_dir: Path
                 sip_files.append(path)
         if args.redis and mode != "static":
             per_role["redis"] = sum(ir for _, ir in totals(out_dir, "redis").values())
-        return {"roles": per_role, "functions": functions(sip_files) if args.top else {}, "failed": failed}
+        return {"roles": per_role, "functions": functions(sip_files, args.inclusive) if args.top else {},
+                "failed": failed}
     finally:
         for thing in reversed(things):
             try:
@@ -141,16 +143,16 @@ def run_once(mode: str, calls: int, args, workdir: Path, media, policy_dir: Path
                 print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
 
 
-def functions(files: list[Path]) -> dict[str, int]:
-    """Inclusive instructions per function, added up over the SIP workers' files
-    (callgrind_annotate reads one file at a time)."""
+def functions(files: list[Path], inclusive: bool) -> dict[str, int]:
+    """Instructions per function (self cost, or inclusive), added up over the SIP workers'
+    files (callgrind_annotate reads one file at a time)."""
     found: dict[str, int] = {}
     for path in files:
-        out = subprocess.run([CALLGRIND_ANNOTATE, "--inclusive=yes", "--threshold=100", str(path)],
+        out = subprocess.run([CALLGRIND_ANNOTATE, f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100", str(path)],
                              capture_output=True, text=True, timeout=600).stdout
         for line in out.splitlines():
             match = re.match(r"^\s*([\d,]+) \([^)]*\)\s+(\S.*)$", line)
-            if match:
+            if match and match.group(2) != "PROGRAM TOTALS":
                 name = re.sub(r"\s*\[[^]]*\]$", "", match.group(2))
                 name = re.sub(r"^/tmp/python-build[^:]*/", "python/", name)
                 found[name] = found.get(name, 0) + int(match.group(1).replace(",", ""))
@@ -180,7 +182,8 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=4, help="SIP workers (CHILDREN)")
     parser.add_argument("--modes", default="static,edge")
     parser.add_argument("--redis", action="store_true", help="redis-server under callgrind too (not static)")
-    parser.add_argument("--top", type=int, default=0, help="show the SIP workers' N costliest functions")
+    parser.add_argument("--top", type=int, default=0, help="show the SIP workers' N costliest functions (self cost)")
+    parser.add_argument("--inclusive", action="store_true", help="--top counts what each function's callees cost too")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (the callgrind files)")
     args = parser.parse_args()
     require_tools()

@@ -274,6 +274,17 @@ class EdgeDecider:
         self._loaded_at = 0.0  # wall clock time the policy in use was loaded
         self._thresholds: dict[str, int] = {}
         self._event = DecidedEvent()
+        self._vars: dict[int, tuple[Decision, str, Any]] = {}  # id -> (decision, version, kamailio_vars)
+
+    def _kamailio_vars(self, decision: Decision, version: str, answer: Mapping[str, Any]):
+        """kamailio_vars(answer), worked out once per decision (and policy version): an answer
+        is the decision's but for its `tx`, which Kamailio's variables do not carry."""
+        cached = self._vars.get(id(decision))
+        if cached is None or cached[0] is not decision or cached[1] != version:
+            if len(self._vars) >= _FRAGMENTS_MAX:
+                self._vars.clear()
+            cached = self._vars[id(decision)] = (decision, version, kamailio_vars(answer))
+        return cached[2]
 
     def refresh(self) -> None:
         """Look at the files once per RECHECK_S; when the policy file, the key or the last good
@@ -417,7 +428,7 @@ class EdgeDecider:
         at_ms = time.time_ns() // 1_000_000
         result = verdict(policy, parsed, facts, decision, counters, at_ms=at_ms,
                          decide_ms=round((time.perf_counter() - started) * 1000, 3), decided_by="edge")
-        carried_out = kamailio_vars(result.answer)
+        carried_out = self._kamailio_vars(result.decision, policy.version, result.answer)
         if carried_out is None:
             self._log("error", f"edge answer refused by Kamailio's own checks, the controller decides: "
                                f"{_json(result.answer)[:300]}")

@@ -26,9 +26,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from controller.actions import ANCHOR_MODES, is_trusted_header
 from controller.edge import bundle, protocol
@@ -60,8 +59,9 @@ _CALLER_HEADER = re.compile(r"x-.+|p-asserted-identity|p-preferred-identity|remo
 _UNUSABLE_NAME = re.compile(r"[].[]")  # (the jansson path splits names on '.' and '[')
 
 
-@dataclass(frozen=True, slots=True)
-class EdgeOutcome:
+class EdgeOutcome(NamedTuple):
+    """(A tuple: one is made per call, several times faster than a frozen dataclass.)"""
+
     deferred: str  # why the controller decides this call ("" when the edge decided)
     reply: Mapping[str, Any] | None = None  # the answer (kamailio/PROTOCOL.md), as a controller sends it
     event: str = ""  # the `decided` event JSON for the controller

@@ -52,6 +52,30 @@ def reject_floor(policy: Any, facts: Facts, decision: Decision | None = None) ->
     return decision if decision.outcome == "reject" else None
 
 
+_ANSWERS_MAX = 512
+_answers: dict[int, tuple[Decision, str, dict[str, Any], list[str]]] = {}  # id -> (decision, version, answer, dropped)
+
+
+def _answer(tx: str, decision: Decision, version: str) -> tuple[dict[str, Any], list[str]]:
+    """protocol.answer_for with callfabric's own headers: worked out once per decision (and
+    policy version), the answer being the decision's but for its tx (rules without
+    placeholders share one decision)."""
+    cached = _answers.get(id(decision))
+    if cached is None or cached[0] is not decision or cached[1] != version:
+        internal = [("X-Callfabric-Policy", version), ("X-Callfabric-Rule", decision.rule)]
+        if decision.outcome == "agent":
+            internal.insert(0, ("X-Callfabric-Agent", decision.agent.name))
+        answer, dropped = protocol.answer_for("", decision, internal)
+        del answer["tx"]
+        if len(_answers) >= _ANSWERS_MAX:
+            _answers.clear()
+        cached = _answers[id(decision)] = (decision, version, answer, dropped)
+    answer = {"tx": tx, **cached[2]}
+    if "uris" in answer:
+        answer["uris"] = list(answer["uris"])  # (each answer its own list)
+    return answer, list(cached[3])
+
+
 @dataclass(slots=True)
 class Verdict:
     decision: Decision  # what the call carries out (after a decision webhook: its answer or fallback)
@@ -67,10 +91,7 @@ def verdict(policy: Any, request: protocol.DecideRequest, facts: Facts, decision
             timeline_extra: dict[str, Any] | None = None) -> Verdict:
     call = request.call
     extra = dict(timeline_extra or {})
-    internal = [("X-Callfabric-Policy", policy.version), ("X-Callfabric-Rule", decision.rule)]
-    if decision.outcome == "agent":
-        internal.insert(0, ("X-Callfabric-Agent", decision.agent.name))
-    answer, dropped = protocol.answer_for(request.tx, decision, internal)
+    answer, dropped = _answer(request.tx, decision, policy.version)
     if dropped:
         extra["headers_dropped"] = dropped
     rejected = decision.outcome == "reject"

@@ -111,3 +111,33 @@ def test_probes_of_many_sources_do_not_grow_the_cache_without_bound():
         assert json.loads(encoder.encode("c@x", "1:2", v.decision, v.record, v.event, v.live_scopes, counters)) \
             == json.loads(whole("c@x", "1:2", v, counters))
     assert 0 < len(encoder._probes) <= 4096
+
+
+def test_answers_of_one_decision_carry_their_call_s_tx_and_are_their_own():
+    """verdict works the answer out once per decision: each call's is still what answer_for
+    makes of it, with its own tx, and its own lists."""
+    seen = set()
+    for dialled in DIALLED:
+        for caller in ("+14155550100", "+12025550123"):
+            message = {"event": "decide", "tx": "1:2", "call_id": "c@x", "from_user": caller, "ruri_user": dialled,
+                       "src_ip": "192.0.2.1"}
+            parsed = protocol.parse_decide(message)
+            facts = POLICY.compiled.facts(parsed.call)
+            decision = POLICY.compiled.decide_facts(facts)
+            if decision.outcome == "webhook":
+                continue
+            internal = [("X-Callfabric-Policy", POLICY.version), ("X-Callfabric-Rule", decision.rule)]
+            if decision.outcome == "agent":
+                internal.insert(0, ("X-Callfabric-Agent", decision.agent.name))
+            answers = []
+            for tx in ("1:2", "3:4"):
+                v = verdict(POLICY, protocol.parse_decide({**message, "tx": tx}), facts, decision, [], at_ms=5,
+                            decide_ms=0.5, decided_by="edge")
+                expected, _ = protocol.answer_for(tx, decision, internal)
+                assert v.answer == expected and list(v.answer) == list(expected)  # same keys, same order
+                answers.append(v.answer)
+            if "uris" in answers[0]:
+                answers[0]["uris"].append("sip:x@y")
+                assert "sip:x@y" not in answers[1]["uris"]
+            seen.add(decision.outcome)
+    assert {"agent", "sip", "reject"} <= seen

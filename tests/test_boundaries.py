@@ -2,7 +2,7 @@
 imports (ast: top-level, inside functions and under TYPE_CHECKING alike), so it cannot erode:
 
 - `policy/` is pure: it imports only itself and the shared model (`controller.actions`,
-  `controller.schema_errors`); Kamailio's embedded Python runs it.
+  `controller.schema_errors`, `controller.json_schema`); Kamailio's embedded Python runs it.
 - `state/` is where `edge/` and `media/` meet: it may read the policy model, nothing else.
 - `edge/` and `media/` never import each other.
 - `security/` is consulted by `edge/` (which also provides the Kamailio side of
@@ -12,7 +12,8 @@ imports (ast: top-level, inside functions and under TYPE_CHECKING alike), so it 
   reach security through a callback app.py wires).
 - `api/` calls services, never a wire client: not Kamailio's JSON-RPC or evapi protocol, not
   ARI, AMI or rtpengine's NG protocol (WIRE below).
-- the shared model (`controller.actions`, `controller.schema_errors`) imports no boundary, and
+- the shared model (`controller.actions`, `controller.schema_errors`, `controller.json_schema`)
+  imports no boundary, and
   no boundary imports the wiring (`app`, `cli`, `config`, `lifecycle`, `localstack`): only
   those put the pieces together.
 Tests may import anything."""
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "controller"
 
 BOUNDARIES = {"policy", "edge", "state", "media", "api", "security"}
-SHARED_MODEL = {"actions", "schema_errors"}
+SHARED_MODEL = {"actions", "schema_errors", "json_schema"}
 WIRING = {"app", "cli", "config", "lifecycle", "localstack"}
 WIRE = {"controller.edge.rpc", "controller.edge.channel", "controller.edge.protocol",
         "controller.media.ari", "controller.media.ami", "controller.media.rtpengine"}

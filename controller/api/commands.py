@@ -11,9 +11,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from jsonschema import Draft202012Validator
-
 from controller.actions import canonical_action, header_name_problem, live_action_schema, parse_duration_ms
+from controller.json_schema import SchemaValidator
 from controller.media.feature import MediaNodeError
 from controller.media.plane import Endpoint, MediaError, MediaPlane
 from controller.metrics import Metrics
@@ -27,8 +26,8 @@ log = logging.getLogger("callfabric.api.commands")
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 GATHER_WEBHOOK_TIMEOUT_S = 5.0
-_LIVE_ACTION = Draft202012Validator(live_action_schema())
-_WEBHOOK_ANSWER = Draft202012Validator({
+_LIVE_ACTION = SchemaValidator(live_action_schema())
+_WEBHOOK_ANSWER = SchemaValidator({
     "type": "object", "required": ["actions"], "additionalProperties": False,
     "properties": {"actions": {"type": "array", "maxItems": 16, "items": live_action_schema()}},
 })

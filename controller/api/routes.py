@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from jsonschema import Draft202012Validator
 from redis.exceptions import RedisError
 
 from controller.api import openapi
@@ -19,6 +18,7 @@ from controller.api.auth import auth_middleware, error, parse_tokens
 from controller.api.commands import CallControl, CommandError
 from controller.api.events import EventHub, matches
 from controller.api.phone import make_token
+from controller.json_schema import SchemaValidator
 from controller.media.plane import MediaError
 from controller.policy import PolicyInvalid, policy_from_texts
 from controller.actions import json_number, parse_duration_ms
@@ -37,7 +37,7 @@ BANS = web.AppKey("api_bans", object)
 ADMIN = web.AppKey("api_admin", object)  # the controller's lifecycle: status(), drain(), state
 PHONE = web.AppKey("api_phone", object)  # (phone_token_secret, phone_token_ttl_s, the /phone page's URL)
 
-_VALIDATORS = {name: Draft202012Validator(schema) for name, schema in openapi.REQUEST_SCHEMAS.items()}
+_VALIDATORS = {name: SchemaValidator(schema) for name, schema in openapi.REQUEST_SCHEMAS.items()}
 
 
 def _scope(request: web.Request) -> str | None:

@@ -6,18 +6,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
 from controller.actions import (
     TERMINAL_VERBS, action_schema, canonical_action, header_name_problem, header_value_problem, parse_duration_ms,
     reason_problem,
 )
+from controller.json_schema import SchemaValidator
 from controller.policy.actionset import REASON_PHRASES, merge_on_answer
 from controller.policy.gathered import media_action_problems
 from controller.policy.model import Decision, Fork
 from controller.schema_errors import describe
 
-_ANSWER = Draft202012Validator({
+_ANSWER = SchemaValidator({
     "type": "object", "required": ["actions"], "additionalProperties": False,
     "properties": {"actions": {"type": "array", "minItems": 1, "maxItems": 32, "items": {"$ref": "#/$defs/action"}}},
     "$defs": {"action": action_schema()},

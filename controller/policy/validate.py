@@ -10,13 +10,12 @@ import re
 from pathlib import Path as FsPath
 from typing import Any, Callable, Iterable
 
-from jsonschema import Draft202012Validator
-
 from controller.actions import (
     TERMINAL_VERBS, canonical_action, header_name_problem,
     header_value_problem, parse_duration_ms, reason_problem,
 )
 from controller.policy import conditions as cond
+from controller.json_schema import SchemaValidator
 from controller.schema_errors import TYPE_WORDS, describe, json_type, show
 from controller.policy.gathered import media_action_problems
 from controller.policy.actionset import PLACEHOLDER, PLACEHOLDERS, REASON_PHRASES, ActionSet, build_action_set
@@ -109,7 +108,7 @@ def _no_extra_files(relative: str) -> str:
 
 
 _SCHEMA = policy_file_schema()
-_VALIDATOR = Draft202012Validator(_SCHEMA)
+_VALIDATOR = SchemaValidator(_SCHEMA)
 class _Builder:
     def __init__(self, texts: dict[str, str], read_extra: Callable[[str], str], issues: list[PolicyIssue]):
         self.texts = texts

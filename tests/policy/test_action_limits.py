@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.actions import (MAX_HEADER_BYTES, header_name_problem, header_value_problem, parse_duration_ms,
-                                reason_problem, sanitize_header_value)
+from controller.actions import (MAX_HEADER_BYTES, STANDARD_SETTABLE_HEADERS, canonical_action, header_name_problem,
+                                header_value_problem, parse_duration_ms, reason_problem, sanitize_header_value)
 
 
 def test_header_values_up_to_1024_bytes():
@@ -33,6 +33,28 @@ def test_a_header_name_is_a_token_to_its_last_character():
     assert header_name_problem("X-Agent-Hint") is None
     for bad in ("X-A\n", "X-A\r\n", "X A", "X-A:"):
         assert header_name_problem(bad) is not None, bad
+
+
+def test_header_names_up_to_64_characters_and_what_is_said_of_the_others():
+    assert header_name_problem("X-" + "a" * 62) is None
+    name = "X-" + "a" * 63
+    assert header_name_problem(name) == f"header name {name[:20]!r}… is longer than 64 characters"
+    assert header_name_problem("") == header_name_problem(5) == "header name must be a non-empty string"
+    allowed = ", ".join(sorted(STANDARD_SETTABLE_HEADERS))
+    assert header_name_problem("Foo") == f"custom header 'Foo' must start with 'X-' (standard headers allowed: {allowed})"
+    assert "subject, user-to-user" in allowed
+
+
+@pytest.mark.parametrize("action, expanded", [
+    ({"send_dtmf": "12#"}, ("send_dtmf", {"digits": "12#"})),
+    ({"record": "caller"}, ("record", {"channels": "caller"})),
+    ({"stop_record": True}, ("stop_record", {})),
+    ({"stop_record": {"recording_id": "r1"}}, ("stop_record", {"recording_id": "r1"})),
+    ({"continue": True}, ("continue", True)),  # (only stop_record's true is a shorthand)
+    ({"send_dtmf": {"digits": "1", "to": "caller"}}, ("send_dtmf", {"digits": "1", "to": "caller"})),
+])
+def test_shorthand_actions_expand_to_their_full_form(action, expanded):
+    assert canonical_action(action) == expanded
 
 
 def test_reasons_up_to_128_bytes_without_control_characters():

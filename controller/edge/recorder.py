@@ -56,6 +56,37 @@ def writer_key(edge: str) -> str:
     return f"cf:edge:{{{edge}}}:writer"
 
 
+class _LeaseHold:
+    """A consumer's hold on its edge's events lease: renewed every third of the lease's TTL, and
+    taken as gone once 80 % of it passed since the last renewal (this controller was frozen or
+    too slow: another one may own the stream now)."""
+
+    def __init__(self, recorder: "EdgeRecorder", edge: str, lease: Lease, key: str):
+        self.recorder, self.edge, self.lease, self.key = recorder, edge, lease, key
+        self.ttl_s = recorder.leases.ttl_ms / 1000
+        self.renewed_at = time.monotonic()
+        self.valid_until = self.renewed_at + self.ttl_s * 0.8
+
+    def lapsed(self) -> bool:
+        return time.monotonic() >= self.valid_until
+
+    async def keep(self) -> bool:
+        """Renew when due (and publish the stream's lag); False, logged, once the lease is gone."""
+        now = time.monotonic()
+        if now >= self.valid_until:
+            log.warning("edge %s events: lease lapsed here; letting it go", self.edge)
+            return False
+        if now - self.renewed_at >= self.ttl_s / 3:
+            recorder = self.recorder
+            if not await recorder.leases.renew(self.lease):
+                log.warning("edge %s events: another controller consumes them now", self.edge)
+                return False
+            self.renewed_at = time.monotonic()
+            self.valid_until = self.renewed_at + self.ttl_s * 0.8
+            recorder.metrics.edge_events_lag.labels(self.edge).set(await recorder.store.redis.xlen(self.key))
+        return True
+
+
 class EdgeRecorder:
     def __init__(self, decisions: EdgeDecisions, journal: Journal, metrics: Metrics, *,
                  leases: NodeLeases | None = None, security: SecurityGuard | None = None, batch_max: int = 500,
@@ -156,24 +187,14 @@ class EdgeRecorder:
     async def _consume(self, edge: str, lease: Lease) -> None:
         key = stream_key(edge)
         redis = self.store.redis
-        ttl_s = self.leases.ttl_ms / 1000
-        valid_until = time.monotonic() + ttl_s * 0.8
-        renewed_at = time.monotonic()
+        hold = _LeaseHold(self, edge, lease, key)
+        ttl_s = hold.ttl_s
         await self._ensure_group(key)
         claiming = True
         start = "0-0"
         while True:
-            now = time.monotonic()
-            if now >= valid_until:  # frozen or too slow: another controller may own the stream now
-                log.warning("edge %s events: lease lapsed here; letting it go", edge)
+            if not await hold.keep():
                 return
-            if now - renewed_at >= ttl_s / 3:
-                if not await self.leases.renew(lease):
-                    log.warning("edge %s events: another controller consumes them now", edge)
-                    return
-                renewed_at = time.monotonic()
-                valid_until = renewed_at + ttl_s * 0.8
-                self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
             if not await self._replayed(ttl_s):
                 continue
             try:
@@ -197,7 +218,7 @@ class EdgeRecorder:
                 raise
             if not entries:
                 continue
-            if time.monotonic() >= valid_until:
+            if hold.lapsed():
                 return  # read, but our lease may be gone: the next owner claims them
             messages, ids = [], []
             for entry_id, fields in entries:
@@ -226,24 +247,14 @@ class EdgeRecorder:
         gather; after an empty one, the next entry is waited for."""
         key = stream_key(edge)
         redis = self.store.redis
-        ttl_s = self.leases.ttl_ms / 1000
-        valid_until = time.monotonic() + ttl_s * 0.8
-        renewed_at = time.monotonic()
+        hold = _LeaseHold(self, edge, lease, key)
+        ttl_s = hold.ttl_s
         await self._ensure_group(key)
         claiming, start = True, "0-0"
         count = min(self.batch_max, IN_REDIS_BATCH_MAX)
         while True:
-            now = time.monotonic()
-            if now >= valid_until:
-                log.warning("edge %s events: lease lapsed here; letting it go", edge)
+            if not await hold.keep():
                 return
-            if now - renewed_at >= ttl_s / 3:
-                if not await self.leases.renew(lease):
-                    log.warning("edge %s events: another controller consumes them now", edge)
-                    return
-                renewed_at = time.monotonic()
-                valid_until = renewed_at + ttl_s * 0.8
-                self.metrics.edge_events_lag.labels(edge).set(await redis.xlen(key))
             if not await self._replayed(ttl_s):
                 continue
             try:

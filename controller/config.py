@@ -69,7 +69,7 @@ class Settings:
                                             "(cf:edge:{name}:events, Kamailio's EVENTS_REDIS) the controllers record; "
                                             "one controller consumes each at a time.")
     edge_events_batch: int = _setting(500, "Edge events applied per batch (two Redis pipelines a batch).")
-    edge_events_linger_ms: int = _setting(25, "After a batch of edge events that was not full, wait this long for "
+    edge_events_linger_ms: int = _setting(50, "After a batch of edge events that was not full, wait this long for "
                                               "more (bigger batches cost less per call; records land that much "
                                               "later).")
     edge_rpc: list = _setting([], "Kamailio JSON-RPC endpoints (http://host:port/RPC) bans are pushed to; empty: "

@@ -90,7 +90,7 @@ class _LeaseHold:
 class EdgeRecorder:
     def __init__(self, decisions: EdgeDecisions, journal: Journal, metrics: Metrics, *,
                  leases: NodeLeases | None = None, security: SecurityGuard | None = None, batch_max: int = 500,
-                 block_ms: int = 250, linger_s: float = 0.025, local_max: int = 20_000):
+                 block_ms: int = 250, linger_s: float = 0.05, local_max: int = 20_000):
         """`leases`: needed to consume the edges' streams (run_stream), not for evapi events."""
         self.decisions = decisions
         self.journal = journal

@@ -82,6 +82,31 @@ async def test_the_edge_routes_and_rejects_per_policy_and_the_controller_records
         await controller.stop()
 
 
+async def test_the_edge_reads_the_requests_fields_as_its_decide_event_carries_them(stack, store):
+    """The edge's Python reads a plain request's fields from Kamailio itself (not the decide
+    event's JSON): the record has what the caller sent; a field that is null (SIPp sends no
+    User-Agent) is empty, as in the decide event."""
+    controller = await start_controller(stack)
+    try:
+        result = await stack.call("18005550200", from_user="2025550123")
+        assert result.rc == 0 and result.successful == 1, result.output
+        (call_id,) = call_ids(result)
+        (invite,) = (await invites(stack.sales, call_id=call_id))[:1]
+        record = await wait_state(store, call_id, "ended")
+        assert record["decided_by"] == "edge"
+        (sent_from,) = invite.header("From")
+        from_uri, from_tag = sent_from.split("<", 1)[1].split(">", 1)[0], sent_from.split(";tag=", 1)[1]
+        (sent_to,) = invite.header("To")
+        to_uri = sent_to.split("<", 1)[1].split(">", 1)[0]
+        assert (record["from_uri"], record["from_tag"], record["to_uri"]) == (from_uri, from_tag, to_uri)
+        assert record["ruri"] == to_uri and record["dialled"] == "+18005550200" and record["caller"] == "+12025550123"
+        assert record["src"] == f"127.0.0.1:{from_uri.rsplit(':', 1)[1]}" and record["transport"] == "udp"
+        assert record.get("user_agent", "") == "" and record.get("trunk", "") == ""
+        assert record["tx"] and ":" in record["tx"]
+    finally:
+        await controller.stop()
+
+
 async def test_with_no_controller_the_edge_still_applies_the_policy(stack, store):
     controller = await start_controller(stack)
     await controller.stop()

@@ -10,6 +10,10 @@ fixed rate the machine sustains, through three stacks, rounds interleaved:
 - edge:       the shipped configuration: the edge decides the common calls itself (embedded
               Python, EDGE_POLICY) and a controller records them in Redis;
 - controller: every call asked to the controller over evapi (no EDGE_POLICY).
+- floor:      the edge mode with bench/edge_floor.py as the edge script: the first call decided,
+              every later one answered with that outcome without reading or deciding. What the
+              edge costs Kamailio beside its decision (only Kamailio's figures mean anything:
+              every call is recorded as the first one).
 
 Per mode and per component (every Kamailio process, every controller process, redis-server):
 CPU µs per call over a window of steady load (from one hold time after the start, when calls
@@ -46,7 +50,9 @@ from controller.localstack.kamailio import Kamailio  # noqa: E402
 from controller.localstack.redis import RedisServer  # noqa: E402
 from controller.localstack.sipp import SippUAS  # noqa: E402
 
-MODES = ("static", "edge", "controller")
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "edge_floor.py"
+
+MODES = ("static", "edge", "controller", "floor")
 PARTS = ("kamailio", "controller", "redis")
 MAX_FAILED = 0.005  # a run with more failed calls did not sustain the rate: measured again
 GOALS = {"total_ratio": 2.0, "kamailio_ratio": 1.3, "controller_us_per_call": 100.0, "setup_p50_added_ms": 0.3}
@@ -78,7 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured load per mode before the rounds")
     parser.add_argument("--retries", type=int, default=2,
                         help="runs measured again when more than 0.5 %% of their calls failed (an overloaded machine)")
-    parser.add_argument("--modes", default=",".join(MODES), help="which of static,edge,controller to run")
+    parser.add_argument("--modes", default=",".join(MODES), help="which of static,edge,controller,floor to run")
     parser.add_argument("--children", type=int, default=4, help="Kamailio's SIP workers (CHILDREN), every mode alike")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
@@ -103,8 +109,11 @@ def main() -> None:
         for mode in modes:
             # the shipped configuration: the edge's events go to its Redis Stream (the controller
             # records them in batches); static routing has no controller to record anything for
-            kamailio = Kamailio(workdir, {1: [u.addr for u in media]}, name=f"kamailio-{mode}",
-                                edge_policy=workdir / "edge.policy" if mode == "edge" else None,
+            home = workdir / mode  # its own edge policy file, key and last good copy
+            home.mkdir()
+            kamailio = Kamailio(home, {1: [u.addr for u in media]}, name=f"kamailio-{mode}",
+                                edge_policy=home / "edge.policy" if mode in ("edge", "floor") else None,
+                                extra_defines={"EDGE_SCRIPT": f'"{FLOOR_SCRIPT}"'} if mode == "floor" else None,
                                 events_redis=redis.url if mode != "static" else None, edge_name=f"edge-{mode}",
                                 **edge_kw).start()
             things.append(kamailio)
@@ -152,7 +161,7 @@ def main() -> None:
                     calls = max(1.0, run["window_calls"])
                     per = {part: run["cpu"].seconds(part) * 1e6 / calls for part in PARTS}
                     recorded = (f"  recorded {run['recorded']:.0f} (at the edge {run['at_edge']:.0f})"
-                                if mode != "static" else "")
+                                if mode in ("edge", "controller") else "")
                     sustained = run["failed"] <= MAX_FAILED * (run["successful"] + run["failed"])
                     print(f"  round {round_no + 1} {mode:<10} ok {run['successful']:>5} failed {run['failed']:>3}  "
                           f"µs/call kamailio {per['kamailio']:5.0f} controller {per['controller']:5.0f} "
@@ -175,6 +184,10 @@ def main() -> None:
             print(f"\nevery call over evapi: kamailio x{c['kamailio'] / s['kamailio']:.2f}, controller "
                   f"{c['controller']:.0f} µs/call, redis {c['redis']:.0f} µs/call, total x{c['total'] / s['total']:.2f}, "
                   f"setup p50 +{c['p50'] - s['p50']:.2f} ms")
+        if "floor" in summary:
+            f = summary["floor"]
+            print(f"the edge with a canned decision (bench/edge_floor.py): kamailio x{f['kamailio'] / s['kamailio']:.2f}"
+                  + (f"; its decision adds x{(e['kamailio'] - f['kamailio']) / s['kamailio']:.2f}" if e else ""))
         if e is None:
             return
         result = {"kamailio_ratio": e["kamailio"] / s["kamailio"], "controller_us_per_call": e["controller"],

@@ -45,7 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (Component, ControllerProcess, CpuWindow, bench_policies, injection_file,  # noqa: E402
-                           kamailio_component, metric_sum, percentile, require_tools, role_group, run_load)
+                           kamailio_component, metric_sum, percentile, require_tools, role_group, run_load,
+                           stop_all)
 from controller.localstack.kamailio import Kamailio  # noqa: E402
 from controller.localstack.redis import RedisServer  # noqa: E402
 from controller.localstack.sipp import SippUAS  # noqa: E402
@@ -201,11 +202,7 @@ def main() -> None:
               f"redis_us_per_call={result['redis_us_per_call']:.0f} total_ratio={result['total_ratio']:.2f} "
               f"setup_p50_added_ms={result['setup_p50_added_ms']:.2f} rate={args.rate}")
     finally:
-        for thing in reversed(things):
-            try:
-                thing.stop()
-            except Exception as exc:  # noqa: BLE001
-                print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+        stop_all(things)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (ControllerProcess, bench_policies, bucket_quantile, decision_buckets,  # noqa: E402
-                           injection_file, metric_sum, percentile, require_tools, run_load)
+                           injection_file, metric_sum, percentile, require_tools, run_load, stop_all)
 from controller.localstack.kamailio import Kamailio  # noqa: E402
 from controller.localstack.redis import RedisServer  # noqa: E402
 from controller.localstack.sipp import SippUAS  # noqa: E402
@@ -170,11 +170,7 @@ def main() -> None:
               f"max_cps_static={max_static} max_cps_controller={max_controller} top_offered_cps={top} "
               f"cps_ratio={cps_ratio}")
     finally:
-        for thing in reversed(things):
-            try:
-                thing.stop()
-            except Exception as exc:  # noqa: BLE001
-                print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+        stop_all(things)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

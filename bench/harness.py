@@ -155,6 +155,17 @@ class CpuWindow:
 
 # ------------------------------------------------------------------ controllers
 
+def stop_all(things: list) -> None:
+    """Stop what a bench started, the last started first; one that will not stop is reported
+    and the others are still stopped."""
+    for thing in reversed(things):
+        try:
+            thing.stop()
+        except Exception as exc:  # noqa: BLE001
+            print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+    things.clear()
+
+
 def wait_clients(kamailio: Kamailio, n: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

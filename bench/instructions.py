@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import (ROOT, ControllerProcess, bench_policies, injection_file,  # noqa: E402
-                           require_tools, role_group, run_load)
+                           require_tools, role_group, run_load, stop_all)
 from controller.localstack.kamailio import Kamailio  # noqa: E402
 from controller.localstack.redis import RedisServer  # noqa: E402
 from controller.localstack.sipp import SippUAS  # noqa: E402
@@ -137,11 +137,7 @@ def run_once(mode: str, calls: int, args, workdir: Path, media, policy_dir: Path
         return {"roles": per_role, "functions": functions(sip_files, args.inclusive) if args.top else {},
                 "failed": failed}
     finally:
-        for thing in reversed(things):
-            try:
-                thing.stop()
-            except Exception as exc:  # noqa: BLE001
-                print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+        stop_all(things)
 
 
 def functions(files: list[Path], inclusive: bool) -> dict[str, int]:
@@ -225,11 +221,7 @@ def main() -> None:
                   f"static_sip_worker_ir_per_call={worker('static'):.0f} worker_ratio={worker('edge') / worker('static'):.2f} "
                   f"kamailio_ratio={e_all / s_all:.2f} redis_ir_per_call={results['edge']['redis']:.0f}")
     finally:
-        for thing in reversed(things):
-            try:
-                thing.stop()
-            except Exception as exc:  # noqa: BLE001
-                print(f"could not stop {thing!r}: {exc}", file=sys.stderr)
+        stop_all(things)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

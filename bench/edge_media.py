@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import Component, ControllerProcess, CpuWindow, percentile  # noqa: E402
 from bench.media import BURST_EVERY, Ear, Mouth, Peer, fmt, latencies_ms, probe_baseline, stats  # noqa: E402
 from controller.localstack.asterisk import Asterisk, asterisk_binary  # noqa: E402
-from controller.localstack.kamailio import Kamailio, free_port  # noqa: E402
+from controller.localstack.kamailio import Kamailio  # noqa: E402
 from controller.localstack.redis import RedisServer  # noqa: E402
 from controller.localstack.rtpengine import Rtpengine  # noqa: E402
 from controller.localstack.sip_ua import SipCaller  # noqa: E402

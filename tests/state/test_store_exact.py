@@ -18,6 +18,7 @@ from controller.localstack.redis import RedisServer
 from controller.state.calls import (LIVE_INDEX, RECENT_INDEX, RECENT_KEEP, CallStore, CounterRequest, call_key,
                                     call_key_id, distinct_key, live_scope_key, now_ms, timeline_key, window_key)
 from controller.state.outage import QueueFull
+from tests.state.test_calls import pipelines_sent
 
 RETENTION_S, LIVE_TTL_S, WINDOW_S = 3600, 600, 60
 AT = 29_000_000 * WINDOW_S * 1000  # the start of a minute bucket
@@ -151,13 +152,7 @@ async def test_an_end_costs_one_round_trip_and_the_store_forgets_the_calls_scope
     assert store._live_scopes == {"rt": {"tenant": "acme", "trunk": "t1"}}
     await store.transition("rt", "answered", {}, {"event": "answered", "ts": 2})
     assert "rt" in store._live_scopes  # still live
-    sent = []
-    write = store.batch.connection.write
-
-    def counting(protocol, commands):
-        sent.append([c[0] for c in commands])
-        return write(protocol, commands)
-    store.batch.connection.write = counting
+    sent = pipelines_sent(store)
     await store.transition("rt", "ended", {}, {"event": "ended", "ts": 3})
     assert sent == [["EVALSHA", "ZREM", "ZREM", "ZREM"]]
     assert store._live_scopes == {}  # a controller's memory does not grow with every call it ever had

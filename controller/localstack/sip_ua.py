@@ -48,6 +48,7 @@ class CallResult:
     payload_types: Counter = field(default_factory=Counter)  # of the packets received
     received_at: list[float] = field(default_factory=list)
     sdp: str = ""  # the answer's SDP
+    rtp_port: int = 0  # the caller's own RTP port, the one its offer names
     invited_at: float = 0.0  # time.monotonic() of the first INVITE
     answered_at: float = 0.0  # … of the final answer
     raw: list[bytes] = field(default_factory=list)  # the first RTP datagrams as they arrived (on the wire)
@@ -205,7 +206,7 @@ class SipCaller:
         me = self.announce_ip
         key = base64.b64encode(os.urandom(30)).decode()
         sip_port = sip_transport.get_extra_info("sockname")[1]
-        rtp_port = rtp_transport.get_extra_info("sockname")[1]
+        rtp_port = result.rtp_port = rtp_transport.get_extra_info("sockname")[1]
         tag = from_tag or uuid.uuid4().hex[:8]
         try:
             profile = "RTP/SAVP" if self.srtp else "RTP/AVP"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -17,6 +18,7 @@ from controller.policy import load_policy
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = load_policy(ROOT / "policies")
 # numbers the example policies route, reject and leave to webhooks, and any others
+WEEKDAY_MORNING = datetime(2026, 11, 25, 15, tzinfo=timezone.utc)  # 10:00 in New York: no after-hours rule
 DIALLED = ["18005550101", "18005550102", "18005550201", "18005550000", "19005551234", "18005550300", "+442079460001"]
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 
@@ -122,7 +124,7 @@ def test_answers_of_one_decision_carry_their_call_s_tx_and_are_their_own():
             message = {"event": "decide", "tx": "1:2", "call_id": "c@x", "from_user": caller, "ruri_user": dialled,
                        "src_ip": "192.0.2.1"}
             parsed = protocol.parse_decide(message)
-            facts = POLICY.compiled.facts(parsed.call)
+            facts = POLICY.compiled.facts(replace(parsed.call, at=WEEKDAY_MORNING))
             decision = POLICY.compiled.decide_facts(facts)
             if decision.outcome == "webhook":
                 continue

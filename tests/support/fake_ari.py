@@ -597,6 +597,11 @@ class FakeAri:
         self._apps.clear()
         self._started = ari_timestamp()
 
+    def end_recordings(self) -> None:
+        """Every live recording finishes now, as when its maxDurationSeconds passes."""
+        for name in list(self.live_recordings):
+            self._finish_recording(name, "done")
+
     def emit_event(self, app: str, event: dict) -> dict:
         """Send an event to ``app`` (timestamp/application/asterisk_id filled in if absent).
         Raises FakeAriBug if it is not a valid ARI message."""

@@ -102,10 +102,12 @@ class Running:
                      if e["playback"]["id"] == playback_id), None)
 
     def settled_change_count(self) -> int:
-        """quiet_change_count once the recordings earlier cases started have finished: one whose
-        max_duration passed during a later case hung its snoop up then, blamed on that case."""
+        """quiet_change_count once the recordings earlier cases started (an accepted command's
+        ARI work goes on after its answer) have finished: one whose max_duration passed during a
+        later case hung its snoop up then, blamed on that case."""
         async def end_recordings() -> None:
             self.fake.end_recordings()
+        self.quiet_change_count()
         asyncio.run_coroutine_threadsafe(end_recordings(), self.loop).result(5)
         return self.quiet_change_count()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -39,9 +40,7 @@ def around_the_clock_policies(folder: Path) -> Path:
     """The shipped policies without their after-hours rule, which sends every call to the PBX
     outside New York's business hours: the calls here must reach an agent whenever CI runs (the
     rule itself is checked by policies/tests/routing.yaml)."""
-    folder.mkdir()
-    for source in (ROOT / "policies").glob("*.yaml"):
-        (folder / source.name).write_text(source.read_text())
+    shutil.copytree(ROOT / "policies", folder)
     routing = folder / "20-routing.yaml"
     document = yaml.safe_load(routing.read_text())
     rules = [rule for rule in document["rules"] if rule["name"] != "after-hours-to-pbx"]
